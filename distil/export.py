@@ -1,0 +1,64 @@
+"""A checkpoint -> a Hugging Face model folder.
+
+Every checkpoint carries the student's HF config and the tokenizer in `hf/`; the weights
+are the fp32 master copies merged from the ZeRO shards of every rank (whatever the world
+size was), so the export loads with `AutoModelForMaskedLM.from_pretrained(DIR)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from distil.errors import UserError
+
+HF_DIR = "hf"
+
+
+def save_hf_skeleton(model, tokenizer, ckpt_dir: Path) -> None:
+    """What an export needs besides the weights: the student's config and the tokenizer."""
+    model.config.save_pretrained(ckpt_dir / HF_DIR)
+    tokenizer.save_pretrained(ckpt_dir / HF_DIR)
+
+
+def fp32_state_dict(ckpt_dir: Path) -> dict:
+    """The student's fp32 weights merged from all ZeRO shards of one checkpoint folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    # The engine wrapped distil.model.MaskedLM, whose HF model sits under "model.".
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
+    """Write a HF model folder (safetensors, config, tokenizer) to out_dir; nothing partial on failure."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not (ckpt_dir / "COMPLETE").is_file():
+        raise UserError(f"{ckpt_dir} is not a complete checkpoint", fix="export a checkpoint listed as complete")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} exists and is not empty", fix="choose a new --out folder")
+    config = AutoConfig.from_pretrained(ckpt_dir / HF_DIR)
+    with_head = any("MaskedLM" in a for a in (config.architectures or []))
+    model = (AutoModelForMaskedLM if with_head else AutoModel).from_config(config)
+    missing, unexpected = model.load_state_dict(fp32_state_dict(ckpt_dir), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"checkpoint does not match the student: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(ckpt_dir / HF_DIR).save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,71 @@
+"""Local folders and S3-compatible object storage behind one small interface.
+
+Credentials come only from boto3's standard chain (environment, profile, instance role);
+they are never taken from the config, so they cannot end up in a saved config or a log.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from distil.errors import UserError
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/a/b -> ('bucket', 'a/b')."""
+    rest = uri[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise UserError(f"{uri!r} names no bucket", fix="write s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    """root/relative, refusing keys that would land outside root ('..', absolute paths)."""
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise UserError(f"object key {relative!r} would be written outside {root}", fix="remove or rename that object")
+    return root.joinpath(*rel.parts)
+
+
+class Storage:
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
+        self.uri = uri.rstrip("/")
+        self.is_s3 = uri.startswith("s3://")
+        self.endpoint_url, self.region = endpoint_url, region
+        if self.is_s3:
+            self.bucket, self.prefix = split_s3(uri)
+
+    def client(self):
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+
+    def list_keys(self) -> list[tuple[str, int]]:
+        """(key relative to the prefix, size) of every object under it."""
+        if not self.is_s3:
+            root = Path(self.uri)
+            return [(f.relative_to(root).as_posix(), f.stat().st_size) for f in sorted(root.rglob("*")) if f.is_file()]
+        out = []
+        base = f"{self.prefix}/" if self.prefix else ""
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            out += [(o["Key"][len(base):], o["Size"]) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        return out
+
+    def download_tree(self, cache_root: Path) -> Path:
+        """Mirror the prefix into cache_root/bucket/prefix; objects already there with the same size are kept."""
+        dest = Path(cache_root) / self.bucket / self.prefix
+        client = self.client()
+        keys = self.list_keys()
+        if not keys:
+            raise UserError(f"nothing under {self.uri}", fix="check the bucket and prefix")
+        for rel, size in keys:
+            target = safe_join(dest, rel)
+            if target.is_file() and target.stat().st_size == size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            client.download_file(self.bucket, f"{self.prefix}/{rel}" if self.prefix else rel, str(tmp))
+            os.replace(tmp, target)
+        return dest

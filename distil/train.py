@@ -1,0 +1,322 @@
+"""The distillation loop: one DeepSpeed ZeRO engine per worker, any world size.
+
+`prepare()` validates everything that can be wrong with the input and builds the data;
+it writes nothing but the tokenization cache. `Trainer` owns the models, engine, sampler
+and masker; `Trainer.train()` is the loop: resume -> (batch, mask, teacher forward,
+student forward/backward, step) x N -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distil import checkpoint as ckpt
+from distil.config import DistilConfig
+from distil.data import ResumableSampler, collate, sequence_lengths, load_documents, split_eval, token_counts, tokenize
+from distil.errors import UserError
+from distil.evaluate import agreement, embed
+from distil.export import save_hf_skeleton
+from distil.losses import DistillationLoss, loss_positions
+from distil.masking import Masker
+from distil.model import MaskedLM, build_student, load_teacher, load_teacher_config, validate_against_teacher
+
+EVAL_STEP = 2**31 - 1  # masking stream reserved for held-out evaluation
+
+
+def resolve_precision(cfg: DistilConfig) -> tuple[torch.device, str]:
+    want = cfg.precision.device
+    cuda = torch.cuda.is_available()
+    if want == "cuda" and not cuda:
+        raise UserError("device 'cuda' requested but no GPU is visible", where="precision.device", fix="use device: auto or cpu")
+    device = torch.device("cuda" if (want == "cuda" or (want == "auto" and cuda)) else "cpu")
+    dtype = cfg.precision.dtype
+    if dtype == "auto":
+        dtype = "fp16" if device.type == "cuda" else "fp32"
+    if dtype == "fp16" and device.type == "cpu":
+        raise UserError("fp16 training needs a GPU; DeepSpeed refuses fp16 on CPU", where="precision.dtype",
+                        fix="use dtype: auto (fp32 on CPU), fp32 or bf16, or run on GPU workers")
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16 support", where="precision.dtype", fix="use dtype: fp16")
+    return device, dtype
+
+
+@dataclass
+class Prepared:
+    cfg: DistilConfig
+    tokenizer: object
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    counts: np.ndarray | None
+    device: torch.device
+    dtype: str
+
+
+def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:
+    """Validate the run against the teacher, the device and the data; build the sequences."""
+    from transformers import AutoTokenizer
+
+    tconfig = load_teacher_config(cfg)
+    validate_against_teacher(cfg, tconfig)
+    device, dtype = resolve_precision(cfg)
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise UserError(f"global_batch_size {cfg.train.global_batch_size} is not a multiple of micro_batch_size x workers = {per_step}",
+                        where="train.global_batch_size", fix=f"use a multiple of {per_step}")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher.name_or_path), revision=cfg.teacher.revision)
+    if tokenizer.mask_token_id is None:
+        raise UserError("the teacher's tokenizer has no mask token", where="teacher.name_or_path")
+    seqs = tokenize(load_documents(cfg.data, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}), tokenizer, cfg.data)
+    train, held_out = split_eval(seqs, cfg.data, cfg.run.seed)
+    if len(train) < per_step:
+        raise UserError(f"the corpus gives {len(train)} training sequences, fewer than one batch of {per_step}",
+                        where="data.sources", fix="add text, lower data.min_len, or lower train.micro_batch_size")
+    counts = token_counts(train, len(tokenizer)) if cfg.masking.smoothing is not None else None
+    return Prepared(cfg, tokenizer, train, held_out, counts, device, dtype)
+
+
+def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int) -> dict:
+    t, z, p = cfg.train, cfg.zero, cfg.precision
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": z.contiguous_gradients,
+                              "reduce_bucket_size": z.reduce_bucket_size, "allgather_bucket_size": z.allgather_bucket_size},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": p.initial_scale_power,
+                 "loss_scale_window": p.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": dtype == "bf16"},
+        # A torch AdamW is handed in: DeepSpeed's fused Adam would JIT-compile on a CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def lr_lambda(cfg: DistilConfig):
+    warmup = int(cfg.optim.warmup_ratio * cfg.train.max_steps)
+    total = cfg.train.max_steps
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 1.0 if cfg.optim.schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group Ray Train made, or make a one-process group for a local run."""
+    import deepspeed
+
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Trainer:
+    def __init__(self, prep: Prepared, run_dir: Path, log=print):
+        import deepspeed
+
+        self.cfg, self.prep, self.run_dir, self.log = prep.cfg, prep, Path(run_dir), log
+        cfg = self.cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local_rank}") if prep.device.type == "cuda" else prep.device
+        torch.manual_seed(cfg.run.seed)
+        needs_logits = cfg.loss.needs_logits
+        teacher = load_teacher(cfg, with_head=needs_logits)
+        student = build_student(teacher, cfg.student.layers, cfg.student.architecture)
+        # The teacher runs in half precision where the device supports it; it is never trained.
+        t_dtype = {"bf16": torch.bfloat16}.get(prep.dtype, torch.float16) if self.device.type == "cuda" else torch.float32
+        self.teacher = MaskedLM(teacher).to(self.device, t_dtype)
+        model = MaskedLM(student)
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # biases and LayerNorms, as BERT
+        o = cfg.optim
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                                 config=deepspeed_config(cfg, prep.dtype, self.world))
+        self.masker = Masker(cfg.masking, prep.tokenizer, cfg.run.seed, prep.counts)
+        self.loss = DistillationLoss(cfg.loss, cfg.student.layers)
+        lengths = sequence_lengths(prep.train) if cfg.data.packing == "lines" and cfg.data.group_by_length else None
+        self.sampler = ResumableSampler(len(prep.train), cfg.run.seed, lengths)
+        self.gas = self.engine.gradient_accumulation_steps()
+        self.step, self.tokens, self._pending_tokens = 0, 0, 0
+        self.stop_requested = False
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    # -- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(), "world_size": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.sampler.load_state_dict(state["sampler"])
+
+    def _sync_tokens(self) -> int:
+        """Add every rank's tokens since the last sync to the global count; returns the increase."""
+        delta = torch.tensor(float(self._pending_tokens), dtype=torch.float64)
+        dist.all_reduce(delta)
+        self._pending_tokens = 0
+        self.tokens += int(delta)
+        return int(delta)
+
+    def save_checkpoint(self) -> None:
+        self._sync_tokens()
+        tag = ckpt.tag_for(self.step)
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False)
+        ckpt.save_rank_state(self.ckpt_root / tag, self.rank)
+        dist.barrier()
+        if self.rank == 0:
+            save_hf_skeleton(self.engine.module.model, self.prep.tokenizer, self.ckpt_root / tag)
+            ckpt.finalize(self.ckpt_root, tag, self.state_dict(), self.cfg.to_yaml(), self.cfg.checkpoint.keep_last)
+        dist.barrier()
+
+    def maybe_resume(self) -> None:
+        tag = ckpt.latest_tag(self.ckpt_root) if self.cfg.checkpoint.resume else None
+        if tag is None:
+            return
+        self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.load_state_dict(ckpt.read_trainer_state(self.ckpt_root / tag))
+        exact = ckpt.load_rank_state(self.ckpt_root / tag, self.rank)
+        if self.rank == 0:
+            self.log(f"resumed from {tag} (step {self.step}, {self.tokens:,} tokens){'' if exact else '; RNG streams re-seeded (new rank)'}")
+
+    # -- one optimizer step ----------------------------------------------------------
+    def _batch(self, micro: int):
+        m = self.cfg.train.micro_batch_size
+        idx = self.sampler.next_indices(m * self.world, self.rank, m)
+        ids, attn = collate(self.prep.train[idx]["input_ids"], self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
+        masked, labels = self.masker(ids, attn, self.step, micro, self.rank)
+        return masked, attn, labels, int(attn.sum())
+
+    def _forward(self, model, teacher, masked, attn, labels):
+        masked, attn, labels = (t.to(self.device, non_blocking=True) for t in (masked, attn, labels))
+        positions = loss_positions(self.cfg.loss.recipe, attn, labels)
+        logit_positions = positions if self.cfg.loss.needs_logits else None
+        with torch.no_grad():
+            t_hidden, t_logits = teacher(masked, attn, logit_positions)
+        s_hidden, s_logits = model(masked, attn, logit_positions)
+        return self.loss(s_hidden, t_hidden, s_logits, t_logits, positions, labels)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(self.gas):
+            masked, attn, labels, n_tokens = self._batch(micro)
+            terms = self._forward(self.engine, self.teacher, masked, attn, labels)
+            self.engine.backward(terms["loss"])
+            self.engine.step()
+            self._pending_tokens += n_tokens
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / self.gas
+        self.step += 1
+        return sums
+
+    # -- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss terms (fixed masks) and teacher/student agreement, averaged over ranks."""
+        held_out = self.prep.eval
+        if len(held_out) == 0:
+            return {}
+        model = self.engine.module
+        model.eval()
+        shard = list(range(self.rank, len(held_out), self.world))
+        batches = [collate(held_out[shard[i:i + 32]]["input_ids"], self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
+                   for i in range(0, len(shard), 32)]
+        sums, n = {}, 0
+        for b, (ids, attn) in enumerate(batches):
+            masked, labels = self.masker(ids, attn, EVAL_STEP, b, self.rank)
+            for k, v in self._forward(model, self.teacher, masked, attn, labels).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
+            n += len(ids)
+        to_dev = [(i.to(self.device), a.to(self.device)) for i, a in batches]
+        agree = agreement(embed(self.teacher, to_dev), embed(model, to_dev)) if n >= 3 else float("nan")
+        model.train()
+        vec = torch.tensor([n, agree * n] + [sums[k] for k in sorted(sums)], dtype=torch.float64)
+        dist.all_reduce(vec)
+        out = {f"eval/{k}": float(v / vec[0]) for k, v in zip(sorted(sums), vec[2:].tolist())}
+        out["eval/agreement"] = float(vec[1] / vec[0])
+        return out
+
+    # -- the loop ------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.maybe_resume()
+        self.engine.module.train()
+        start_metrics = self.evaluate()
+        self._write_metrics({"step": self.step, **start_metrics})
+        bar = self._progress_bar()
+        window_t, window_tokens, window, window_steps = time.perf_counter(), self.tokens, {}, 0
+        while self.step < t.max_steps and not self.stop_requested:
+            for k, v in self.train_step().items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+            last = self.step == t.max_steps
+            if self.step % t.log_every == 0 or last or self.stop_requested:
+                self._sync_tokens()
+                vec = torch.stack([window[k] for k in sorted(window)])
+                dist.all_reduce(vec)
+                elapsed = time.perf_counter() - window_t
+                row = {"step": self.step, **{f"train/{k}": float(v) / self.world / window_steps for k, v in zip(sorted(window), vec)},
+                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                       "tokens": self.tokens, "tokens_per_s": (self.tokens - window_tokens) / elapsed}
+                if self.engine.fp16_enabled():
+                    row["loss_scale"] = float(self.engine.optimizer.loss_scale)
+                self._write_metrics(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                window_t, window_tokens, window, window_steps = time.perf_counter(), self.tokens, {}, 0
+            if t.eval_every and self.step % t.eval_every == 0 and not last:
+                self._write_metrics({"step": self.step, **self.evaluate()})
+            if self.step % cfg.checkpoint.every_steps == 0 or last or self.stop_requested:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        end_metrics = self.evaluate()
+        self._write_metrics({"step": self.step, **end_metrics})
+        return {"step": self.step, "tokens": self.tokens, "start": start_metrics, "end": end_metrics, "stopped": self.stop_requested}
+
+    def _progress_bar(self):
+        if self.rank != 0 or not self.cfg.train.progress_bar:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="distil", unit="step", dynamic_ncols=True)
+
+    def _write_metrics(self, row: dict) -> None:
+        if self.rank != 0 or len(row) <= 1:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if not self.cfg.train.progress_bar:
+            self.log(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def request_stop(self, *_):
+        """SIGTERM (a preemption notice): finish the current step, checkpoint, and return."""
+        self.stop_requested = True
+
+    def install_signal_handler(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)

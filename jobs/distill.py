@@ -1,0 +1,14 @@
+"""Ray job entry point: `python jobs/distill.py --config configs/X.yaml [--set key=value ...]`.
+
+Runs from a checkout (`ray job submit --working-dir .`) or an installed package alike.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distil.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

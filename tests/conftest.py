@@ -1,0 +1,126 @@
+"""Tiny, real assets: tokenizers trained on committed text, random BERT-family teachers saved
+with save_pretrained. No hub access (HF_HUB_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+EN_TEXT = ASSETS / "en_brown_800.txt"
+PL_TEXT = ASSETS / "pl_libreoffice_300.txt"
+sys.path.insert(0, str(ROOT))
+
+
+def _wrap(tok, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer if hasattr(tok, "_tokenizer") else tok, **special)
+
+
+@pytest.fixture(scope="session")
+def wordpiece_dir(tmp_path_factory) -> Path:
+    """A BERT WordPiece tokenizer trained on the English fixture text, loadable with from_pretrained."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("wordpiece")
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train([str(EN_TEXT)], vocab_size=800, min_frequency=2, show_progress=False)
+    tok.save_model(str(d))  # vocab.txt
+    BertTokenizerFast.from_pretrained(str(d)).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def wordpiece(wordpiece_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(wordpiece_dir))
+
+
+@pytest.fixture(scope="session")
+def charbpe():
+    """HerBERT-style CharBPE ('</w>' ends a word), trained on the Polish fixture text."""
+    from tokenizers.implementations import CharBPETokenizer
+
+    tok = CharBPETokenizer(suffix="</w>", lowercase=False)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.train([str(PL_TEXT)], vocab_size=600, min_frequency=2, special_tokens=specials, suffix="</w>", show_progress=False)
+    return _wrap(tok, bos_token="<s>", cls_token="<s>", sep_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece():
+    from tokenizers.implementations import SentencePieceBPETokenizer
+
+    tok = SentencePieceBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.train([str(EN_TEXT)], vocab_size=600, min_frequency=2, special_tokens=specials, show_progress=False)
+    return _wrap(tok, cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+
+
+@pytest.fixture(scope="session")
+def bytebpe():
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.train([str(EN_TEXT)], vocab_size=600, min_frequency=2, special_tokens=specials, show_progress=False)
+    return _wrap(tok, cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+
+
+def tiny_bert_config(vocab_size: int, **kw):
+    from transformers import BertConfig
+
+    base = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=64, pad_token_id=0, architectures=["BertForMaskedLM"])
+    return BertConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, wordpiece) -> Path:
+    """A random 4-layer BertForMaskedLM with the WordPiece tokenizer, as save_pretrained writes it."""
+    import torch
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("teacher")
+    BertForMaskedLM(tiny_bert_config(len(wordpiece))).save_pretrained(str(d))
+    wordpiece.save_pretrained(str(d))
+    return d
+
+
+def base_config(teacher_dir: Path, tmp_path: Path, **sections) -> dict:
+    """A small valid run config as a dict; sections override whole keys."""
+    cfg = {
+        "run": {"name": "t", "seed": 0},
+        "teacher": {"name_or_path": str(teacher_dir)},
+        "student": {"layers": [0, 2]},
+        "data": {"sources": [str(EN_TEXT)], "max_len": 32, "eval_fraction": 0.05, "eval_max_sequences": 16,
+                 "cache_dir": str(tmp_path / "cache")},
+        "masking": {"prob": 0.15},
+        "loss": {"recipe": "distilbert", "alpha_kl": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.1, "grad_clip": 1.0},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "global_batch_size": 8, "log_every": 2, "progress_bar": False},
+        "checkpoint": {"every_steps": 3, "keep_last": 2},
+        "storage": {"uri": str(tmp_path / "runs")},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
