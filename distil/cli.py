@@ -18,6 +18,8 @@ from pathlib import Path
 
 from distil.errors import EXIT_USAGE, UserError
 
+EXIT_TERMINATED = 128 + 15  # the shell's code for "ended by SIGTERM": not a finished run
+
 
 def quiet_libraries() -> None:
     """Keep the console for our own progress: libraries speak at warning level and above."""
@@ -60,7 +62,12 @@ def run_training(config_path: str | None, overrides: list[str]) -> dict:
         print(f"run {cfg.run_name()} -> {run_dir} ({len(prep.train):,} training / {len(prep.eval):,} held-out sequences, "
               f"{prep.device.type} {prep.dtype}, {trainer.world} worker(s))", flush=True)
     result = trainer.train()
-    if trainer.rank == 0 and not result["stopped"]:
+    if result["stopped"]:
+        if trainer.rank == 0:
+            print(f"stopped by SIGTERM at step {result['step']}: checkpoint saved in {run_dir / 'checkpoints'}; "
+                  "run the same command again to resume", flush=True)
+        return result
+    if trainer.rank == 0:
         from distil import checkpoint as ckpt
 
         model_dir = run_dir / "model"
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            run_training(args.config, args.overrides)
+            if run_training(args.config, args.overrides)["stopped"]:
+                return EXIT_TERMINATED
         elif args.command == "config":
             from distil.config import load_config
 

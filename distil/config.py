@@ -78,7 +78,10 @@ class DataSection(_Strict):
 
 
 class MaskingSection(_Strict):
-    prob: float = Field(0.15, gt=0.0, lt=1.0, description="Fraction of eligible tokens chosen as prediction targets.")
+    prob: float = Field(
+        0.15, ge=0.0, lt=1.0,
+        description="Fraction of eligible tokens chosen as prediction targets; 0 feeds clean text (hidden-state-only objectives).",
+    )
     mask_frac: float = Field(0.8, ge=0.0, le=1.0, description="Of the targets, fraction replaced by the mask token.")
     random_frac: float = Field(0.1, ge=0.0, le=1.0, description="Of the targets, fraction replaced by a random token; the rest are kept.")
     smoothing: float | None = Field(
@@ -115,6 +118,11 @@ class LossSection(_Strict):
     alpha_cos_intermediate: float = Field(
         0.0, ge=0.0, description="Weight of the cosine loss on intermediate hidden states mapped by student.layers."
     )
+
+    @property
+    def needs_masks(self) -> bool:
+        """Whether a term reads masked positions (then masking.prob must be above 0)."""
+        return self.alpha_mlm > 0 or self.recipe == "masked"
 
     @property
     def needs_logits(self) -> bool:
@@ -201,6 +209,12 @@ class DistilConfig(_Strict):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Checkpoint cadence and retention.")
     storage: StorageSection = Field(default_factory=StorageSection, description="Where checkpoints and metrics go.")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Workers and resources.")
+
+    @model_validator(mode="after")
+    def _masking_needed(self) -> "DistilConfig":
+        if self.loss.needs_masks and self.masking.prob == 0:
+            raise ValueError("masking.prob is 0 but the MLM term or the 'masked' recipe needs masked positions")
+        return self
 
     def run_name(self) -> str:
         """`run.name`, or a stable name derived from everything that defines the run."""

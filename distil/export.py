@@ -19,6 +19,7 @@ HF_DIR = "hf"
 
 def save_hf_skeleton(model, tokenizer, ckpt_dir: Path) -> None:
     """What an export needs besides the weights: the student's config and the tokenizer."""
+    model.config.architectures = [type(model).__name__]  # tells the export which class to build
     model.config.save_pretrained(ckpt_dir / HF_DIR)
     tokenizer.save_pretrained(ckpt_dir / HF_DIR)
 

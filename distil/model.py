@@ -154,7 +154,8 @@ def _head(model: nn.Module):
         return lambda h: model.generator_lm_head(model.generator_predictions(h))
     for name in ("cls", "lm_head"):  # BERT/HerBERT, RoBERTa/XLM-R
         if hasattr(model, name):
-            return getattr(model, name)
+            # A closure, not the module: assigning the module would register its weights twice.
+            return lambda h, head=getattr(model, name): head(h)
     return None
 
 

@@ -272,6 +272,7 @@ class Trainer:
             for k, v in self.train_step().items():
                 window[k] = window.get(k, 0.0) + v
             window_steps += 1
+            self.stop_requested = self._any_rank_stopping()
             if bar is not None:
                 bar.update(1)
             last = self.step == t.max_steps
@@ -295,7 +296,7 @@ class Trainer:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
-        end_metrics = self.evaluate()
+        end_metrics = {} if self.stop_requested else self.evaluate()  # a preempted pod has seconds left
         self._write_metrics({"step": self.step, **end_metrics})
         return {"step": self.step, "tokens": self.tokens, "start": start_metrics, "end": end_metrics, "stopped": self.stop_requested}
 
@@ -313,6 +314,14 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
         if not self.cfg.train.progress_bar:
             self.log(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def _any_rank_stopping(self) -> bool:
+        """All ranks must stop at the same step: the checkpoint is collective."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def request_stop(self, *_):
         """SIGTERM (a preemption notice): finish the current step, checkpoint, and return."""

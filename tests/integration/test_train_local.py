@@ -1,0 +1,150 @@
+"""End-to-end local runs through the real entry point (jobs/distill.py): DeepSpeed ZeRO-2 at
+world size 1 on CPU, a tiny random BertForMaskedLM teacher, real text."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, base_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def cli(config: Path, *overrides: str, wait=True):
+    args = [sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(config)]
+    for o in overrides:
+        args += ["--set", o]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not wait:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_checkpoints_metrics_and_a_loadable_model(tmp_path, teacher_dir):
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    from distil.checkpoint import complete_tags, read_trainer_state
+    from distil.config import load_config
+    from distil.export import fp32_state_dict
+
+    cfg_path = write_config(tmp_path / "c.yaml", base_config(teacher_dir, tmp_path))
+    out = cli(cfg_path).stdout
+    run = tmp_path / "runs" / "t"
+    root = run / "checkpoints"
+    assert complete_tags(root) == ["step_00000003", "step_00000006"]
+    assert (root / "latest").read_text() == "step_00000006"
+    last = root / "step_00000006"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank_00000.pt",
+                 "COMPLETE", "hf/config.json", "hf/tokenizer.json"):
+        assert (last / name).is_file(), name
+    state = read_trainer_state(last)
+    assert state["step"] == 6 and state["world_size"] == 1 and state["sampler"]["consumed"] > 0
+    assert load_config(last / "config.yaml") == load_config(cfg_path)
+
+    rows = metrics(run)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    for r in train_rows:
+        assert {"train/kl", "train/mlm", "train/cos", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(r)
+        assert abs(r["train/loss"] - (5 * r["train/kl"] + 2 * r["train/mlm"] + r["train/cos"])) < 1e-4
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+    assert train_rows[-1]["tokens"] == state["tokens"] > 0
+    assert train_rows[0]["lr"] > 0 and train_rows[-1]["lr"] < train_rows[1]["lr"]  # linear decay
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 6] and "agreement" in out
+
+    model_dir = run / "model"
+    model = AutoModelForMaskedLM.from_pretrained(model_dir)
+    assert model.config.num_hidden_layers == 2
+    merged = fp32_state_dict(last)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, merged[k]), k
+    fill = pipeline("fill-mask", model=str(model_dir))
+    assert len(fill(f"the {fill.tokenizer.mask_token} of the jury")) == 5
+
+
+def _kill_after(proc, run_dir: Path, step: int, sig) -> str:
+    """Send `sig` once a checkpoint at >= step is complete; returns the latest tag at that moment."""
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text() >= f"step_{step:08d}":
+            tag = latest.read_text()
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+            return tag
+        time.sleep(0.01)
+    raise AssertionError(f"run ended before step {step}: {proc.stdout.read()[-2000:]}")
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, teacher_dir):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = base_config(teacher_dir, tmp, train={"max_steps": 24, "global_batch_size": 16, "log_every": 4},
+                      checkpoint={"every_steps": 4, "keep_last": 3})
+    path = write_config(tmp / "c.yaml", cfg)
+    cli(path)
+    return cfg, _weights(tmp / "runs" / "t")
+
+
+def _interrupted_then_resumed(tmp_path, cfg, sig, expect_rc):
+    cfg = {**cfg, "storage": {"uri": str(tmp_path / "runs")}}
+    path = write_config(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "runs" / "t"
+    proc = cli(path, wait=False)
+    tag = _kill_after(proc, run, 4, sig)
+    assert proc.returncode == expect_rc, proc.stdout.read()[-3000:]
+    stopped_at = (run / "checkpoints" / "latest").read_text()
+    assert stopped_at < "step_00000024", "the run must be interrupted before it ends"
+    last_logged = max(r["step"] for r in metrics(run) if "train/loss" in r)
+    resumed = cli(path).stdout
+    assert f"resumed from {stopped_at}" in resumed
+    return int(tag[5:]), int(stopped_at[5:]), last_logged, _weights(run)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, uninterrupted):
+    cfg, reference = uninterrupted
+    *_, weights = _interrupted_then_resumed(tmp_path, cfg, signal.SIGKILL, -signal.SIGKILL)
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_sigterm_checkpoints_within_one_step_and_resumes_exactly(tmp_path, uninterrupted):
+    cfg, reference = uninterrupted
+    seen_step, stop_step, last_logged, weights = _interrupted_then_resumed(tmp_path, cfg, signal.SIGTERM, 128 + 15)
+    # The worker finished the step in flight and checkpointed it: every completed step is saved
+    # (the step it logged last), not only the last periodic checkpoint.
+    assert stop_step == last_logged >= seen_step
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_masked_recipe_whole_word_distilbert_architecture(tmp_path, teacher_dir):
+    cfg = base_config(teacher_dir, tmp_path, student={"layers": [1, 3], "architecture": "distilbert"},
+                      loss={"recipe": "masked", "alpha_mse": 1.0, "alpha_cos_intermediate": 1.0},
+                      masking={"whole_word": True, "smoothing": 0.7}, data={"packing": "lines", "min_len": 6})
+    cli(write_config(tmp_path / "c.yaml", cfg))
+    rows = [r for r in metrics(tmp_path / "runs" / "t") if "train/loss" in r]
+    assert {"train/kl", "train/mlm", "train/cos", "train/mse", "train/cos_intermediate"} <= set(rows[-1])
+    from transformers import AutoModelForMaskedLM
+
+    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "runs" / "t" / "model")).__name__ == "DistilBertForMaskedLM"

@@ -1,0 +1,53 @@
+"""Bad input: one clear message naming what and where, exit code 2, no traceback, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, base_config, write_config
+
+
+def run_cli(config_path, *overrides):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(config_path)]
+    for o in overrides:
+        args += ["--set", o]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+
+
+CASES = {
+    "invalid value": (["loss.temperature=-1"], "loss.temperature"),
+    "unknown key": (["optim.learning_rate=1"], "optim.learning_rate"),
+    "teacher missing": (["teacher.name_or_path=/nonexistent/teacher"], "teacher.name_or_path"),
+    "hub teacher offline": (["teacher.name_or_path=no-such-org/no-such-model"], "teacher.name_or_path"),
+    "empty corpus": ([], "data.sources"),
+    "too long": (["data.max_len=4096"], "data.max_len"),
+    "layer out of range": (["student.layers=[0, 7]"], "student.layers"),
+    "fp16 on cpu": (["precision.dtype=fp16"], "precision.dtype"),
+    "batch not divisible": (["train.global_batch_size=10"], "train.global_batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_with_one_message(case, tmp_path, teacher_dir):
+    overrides, where = CASES[case]
+    cfg = base_config(teacher_dir, tmp_path)
+    if case == "empty corpus":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n\n   \n")
+        cfg["data"]["sources"] = [str(empty)]
+    path = write_config(tmp_path / "c.yaml", cfg)
+    r = run_cli(path, *overrides)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    errors = [l for l in r.stderr.splitlines() if l.startswith("distil: error:")]
+    assert len(errors) == 1 and where in r.stderr, r.stderr
+    assert "fix:" in r.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may be written for bad input"
+
+
+def test_missing_config_file(tmp_path):
+    r = run_cli(tmp_path / "nope.yaml")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
