@@ -6,6 +6,7 @@ they are never taken from the config, so they cannot end up in a saved config or
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path, PurePosixPath
 
@@ -29,6 +30,30 @@ def safe_join(root: Path, relative: str) -> Path:
     return root.joinpath(*rel.parts)
 
 
+@contextlib.contextmanager
+def s3_errors(uri: str, endpoint_url: str | None):
+    """Turn boto3's failures into one clear message (credentials are never part of it)."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = f"{uri}" + (f" at {endpoint_url}" if endpoint_url else "")
+    try:
+        yield
+    except NoCredentialsError:
+        raise UserError(f"no S3 credentials found for {where}", where="storage",
+                        fix="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (never in the config)") from None
+    except EndpointConnectionError:
+        raise UserError(f"cannot reach the S3 endpoint for {where}", where="storage.endpoint_url",
+                        fix="check the endpoint URL and that the store is up") from None
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "error")
+        hint = {"NoSuchBucket": "create the bucket or correct its name",
+                "InvalidAccessKeyId": "check the access key", "SignatureDoesNotMatch": "check the secret key",
+                "AccessDenied": "grant the credentials access to this bucket/prefix"}.get(code, "check the URI and credentials")
+        raise UserError(f"S3 refused {where}: {code}", where="storage", fix=hint) from None
+    except BotoCoreError as e:
+        raise UserError(f"S3 failure for {where}: {type(e).__name__}", where="storage", fix="check the endpoint and credentials") from None
+
+
 class Storage:
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
         self.uri = uri.rstrip("/")
@@ -49,8 +74,9 @@ class Storage:
             return [(f.relative_to(root).as_posix(), f.stat().st_size) for f in sorted(root.rglob("*")) if f.is_file()]
         out = []
         base = f"{self.prefix}/" if self.prefix else ""
-        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-            out += [(o["Key"][len(base):], o["Size"]) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        with s3_errors(self.uri, self.endpoint_url):
+            for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                out += [(o["Key"][len(base):], o["Size"]) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
         return out
 
     def download_tree(self, cache_root: Path) -> Path:
@@ -66,6 +92,7 @@ class Storage:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".part")
-            client.download_file(self.bucket, f"{self.prefix}/{rel}" if self.prefix else rel, str(tmp))
+            with s3_errors(self.uri, self.endpoint_url):
+                client.download_file(self.bucket, f"{self.prefix}/{rel}" if self.prefix else rel, str(tmp))
             os.replace(tmp, target)
         return dest
