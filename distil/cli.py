@@ -1,6 +1,7 @@
 """The `distil` command.
 
-    distil train --config configs/demo.yaml [--set loss.temperature=3 ...]
+    distil train --config configs/demo.yaml [--set loss.temperature=3 ...]   one local worker
+    distil train --ray --config ...              Ray Train workers (what jobs/distill.py runs)
     distil export CHECKPOINT_DIR --out DIR
     distil config --config FILE [--set ...]      print the resolved config
 
@@ -49,8 +50,8 @@ def run_training(config_path: str | None, overrides: list[str]) -> dict:
     from distil.train import Trainer, init_distributed, prepare
 
     if cfg.storage.uri.startswith("s3://"):
-        raise UserError("s3:// storage needs the Ray entry point with S3 support, which this build does not have yet",
-                        where="storage.uri", fix="use a local folder for storage.uri")
+        raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
+                        fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
     prep = prepare(cfg)
     run_dir = Path(cfg.storage.uri).expanduser() / cfg.run_name()
     init_distributed(prep.device)
@@ -98,12 +99,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", "-c", help="YAML config (see configs/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set loss.temperature=3 (repeatable)")
+        if name == "train":
+            p.add_argument("--ray", action="store_true",
+                           help="train on Ray (scaling.num_workers workers; RAY_ADDRESS or a local Ray instance)")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
+        if args.command == "train" and args.ray:
+            from distil.config import load_config
+            from distil.ray_launcher import launch
+
+            cfg = load_config(args.config, args.overrides)
+            quiet_libraries()
+            launch(cfg)
+        elif args.command == "train":
             if run_training(args.config, args.overrides)["stopped"]:
                 return EXIT_TERMINATED
         elif args.command == "config":

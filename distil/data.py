@@ -37,7 +37,7 @@ def _local_files(source: str) -> list[Path]:
     return files
 
 
-def _is_hub_name(source: str) -> bool:
+def is_hub_name(source: str) -> bool:
     return not source.startswith(("s3://", ".", "/", "~")) and not Path(source).exists() and source.count("/") <= 1
 
 
@@ -45,7 +45,7 @@ def load_documents(cfg: DataSection, storage_options: dict | None = None) -> dat
     """All sources as one Dataset with a single 'text' column, in a deterministic order."""
     parts = []
     for source in cfg.sources:
-        if _is_hub_name(source):
+        if is_hub_name(source):
             try:
                 ds = datasets.load_dataset(source, cfg.hub_config, split="train", cache_dir=cfg.cache_dir, **cfg.hub_kwargs)
             except Exception as e:  # the hub raises many types; all mean "cannot get this data set"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +35,26 @@ from distil.model import MaskedLM, build_student, load_teacher, load_teacher_con
 EVAL_STEP = 2**31 - 1  # masking stream reserved for held-out evaluation
 
 
+def check_precision(cfg: DistilConfig, gpu: bool) -> str:
+    """The training dtype for workers with (or without) a GPU; refuses what the device can't do."""
+    dtype = cfg.precision.dtype
+    if dtype == "auto":
+        dtype = "fp16" if gpu else "fp32"
+    if dtype == "fp16" and not gpu:
+        raise UserError("fp16 training needs a GPU; DeepSpeed refuses fp16 on CPU", where="precision.dtype",
+                        fix="use dtype: auto (fp32 on CPU), fp32 or bf16, or run on GPU workers")
+    if dtype == "bf16" and gpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16 support", where="precision.dtype", fix="use dtype: fp16")
+    return dtype
+
+
 def resolve_precision(cfg: DistilConfig) -> tuple[torch.device, str]:
     want = cfg.precision.device
     cuda = torch.cuda.is_available()
     if want == "cuda" and not cuda:
         raise UserError("device 'cuda' requested but no GPU is visible", where="precision.device", fix="use device: auto or cpu")
     device = torch.device("cuda" if (want == "cuda" or (want == "auto" and cuda)) else "cpu")
-    dtype = cfg.precision.dtype
-    if dtype == "auto":
-        dtype = "fp16" if device.type == "cuda" else "fp32"
-    if dtype == "fp16" and device.type == "cpu":
-        raise UserError("fp16 training needs a GPU; DeepSpeed refuses fp16 on CPU", where="precision.dtype",
-                        fix="use dtype: auto (fp32 on CPU), fp32 or bf16, or run on GPU workers")
-    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bf16 support", where="precision.dtype", fix="use dtype: fp16")
-    return device, dtype
+    return device, check_precision(cfg, gpu=device.type == "cuda")
 
 
 @dataclass
@@ -61,25 +68,35 @@ class Prepared:
     dtype: str
 
 
-def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:
-    """Validate the run against the teacher, the device and the data; build the sequences."""
+def load_tokenizer(cfg: DistilConfig):
     from transformers import AutoTokenizer
 
-    tconfig = load_teacher_config(cfg)
-    validate_against_teacher(cfg, tconfig)
-    device, dtype = resolve_precision(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher.name_or_path), revision=cfg.teacher.revision)
+    if tokenizer.mask_token_id is None:
+        raise UserError("the teacher's tokenizer has no mask token", where="teacher.name_or_path")
+    return tokenizer
+
+
+def build_data(cfg: DistilConfig, tokenizer, world_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held-out) sequences; refuses a corpus too small for one batch."""
     per_step = cfg.train.micro_batch_size * world_size
     if cfg.train.global_batch_size % per_step:
         raise UserError(f"global_batch_size {cfg.train.global_batch_size} is not a multiple of micro_batch_size x workers = {per_step}",
                         where="train.global_batch_size", fix=f"use a multiple of {per_step}")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher.name_or_path), revision=cfg.teacher.revision)
-    if tokenizer.mask_token_id is None:
-        raise UserError("the teacher's tokenizer has no mask token", where="teacher.name_or_path")
-    seqs = tokenize(load_documents(cfg.data, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}), tokenizer, cfg.data)
-    train, held_out = split_eval(seqs, cfg.data, cfg.run.seed)
+    docs = load_documents(cfg.data, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region})
+    train, held_out = split_eval(tokenize(docs, tokenizer, cfg.data), cfg.data, cfg.run.seed)
     if len(train) < per_step:
         raise UserError(f"the corpus gives {len(train)} training sequences, fewer than one batch of {per_step}",
                         where="data.sources", fix="add text, lower data.min_len, or lower train.micro_batch_size")
+    return train, held_out
+
+
+def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:
+    """Validate the run against the teacher, the device and the data; build the sequences."""
+    validate_against_teacher(cfg, load_teacher_config(cfg))
+    device, dtype = resolve_precision(cfg)
+    tokenizer = load_tokenizer(cfg)
+    train, held_out = build_data(cfg, tokenizer, world_size)
     counts = token_counts(train, len(tokenizer)) if cfg.masking.smoothing is not None else None
     return Prepared(cfg, tokenizer, train, held_out, counts, device, dtype)
 
@@ -116,7 +133,17 @@ def lr_lambda(cfg: DistilConfig):
 def init_distributed(device: torch.device) -> None:
     """Join the process group Ray Train made, or make a one-process group for a local run."""
     import deepspeed
+    import deepspeed.ops
 
+    if device.type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks at start-up: minutes
+        # on a cold cache, a compiler at run time, and a hang forever if a killed process left
+        # its build lock behind. gloo's all-reduce is what we use instead.
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -131,11 +158,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class LocalCheckpointStore:
+    """Checkpoints stay in the run folder; resume from its newest complete one."""
+
+    def persist(self, ckpt_dir: Path, metrics: dict) -> None:
+        pass
+
+    def restore(self, root: Path) -> str | None:
+        return ckpt.latest_tag(root)
+
+    def preemption_notice(self) -> bool:
+        return False  # a local run learns of preemption through SIGTERM
+
+
 class Trainer:
-    def __init__(self, prep: Prepared, run_dir: Path, log=print):
+    def __init__(self, prep: Prepared, run_dir: Path, log=print, store=None):
         import deepspeed
 
         self.cfg, self.prep, self.run_dir, self.log = prep.cfg, prep, Path(run_dir), log
+        self.store = store or LocalCheckpointStore()
         cfg = self.cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -163,6 +204,7 @@ class Trainer:
         self.gas = self.engine.gradient_accumulation_steps()
         self.step, self.tokens, self._pending_tokens = 0, 0, 0
         self.stop_requested = False
+        self._preemption_saved = False
         self.ckpt_root = self.run_dir / "checkpoints"
 
     # -- state -------------------------------------------------------------------------
@@ -189,15 +231,21 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             save_hf_skeleton(self.engine.module.model, self.prep.tokenizer, self.ckpt_root / tag)
+            if (self.run_dir / "metrics.jsonl").is_file():  # so that remote storage holds the metrics too
+                shutil.copy(self.run_dir / "metrics.jsonl", self.ckpt_root / tag / "metrics.jsonl")
             ckpt.finalize(self.ckpt_root, tag, self.state_dict(), self.cfg.to_yaml(), self.cfg.checkpoint.keep_last)
         dist.barrier()
+        self.store.persist(self.ckpt_root / tag, {"step": self.step, "tokens": self.tokens})
 
     def maybe_resume(self) -> None:
-        tag = ckpt.latest_tag(self.ckpt_root) if self.cfg.checkpoint.resume else None
+        tag = self.store.restore(self.ckpt_root) if self.cfg.checkpoint.resume else None
         if tag is None:
             return
         self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         self.load_state_dict(ckpt.read_trainer_state(self.ckpt_root / tag))
+        saved_metrics = self.ckpt_root / tag / "metrics.jsonl"
+        if self.rank == 0 and saved_metrics.is_file() and not (self.run_dir / "metrics.jsonl").exists():
+            shutil.copy(saved_metrics, self.run_dir / "metrics.jsonl")  # a fresh worker folder continues the history
         exact = ckpt.load_rank_state(self.ckpt_root / tag, self.rank)
         if self.rank == 0:
             self.log(f"resumed from {tag} (step {self.step}, {self.tokens:,} tokens){'' if exact else '; RNG streams re-seeded (new rank)'}")
@@ -273,6 +321,9 @@ class Trainer:
                 window[k] = window.get(k, 0.0) + v
             window_steps += 1
             self.stop_requested = self._any_rank_stopping()
+            if self.store.preemption_notice() and not self._preemption_saved:
+                self.save_checkpoint()  # just in time; training goes on until the node is gone
+                self._preemption_saved = True
             if bar is not None:
                 bar.update(1)
             last = self.step == t.max_steps
@@ -328,4 +379,7 @@ class Trainer:
         self.stop_requested = True
 
     def install_signal_handler(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
+        """Only the main thread may set handlers; Ray Train runs the loop in another thread and
+        announces preemption through its own API instead (see RayCheckpointStore)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def cli(config: Path, *overrides: str, wait=True):
-    args = [sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(config)]
+    args = [sys.executable, "-m", "distil.cli", "train", "--config", str(config)]
     for o in overrides:
         args += ["--set", o]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -11,7 +11,7 @@ from tests.conftest import ROOT, base_config, write_config
 
 def run_cli(config_path, *overrides):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(config_path)]
+    args = [sys.executable, "-m", "distil.cli", "train", "--config", str(config_path)]
     for o in overrides:
         args += ["--set", o]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)

@@ -1,0 +1,157 @@
+"""Ray Train launcher: one DeepSpeed rank per Ray Train worker, checkpoints in Ray's storage.
+
+The driver validates the config, then runs a `TorchTrainer` whose `RunConfig(name,
+storage_path)` is the run's identity: running the same command again resumes from the latest
+*registered* checkpoint (Ray Train V2 semantics). Every rank saves its ZeRO shard into a local
+folder and hands it to `ray.train.report`; Ray merges the ranks' folders into one checkpoint
+in storage and registers it only once all of them are uploaded, so a partial upload is never
+resumed from. `FailureConfig(max_failures)` restarts a worker group that lost a worker or a
+node from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from distil import checkpoint as ckpt
+from distil.config import DistilConfig
+from distil.errors import UserError
+
+
+class RayCheckpointStore:
+    """Persists checkpoints through ray.train.report and restores the latest registered one."""
+
+    def persist(self, ckpt_dir: Path, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
+                         checkpoint_dir_name=ckpt_dir.name, delete_local_checkpoint_after_upload=True)
+
+    def restore(self, root: Path) -> str | None:
+        import ray.train
+
+        registered = ray.train.get_checkpoint()
+        if registered is None:
+            return None
+        tag = Path(registered.path).name  # report() named it after the step
+        registered.to_directory(str(root / tag))
+        if not ckpt.is_complete(root / tag):
+            raise RuntimeError(f"registered checkpoint {registered.path} has no COMPLETE marker")
+        return tag
+
+    def preemption_notice(self) -> bool:
+        """Ray's notice that a node of this worker group is being reclaimed (a collective call)."""
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None
+
+
+def _storage(cfg: DistilConfig):
+    """(storage_path, storage_filesystem) for RunConfig; S3-compatible endpoints through pyarrow."""
+    uri = cfg.storage.uri
+    if not uri.startswith("s3://"):
+        return str(Path(uri).expanduser().resolve()), None
+    from pyarrow import fs
+
+    from distil.storage import split_s3
+
+    bucket, prefix = split_s3(uri)
+    filesystem = fs.S3FileSystem(endpoint_override=cfg.storage.endpoint_url, region=cfg.storage.region or "us-east-1",
+                                 scheme="http" if (cfg.storage.endpoint_url or "").startswith("http://") else "https")
+    return f"{bucket}/{prefix}".rstrip("/"), filesystem
+
+
+def preflight(cfg: DistilConfig) -> None:
+    """Write, read and delete a marker object before any worker starts."""
+    if not cfg.storage.uri.startswith("s3://"):
+        return
+    from distil.storage import Storage, s3_errors
+
+    store = Storage(cfg.storage.uri, cfg.storage.endpoint_url, cfg.storage.region)
+    key = f"{store.prefix}/.distil-preflight-{os.getpid()}".lstrip("/")
+    with s3_errors(cfg.storage.uri, cfg.storage.endpoint_url):
+        client = store.client()
+        client.put_object(Bucket=store.bucket, Key=key, Body=b"ok")
+        if client.get_object(Bucket=store.bucket, Key=key)["Body"].read() != b"ok":
+            raise UserError(f"{cfg.storage.uri}: the marker object read back differs", where="storage")
+        client.delete_object(Bucket=store.bucket, Key=key)
+
+
+def _worker(loop_config: dict) -> None:
+    """One Ray Train worker: the same loop as a local run, with Ray's checkpoint storage."""
+    from distil.cli import quiet_libraries
+    from distil.train import Trainer, init_distributed, prepare
+
+    import ray.train
+
+    quiet_libraries()
+    cfg = DistilConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    prep = prepare(cfg, world_size=ctx.get_world_size())
+    init_distributed(prep.device)
+    local = Path(tempfile.mkdtemp(prefix=f"distil-{cfg.run_name()}-rank{ctx.get_world_rank()}-"))
+    trainer = Trainer(prep, local, store=RayCheckpointStore())
+    trainer.install_signal_handler()
+    trainer.train()
+
+
+def launch(cfg: DistilConfig) -> dict:
+    """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distil.data import is_hub_name
+    from distil.model import load_teacher_config, validate_against_teacher
+    from distil.train import build_data, check_precision, load_tokenizer
+
+    validate_against_teacher(cfg, load_teacher_config(cfg))
+    s = cfg.scaling
+    check_precision(cfg, gpu=s.use_gpu)
+    if not any(is_hub_name(src) for src in cfg.data.sources):
+        # Files are cheap to check here (and the tokenization cache is then warm for workers on
+        # this node); a hub data set is left to the workers rather than downloaded to the head.
+        build_data(cfg, load_tokenizer(cfg), s.num_workers)
+    preflight(cfg)
+    storage_path, filesystem = _storage(cfg)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, include_dashboard=False)
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.run_name(), storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise _user_error_in(e) or e
+    where = result.checkpoint.path if result.checkpoint else None
+    print(f"run {cfg.run_name()} finished: latest checkpoint {where} in {cfg.storage.uri}", flush=True)
+    out = {"checkpoint": where, "metrics": result.metrics}
+    if where and not cfg.storage.uri.startswith("s3://"):
+        from distil.export import export_checkpoint
+
+        model_dir = Path(storage_path) / cfg.run_name() / "model"
+        if not model_dir.exists():
+            out["model_dir"] = str(export_checkpoint(Path(where), model_dir))
+            print(f"model in {model_dir}", flush=True)
+    return out
+
+
+def _user_error_in(e: BaseException) -> UserError | None:
+    """Bad input found by a worker (e.g. an empty hub data set): surface its message, not Ray's."""
+    failures = getattr(e, "worker_failures", None) or {}
+    for failure in failures.values():
+        chain = failure
+        while chain is not None:
+            if isinstance(chain, UserError):
+                return chain
+            chain = chain.__cause__ or chain.__context__
+    return None
