@@ -173,9 +173,6 @@ class ZeroSection(_Strict):
     contiguous_gradients: bool = Field(True, description="Copy gradients into one contiguous buffer as they are produced.")
     reduce_bucket_size: int = Field(200_000_000, ge=1, description="Elements per gradient reduce bucket.")
     allgather_bucket_size: int = Field(200_000_000, ge=1, description="Elements per parameter all-gather bucket.")
-    elastic_checkpoint: bool = Field(
-        True, description="Save optimizer state so that a run can resume with a different number of workers (re-partitioned)."
-    )
 
 
 class CheckpointSection(_Strict):

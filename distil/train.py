@@ -109,8 +109,7 @@ def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": z.contiguous_gradients,
-                              "reduce_bucket_size": z.reduce_bucket_size, "allgather_bucket_size": z.allgather_bucket_size,
-                              "elastic_checkpoint": z.elastic_checkpoint},
+                              "reduce_bucket_size": z.reduce_bucket_size, "allgather_bucket_size": z.allgather_bucket_size},
         "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": p.initial_scale_power,
                  "loss_scale_window": p.loss_scale_window, "hysteresis": 2, "min_loss_scale": 1},
         "bf16": {"enabled": dtype == "bf16"},
@@ -242,6 +241,12 @@ class Trainer:
         tag = self.store.restore(self.ckpt_root) if self.cfg.checkpoint.resume else None
         if tag is None:
             return
+        saved_world = ckpt.read_trainer_state(self.ckpt_root / tag)["world_size"]
+        if saved_world != self.world:
+            # DeepSpeed's elastic ZeRO-2 format needs the step in the optimizer's param groups,
+            # which torch's AdamW keeps per parameter: re-partitioning is not supported yet.
+            raise UserError(f"checkpoint {tag} was written by {saved_world} workers, this run has {self.world}",
+                            where="scaling.num_workers", fix=f"resume with scaling.num_workers={saved_world}")
         self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         self.load_state_dict(ckpt.read_trainer_state(self.ckpt_root / tag))
         saved_metrics = self.ckpt_root / tag / "metrics.jsonl"
