@@ -181,8 +181,12 @@ def test_two_node_cluster_and_ray_job_submit(tmp_path, s3_run):
         # Two nodes of one CPU each and workers of one CPU each: one worker per node.
         assert nodes.stdout.strip().splitlines()[-1] == "[1.0, 1.0]", nodes.stdout + nodes.stderr
         path = write_config(tmp_path / "c.yaml", cfg)
-        job = run("job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
-                  sys.executable, "jobs/distill.py", "--config", str(path), timeout=900)
+        for _ in range(30):  # the head's job agent comes up some seconds after `ray start` returns
+            job = run("job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
+                      sys.executable, "jobs/distill.py", "--config", str(path), timeout=900)
+            if "No available agent to submit job" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         # (Ray Train reports node_rank by IP address; both raylets here share 127.0.0.1.)
         last = keys(s3, bucket, "runs/t/step_00000012/")
@@ -203,3 +207,80 @@ def test_resume_with_another_worker_count_is_refused_clearly(tmp_path, s3_run):
     assert rc == 0, out[-4000:]
     rc, out = ray_job(path, "scaling.num_workers=1")
     assert rc == 2 and "written by 2 workers, this run has 1" in out and "scaling.num_workers=2" in out, out[-4000:]
+
+
+class CuttableProxy:
+    """A loopback TCP proxy to the S3 endpoint that the test can cut (refuse and drop every
+    connection) and restore, to play an object store that goes away for a while."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        import threading
+
+        self.upstream_port, self._socket, self._threading = upstream_port, socket, threading
+        self.port = _free_port()
+        self._conns: list = []
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        self._listener = self._socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        self._threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = self._socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_s3_outage_during_uploads_ends_in_a_complete_run(tmp_path, s3_run, s3_endpoint):
+    s3, bucket, cfg = s3_run
+    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    cfg["storage"]["endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
+    cfg["train"]["max_steps"] = 20
+    cfg["scaling"]["max_failures"] = 5
+    cfg["checkpoint"]["keep_last"] = 10  # keep every checkpoint, to check the ones resumed from
+    proc = ray_job(write_config(tmp_path / "c.yaml", cfg), wait=False)
+    wait_registered(s3, bucket, "runs/t", "step_00000004", proc)
+    proxy.cut()
+    time.sleep(15)  # uploads of later checkpoints fail meanwhile
+    proxy.restore()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    state = s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read()
+    assert b'"step": 20' in state
+    # Every checkpoint a worker group resumed from was registered, hence complete.
+    for tag in re.findall(r"resumed from (step_\d{8})", out):
+        assert f"runs/t/{tag}/COMPLETE" in keys(s3, bucket, f"runs/t/{tag}/")
