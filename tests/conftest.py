@@ -53,29 +53,34 @@ def charbpe():
     from tokenizers.implementations import CharBPETokenizer
 
     tok = CharBPETokenizer(suffix="</w>", lowercase=False)
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok.train([str(PL_TEXT)], vocab_size=600, min_frequency=2, special_tokens=specials, suffix="</w>", show_progress=False)
+    tok.train([str(PL_TEXT)], vocab_size=600, min_frequency=2, special_tokens=_SPECIALS, suffix="</w>", show_progress=False)
     return _wrap(tok, bos_token="<s>", cls_token="<s>", sep_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+
+
+_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def _roberta_style(implementation):
+    """A BPE tokenizer of the given `tokenizers` implementation trained on the English text."""
+    tok = implementation()
+    tok.train([str(EN_TEXT)], vocab_size=600, min_frequency=2, special_tokens=_SPECIALS, show_progress=False)
+    return _wrap(tok, cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
 
 
 @pytest.fixture(scope="session")
 def sentencepiece():
+    """'▁' marks a word start (XLM-R / SentencePiece style)."""
     from tokenizers.implementations import SentencePieceBPETokenizer
 
-    tok = SentencePieceBPETokenizer()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok.train([str(EN_TEXT)], vocab_size=600, min_frequency=2, special_tokens=specials, show_progress=False)
-    return _wrap(tok, cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    return _roberta_style(SentencePieceBPETokenizer)
 
 
 @pytest.fixture(scope="session")
 def bytebpe():
+    """'Ġ' marks a word start (RoBERTa / GPT-2 byte-level BPE)."""
     from tokenizers.implementations import ByteLevelBPETokenizer
 
-    tok = ByteLevelBPETokenizer()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok.train([str(EN_TEXT)], vocab_size=600, min_frequency=2, special_tokens=specials, show_progress=False)
-    return _wrap(tok, cls_token="<s>", sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    return _roberta_style(ByteLevelBPETokenizer)
 
 
 def tiny_bert_config(vocab_size: int, **kw):
