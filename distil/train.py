@@ -217,7 +217,7 @@ class Trainer:
 
     def _sync_tokens(self) -> int:
         """Add every rank's tokens since the last sync to the global count; returns the increase."""
-        delta = torch.tensor(float(self._pending_tokens), dtype=torch.float64)
+        delta = torch.tensor(float(self._pending_tokens), dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         dist.all_reduce(delta)
         self._pending_tokens = 0
         self.tokens += int(delta)
@@ -298,19 +298,20 @@ class Trainer:
         shard = list(range(self.rank, len(held_out), self.world))
         batches = [collate(held_out[shard[i:i + 32]]["input_ids"], self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
                    for i in range(0, len(shard), 32)]
-        sums, n = {}, 0
+        sums, n = {k: 0.0 for k in [*self.loss.weights(), "loss"]}, 0  # same keys on every rank, even an idle one
         for b, (ids, attn) in enumerate(batches):
             masked, labels = self.masker(ids, attn, EVAL_STEP, b, self.rank)
             for k, v in self._forward(model, self.teacher, masked, attn, labels).items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
+                sums[k] += float(v) * len(ids)
             n += len(ids)
         to_dev = [(i.to(self.device), a.to(self.device)) for i, a in batches]
-        agree = agreement(embed(self.teacher, to_dev), embed(model, to_dev)) if n >= 3 else float("nan")
+        n_agree = n if n >= 3 else 0  # a correlation needs a few sentences on this rank
+        agree = agreement(embed(self.teacher, to_dev), embed(model, to_dev)) if n_agree else 0.0
         model.train()
-        vec = torch.tensor([n, agree * n] + [sums[k] for k in sorted(sums)], dtype=torch.float64)
+        vec = torch.tensor([n, n_agree, agree * n_agree] + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=self.device)
         dist.all_reduce(vec)
-        out = {f"eval/{k}": float(v / vec[0]) for k, v in zip(sorted(sums), vec[2:].tolist())}
-        out["eval/agreement"] = float(vec[1] / vec[0])
+        out = {f"eval/{k}": float(v / vec[0]) for k, v in zip(sorted(sums), vec[3:].tolist())}
+        out["eval/agreement"] = float(vec[2] / vec[1]) if vec[1] > 0 else float("nan")
         return out
 
     # -- the loop ------------------------------------------------------------------------
