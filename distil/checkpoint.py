@@ -6,15 +6,23 @@
         rank_00000.pt                         per-rank RNG states
         trainer_state.json                    step, tokens, sampler position, world size
         config.yaml                           the resolved config of the run
-        COMPLETE                              written last, after every rank has saved
+        hf/                                   the student's HF config and the tokenizer
+        metrics.jsonl                         the run's metrics up to this step
+        COMPLETE                              written last, after every rank has saved: step,
+                                              tokens, loss, time, and a manifest (size and
+                                              sha256 of every other file, from every rank)
     RUN/checkpoints/latest                    name of the newest COMPLETE checkpoint
 
 A checkpoint without COMPLETE is never loaded: a run killed mid-save resumes from the one
-before. `latest` is replaced atomically, and only after COMPLETE exists.
+before. `latest` is replaced atomically, and only after COMPLETE exists. The manifest lets a
+copy of a checkpoint (in object storage, or pulled from it) be checked file by file: a Ray
+run's checkpoint is assembled in storage from every rank's own folder, so rank 0 cannot
+simply look at the files; each rank hashes the files it wrote and rank 0 gathers them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -29,6 +37,15 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 _TAG = re.compile(r"^step_(\d{8})$")
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank_(\d+)\.pt$")
+
+
+def is_tag(name: str) -> bool:
+    return bool(_TAG.match(name))
+
+
+def step_of(tag: str) -> int:
+    return int(_TAG.match(tag).group(1))
 
 
 def tag_for(step: int) -> str:
@@ -91,12 +108,60 @@ def load_rank_state(ckpt_dir: Path, rank: int) -> bool:
     return True
 
 
-def finalize(root: Path, tag: str, trainer_state: dict, config_yaml: str, keep_last: int) -> None:
-    """Rank 0, after every rank saved: state, config, COMPLETE, then `latest`, then pruning."""
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _owner(relative: str) -> int:
+    """The rank that wrote a file: its ZeRO shard and RNG state are its own, the rest is rank 0's."""
+    m = _RANK_FILE.search(relative)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
+def rank_manifest(ckpt_dir: Path, rank: int) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of the files in ckpt_dir that `rank` wrote."""
+    out = {}
+    for f in sorted(ckpt_dir.rglob("*")):
+        rel = f.relative_to(ckpt_dir).as_posix()
+        if f.is_file() and rel != COMPLETE and _owner(rel) == rank:
+            out[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    return out
+
+
+def verify(ckpt_dir: Path, manifest: dict[str, dict], hashes: bool = True) -> dict[str, str]:
+    """What is wrong with a copy of a checkpoint: {file: "missing" | "truncated..." | "altered"}, {} if nothing."""
+    problems = {}
+    for rel, want in sorted(manifest.items()):
+        f = ckpt_dir / rel
+        if not f.is_file():
+            problems[rel] = "missing"
+        elif f.stat().st_size != want["size"]:
+            problems[rel] = f"{f.stat().st_size} bytes, expected {want['size']}"
+        elif hashes and sha256_file(f) != want["sha256"]:
+            problems[rel] = "sha256 differs from the manifest"
+    return problems
+
+
+def describe(problems: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3]) + ("; ..." if len(problems) > 3 else "")
+
+
+def read_complete(ckpt_dir: Path) -> dict:
+    return json.loads((ckpt_dir / COMPLETE).read_text())
+
+
+def finalize(root: Path, tag: str, trainer_state: dict, config_yaml: str, keep_last: int,
+             manifest: dict[str, dict], summary: dict) -> None:
+    """Rank 0, after every rank saved and sent its part of the manifest: state, config,
+    COMPLETE (summary + manifest), then `latest`, then pruning."""
     ckpt = root / tag
     _atomic_write(ckpt / TRAINER_STATE, json.dumps(trainer_state, indent=2))
     _atomic_write(ckpt / "config.yaml", config_yaml)
-    _atomic_write(ckpt / COMPLETE, json.dumps({"step": trainer_state["step"], "world_size": trainer_state["world_size"]}))
+    manifest = {**manifest, **rank_manifest(ckpt, 0)}  # now with the files written just above
+    complete = {"step": trainer_state["step"], "world_size": trainer_state["world_size"],
+                "tokens": trainer_state["tokens"], **summary, "files": manifest}
+    _atomic_write(ckpt / COMPLETE, json.dumps(complete, indent=1))
     _atomic_write(root / LATEST, tag)
     for old in complete_tags(root)[:-keep_last]:
         shutil.rmtree(root / old, ignore_errors=True)

@@ -4,6 +4,10 @@
     distil train --ray --config ...              Ray Train workers (what jobs/distill.py runs)
     distil export CHECKPOINT_DIR --out DIR
     distil config --config FILE [--set ...]      print the resolved config
+    distil checkpoints list URI                  runs and checkpoints in a folder or s3://bucket/prefix
+    distil checkpoints pull URI --out DIR        a checkpoint -> a Hugging Face model folder
+    distil eval MODEL_DIR                        student vs teacher on held-out masked text
+    distil plot URI --out run.png                a run's metrics over steps
 
 Bad input exits with code 2 and one message; nothing is written before the input is checked.
 """
@@ -36,6 +40,7 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     for name in ("DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
+    _add_storage_commands(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train" and args.ray:
@@ -127,10 +133,79 @@ def main(argv: list[str] | None = None) -> int:
             from distil.export import export_checkpoint
 
             print(json.dumps({"model_dir": str(export_checkpoint(Path(args.checkpoint), Path(args.out)))}))
+        else:
+            _run_storage_command(args)
     except UserError as e:
         print(f"distil: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _storage_args(p) -> None:
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); credentials from the AWS environment/profile")
+    p.add_argument("--region", help="S3 region")
+
+
+def _add_storage_commands(sub) -> None:
+    ck = sub.add_parser("checkpoints", help="list or pull checkpoints in a folder or object storage")
+    cks = ck.add_subparsers(dest="action", required=True)
+    p = cks.add_parser("list", help="runs and their checkpoints: step, tokens, loss, time, size, complete")
+    p.add_argument("uri", help="a local folder or s3://bucket/prefix (storage root, one run, or one checkpoint)")
+    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    _storage_args(p)
+    p = cks.add_parser("pull", help="download a checkpoint and write a Hugging Face model folder")
+    p.add_argument("uri", help="the run: a local folder or s3://bucket/prefix/RUN")
+    p.add_argument("--out", required=True, help="new folder to create")
+    p.add_argument("--step", default="latest", help="a step number, or latest (the newest complete checkpoint)")
+    p.add_argument("--raw", action="store_true", help="keep the DeepSpeed checkpoint as it is (no fp32 merge)")
+    p.add_argument("--cache-dir", help="where downloads are staged and resumed (default ~/.cache/distil/pull)")
+    p.add_argument("--keep-cache", action="store_true", help="keep the downloaded checkpoint in the cache")
+    p.add_argument("--workers", type=int, default=8, help="parallel ranged downloads")
+    _storage_args(p)
+    p = sub.add_parser("eval", help="MLM loss/accuracy of a student and its teacher, and their agreement")
+    p.add_argument("model", help="the student: a model folder from `distil checkpoints pull` or `distil export`")
+    p.add_argument("--teacher", help="teacher folder or hub name (default: the run's teacher)")
+    p.add_argument("--data", nargs="+", help="text to evaluate on (default: the run's held-out split)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's config, e.g. --set masking.prob=0.2")
+    p.add_argument("--max-sequences", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("plot", help="draw a run's metrics (loss terms, held-out, lr, tokens/s) to a PNG")
+    p.add_argument("uri", help="a run folder or s3://bucket/prefix/RUN")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    _storage_args(p)
+
+
+def _run_storage_command(args) -> None:
+    if args.command == "checkpoints" and args.action == "list":
+        from distil.catalog import format_table, list_checkpoints
+        from distil.storage import Storage
+
+        infos = list_checkpoints(Storage(args.uri, args.endpoint_url, args.region))
+        if args.json:
+            for c in infos:
+                print(json.dumps(c.row()))
+        else:
+            print(format_table(infos) if infos else f"no checkpoints under {args.uri}")
+    elif args.command == "checkpoints":
+        quiet_libraries()
+        from distil.pull import pull
+
+        print(json.dumps(pull(args.uri, Path(args.out), step=args.step, raw=args.raw, endpoint_url=args.endpoint_url,
+                              region=args.region, cache=args.cache_dir and Path(args.cache_dir), workers=args.workers,
+                              keep_cache=args.keep_cache)))
+    elif args.command == "eval":
+        quiet_libraries()
+        from distil.model_eval import evaluate_models, format_report
+
+        report = evaluate_models(args.model, args.teacher, args.data, args.overrides, args.max_sequences, args.batch_size)
+        print(json.dumps(report) if args.json else format_report(report))
+    elif args.command == "plot":
+        from distil.plot import plot
+
+        drawn = plot(args.uri, Path(args.out), args.endpoint_url, args.region)
+        print(f"{args.out}: {', '.join(drawn)}")
 
 
 if __name__ == "__main__":

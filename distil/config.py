@@ -156,6 +156,7 @@ class TrainSection(_Strict):
     log_every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Held-out loss every N steps; 0: only at the end.")
     progress_bar: bool = Field(True, description="Show a progress bar with ETA on rank 0.")
+    tensorboard: bool = Field(True, description="Also write metrics as TensorBoard events to RUN/tensorboard in the run's storage.")
 
 
 class PrecisionSection(_Strict):
@@ -221,7 +222,7 @@ class DistilConfig(_Strict):
         if self.run.name:
             return self.run.name
         # Only what changes the result goes into the hash: logging cadence and scaling don't.
-        payload = self.model_dump(mode="json", exclude={"storage": True, "scaling": True, "train": {"progress_bar", "log_every"}})
+        payload = self.model_dump(mode="json", exclude={"storage": True, "scaling": True, "train": {"progress_bar", "log_every", "tensorboard"}})
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
         stem = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.teacher.name_or_path).name).strip("-").lower() or "teacher"
         return f"{stem[:40]}-{len(self.student.layers)}l-{digest}"

@@ -12,9 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from distil import checkpoint as ckpt
 from distil.errors import UserError
 
 HF_DIR = "hf"
+RUN_CONFIG = "distil_config.yaml"  # the run's resolved config, kept with the model (`distil eval` reads it)
 
 
 def save_hf_skeleton(model, tokenizer, ckpt_dir: Path) -> None:
@@ -39,8 +41,11 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    if not (ckpt_dir / "COMPLETE").is_file():
+    if not ckpt.is_complete(ckpt_dir):
         raise UserError(f"{ckpt_dir} is not a complete checkpoint", fix="export a checkpoint listed as complete")
+    problems = ckpt.verify(ckpt_dir, ckpt.read_complete(ckpt_dir).get("files", {}), hashes=False)
+    if problems:
+        raise UserError(f"{ckpt_dir} is damaged: {ckpt.describe(problems)}", fix="export another checkpoint")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty", fix="choose a new --out folder")
     config = AutoConfig.from_pretrained(ckpt_dir / HF_DIR)
@@ -56,6 +61,8 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(ckpt_dir / HF_DIR).save_pretrained(tmp)
+        if (ckpt_dir / "config.yaml").is_file():
+            shutil.copy(ckpt_dir / "config.yaml", tmp / RUN_CONFIG)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)

@@ -21,7 +21,12 @@ from distil.errors import UserError
 
 
 class RayCheckpointStore:
-    """Persists checkpoints through ray.train.report and restores the latest registered one."""
+    """Persists checkpoints through ray.train.report and restores the latest registered one;
+    publishes metrics.jsonl and TensorBoard events to STORAGE/RUN/ (where `distil plot` and
+    `tensorboard --logdir` look)."""
+
+    def __init__(self, cfg: DistilConfig):
+        self.cfg = cfg
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
         import ray.train
@@ -40,6 +45,20 @@ class RayCheckpointStore:
         if not ckpt.is_complete(root / tag):
             raise RuntimeError(f"registered checkpoint {registered.path} has no COMPLETE marker")
         return tag
+
+    def publish(self, run_dir: Path) -> None:
+        from pyarrow import fs as pafs
+
+        from distil.metrics_log import METRICS, TENSORBOARD
+
+        storage_path, filesystem = _storage(self.cfg)
+        filesystem = filesystem or pafs.LocalFileSystem()
+        dest = f"{storage_path}/{self.cfg.run_name()}"
+        filesystem.create_dir(dest, recursive=True)
+        if (run_dir / METRICS).is_file():
+            pafs.copy_files(str(run_dir / METRICS), f"{dest}/{METRICS}", destination_filesystem=filesystem)
+        if (run_dir / TENSORBOARD).is_dir():
+            pafs.copy_files(str(run_dir / TENSORBOARD), f"{dest}/{TENSORBOARD}", destination_filesystem=filesystem)
 
     def preemption_notice(self) -> bool:
         """Ray's notice that a node of this worker group is being reclaimed (a collective call)."""
@@ -92,7 +111,7 @@ def _worker(loop_config: dict) -> None:
     prep = prepare(cfg, world_size=ctx.get_world_size())
     init_distributed(prep.device)
     local = Path(tempfile.mkdtemp(prefix=f"distil-{cfg.run_name()}-rank{ctx.get_world_rank()}-"))
-    trainer = Trainer(prep, local, store=RayCheckpointStore())
+    trainer = Trainer(prep, local, store=RayCheckpointStore(cfg))
     trainer.install_signal_handler()
     trainer.train()
 

@@ -62,22 +62,42 @@ class Storage:
         if self.is_s3:
             self.bucket, self.prefix = split_s3(uri)
 
-    def client(self):
+    def client(self, max_pool_connections: int = 10):
         import boto3
+        from botocore.config import Config
 
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+        # "standard" retries: exponential backoff with jitter on throttling, 5xx and dropped connections.
+        config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=max_pool_connections)
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
-    def list_keys(self) -> list[tuple[str, int]]:
-        """(key relative to the prefix, size) of every object under it."""
+    def key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def list_objects(self) -> list[dict]:
+        """{"key" (relative to the prefix), "size", "mtime" (epoch s), "etag"} of every object under it."""
         if not self.is_s3:
-            root = Path(self.uri)
-            return [(f.relative_to(root).as_posix(), f.stat().st_size) for f in sorted(root.rglob("*")) if f.is_file()]
+            root = Path(self.uri).expanduser()
+            if not root.is_dir():
+                raise UserError(f"{self.uri} is not a folder", fix="give a run folder or its parent, or an s3:// URI")
+            return [{"key": f.relative_to(root).as_posix(), "size": f.stat().st_size, "mtime": f.stat().st_mtime, "etag": None}
+                    for f in sorted(root.rglob("*")) if f.is_file()]
         out = []
         base = f"{self.prefix}/" if self.prefix else ""
         with s3_errors(self.uri, self.endpoint_url):
             for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                out += [(o["Key"][len(base):], o["Size"]) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+                out += [{"key": o["Key"][len(base):], "size": o["Size"], "mtime": o["LastModified"].timestamp(), "etag": o["ETag"]}
+                        for o in page.get("Contents", []) if not o["Key"].endswith("/")]
         return out
+
+    def list_keys(self) -> list[tuple[str, int]]:
+        """(key relative to the prefix, size) of every object under it."""
+        return [(o["key"], o["size"]) for o in self.list_objects()]
+
+    def read_bytes(self, relative: str) -> bytes:
+        if not self.is_s3:
+            return safe_join(Path(self.uri).expanduser(), relative).read_bytes()
+        with s3_errors(self.uri, self.endpoint_url):
+            return self.client().get_object(Bucket=self.bucket, Key=self.key(relative))["Body"].read()
 
     def download_tree(self, cache_root: Path) -> Path:
         """Mirror the prefix into cache_root/bucket/prefix; objects already there with the same size are kept."""
@@ -93,6 +113,6 @@ class Storage:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".part")
             with s3_errors(self.uri, self.endpoint_url):
-                client.download_file(self.bucket, f"{self.prefix}/{rel}" if self.prefix else rel, str(tmp))
+                client.download_file(self.bucket, self.key(rel), str(tmp))
             os.replace(tmp, target)
         return dest

@@ -8,9 +8,7 @@ student forward/backward, step) x N -> log -> checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -30,6 +28,7 @@ from distil.evaluate import agreement, embed
 from distil.export import save_hf_skeleton
 from distil.losses import DistillationLoss, loss_positions
 from distil.masking import Masker
+from distil.metrics_log import METRICS, MetricsLog
 from distil.model import MaskedLM, build_student, load_teacher, load_teacher_config, validate_against_teacher
 
 EVAL_STEP = 2**31 - 1  # masking stream reserved for held-out evaluation
@@ -162,7 +161,10 @@ class LocalCheckpointStore:
     """Checkpoints stay in the run folder; resume from its newest complete one."""
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
-        pass
+        pass  # the checkpoint was written where it is kept
+
+    def publish(self, run_dir: Path) -> None:
+        pass  # metrics.jsonl and TensorBoard events are written in the run folder itself
 
     def restore(self, root: Path) -> str | None:
         return ckpt.latest_tag(root)
@@ -206,6 +208,9 @@ class Trainer:
         self.stop_requested = False
         self._preemption_saved = False
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.last_loss = float("nan")
+        echo = None if cfg.train.progress_bar else log
+        self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard, echo=echo)
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -224,18 +229,30 @@ class Trainer:
         return int(delta)
 
     def save_checkpoint(self) -> None:
+        t0 = time.perf_counter()
         self._sync_tokens()
         tag = ckpt.tag_for(self.step)
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False)
         ckpt.save_rank_state(self.ckpt_root / tag, self.rank)
         dist.barrier()
+        # Every rank hashes the files it wrote (a Ray worker sees only its own); rank 0's are
+        # hashed in finalize, with the files it adds now.
+        mine = ckpt.rank_manifest(self.ckpt_root / tag, self.rank) if self.rank else {}
+        parts = [None] * self.world
+        dist.all_gather_object(parts, mine)
         if self.rank == 0:
             save_hf_skeleton(self.engine.module.model, self.prep.tokenizer, self.ckpt_root / tag)
-            if (self.run_dir / "metrics.jsonl").is_file():  # so that remote storage holds the metrics too
-                shutil.copy(self.run_dir / "metrics.jsonl", self.ckpt_root / tag / "metrics.jsonl")
-            ckpt.finalize(self.ckpt_root, tag, self.state_dict(), self.cfg.to_yaml(), self.cfg.checkpoint.keep_last)
+            self.metrics.snapshot_into(self.ckpt_root / tag)
+            summary = {"loss": self.last_loss, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            ckpt.finalize(self.ckpt_root, tag, self.state_dict(), self.cfg.to_yaml(), self.cfg.checkpoint.keep_last,
+                          manifest={k: v for part in parts for k, v in part.items()}, summary=summary)
         dist.barrier()
+        t1 = time.perf_counter()
         self.store.persist(self.ckpt_root / tag, {"step": self.step, "tokens": self.tokens})
+        self.metrics.write({"step": self.step, "checkpoint/save_s": t1 - t0, "checkpoint/upload_s": time.perf_counter() - t1})
+        self.metrics.flush()
+        if self.rank == 0:
+            self.store.publish(self.run_dir)
 
     def maybe_resume(self) -> None:
         tag = self.store.restore(self.ckpt_root) if self.cfg.checkpoint.resume else None
@@ -247,11 +264,13 @@ class Trainer:
             # which torch's AdamW keeps per parameter: re-partitioning is not supported yet.
             raise UserError(f"checkpoint {tag} was written by {saved_world} workers, this run has {self.world}",
                             where="scaling.num_workers", fix=f"resume with scaling.num_workers={saved_world}")
+        problems = ckpt.verify(self.ckpt_root / tag, ckpt.read_complete(self.ckpt_root / tag)["files"], hashes=False)
+        if problems:  # never resume from a damaged copy
+            raise RuntimeError(f"checkpoint {tag} is damaged: {ckpt.describe(problems)}")
         self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         self.load_state_dict(ckpt.read_trainer_state(self.ckpt_root / tag))
-        saved_metrics = self.ckpt_root / tag / "metrics.jsonl"
-        if self.rank == 0 and saved_metrics.is_file() and not (self.run_dir / "metrics.jsonl").exists():
-            shutil.copy(saved_metrics, self.run_dir / "metrics.jsonl")  # a fresh worker folder continues the history
+        self.last_loss = ckpt.read_complete(self.ckpt_root / tag).get("loss", float("nan"))
+        self.metrics.resumed_at(self.step, self.ckpt_root / tag / METRICS)
         exact = ckpt.load_rank_state(self.ckpt_root / tag, self.rank)
         if self.rank == 0:
             self.log(f"resumed from {tag} (step {self.step}, {self.tokens:,} tokens){'' if exact else '; RNG streams re-seeded (new rank)'}")
@@ -320,7 +339,7 @@ class Trainer:
         self.maybe_resume()
         self.engine.module.train()
         start_metrics = self.evaluate()
-        self._write_metrics({"step": self.step, **start_metrics})
+        self.metrics.write({"step": self.step, **start_metrics})
         bar = self._progress_bar()
         window_t, window_tokens, window, window_steps = time.perf_counter(), self.tokens, {}, 0
         while self.step < t.max_steps and not self.stop_requested:
@@ -344,18 +363,22 @@ class Trainer:
                        "tokens": self.tokens, "tokens_per_s": (self.tokens - window_tokens) / elapsed}
                 if self.engine.fp16_enabled():
                     row["loss_scale"] = float(self.engine.optimizer.loss_scale)
-                self._write_metrics(row)
+                self.metrics.write(row)
+                self.last_loss = row["train/loss"]
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 window_t, window_tokens, window, window_steps = time.perf_counter(), self.tokens, {}, 0
             if t.eval_every and self.step % t.eval_every == 0 and not last:
-                self._write_metrics({"step": self.step, **self.evaluate()})
+                self.metrics.write({"step": self.step, **self.evaluate()})
             if self.step % cfg.checkpoint.every_steps == 0 or last or self.stop_requested:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
         end_metrics = {} if self.stop_requested else self.evaluate()  # a preempted pod has seconds left
-        self._write_metrics({"step": self.step, **end_metrics})
+        self.metrics.write({"step": self.step, **end_metrics})
+        self.metrics.close()
+        if self.rank == 0:
+            self.store.publish(self.run_dir)
         return {"step": self.step, "tokens": self.tokens, "start": start_metrics, "end": end_metrics, "stopped": self.stop_requested}
 
     def _progress_bar(self):
@@ -364,14 +387,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="distil", unit="step", dynamic_ncols=True)
-
-    def _write_metrics(self, row: dict) -> None:
-        if self.rank != 0 or len(row) <= 1:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if not self.cfg.train.progress_bar:
-            self.log(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def _any_rank_stopping(self) -> bool:
         """All ranks must stop at the same step: the checkpoint is collective."""

@@ -131,30 +131,37 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """A real S3 HTTP endpoint (moto_server) on 127.0.0.1; AWS credentials are dummies in the env."""
+def start_moto(log_dir: Path, env: dict | None = None):
+    """moto_server on a free loopback port: (process, url)."""
     import socket
     import subprocess
     import time
+    import urllib.error
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    log = open(log_dir / "moto.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
             urllib.request.urlopen(url, timeout=1)
-            break
+            return proc, url
+        except urllib.error.HTTPError:
+            return proc, url  # it answers (with auth on, by refusing)
         except Exception:
             time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError("moto_server did not start")
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 HTTP endpoint (moto_server) on 127.0.0.1; AWS credentials are dummies in the env."""
+    proc, url = start_moto(tmp_path_factory.mktemp("moto"))
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     yield url
@@ -165,3 +172,12 @@ def s3_endpoint(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint_with_auth(tmp_path_factory):
+    """moto_server that checks credentials (moto's IAM emulation): the dummy keys are unknown to it."""
+    proc, url = start_moto(tmp_path_factory.mktemp("moto-auth"), {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -3,6 +3,7 @@ checkpoints in a real S3 endpoint (moto_server on loopback)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -94,6 +95,24 @@ def test_two_workers_checkpoint_both_shards_to_s3(tmp_path, s3_run):
     assert b'"world_size": 2' in state and b'"step": 12' in state
     config_text = s3.get_object(Bucket=bucket, Key="runs/t/step_00000012/config.yaml")["Body"].read().decode()
     assert "testing" not in config_text  # the credentials never reach a saved config
+    # The run's history, published beside its checkpoints by rank 0.
+    run_keys = keys(s3, bucket, "runs/t/")
+    assert "runs/t/metrics.jsonl" in run_keys and any(k.startswith("runs/t/tensorboard/events.out") for k in run_keys)
+    # Ray's layout (RUN/step_N) listed and pulled: the fp32 weights merged from both ranks' shards.
+    endpoint = cfg["storage"]["endpoint_url"]
+    listed = subprocess.run([sys.executable, "-m", "distil.cli", "checkpoints", "list", f"s3://{bucket}/runs", "--json",
+                             "--endpoint-url", endpoint], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    rows = [json.loads(x) for x in listed.stdout.splitlines()]
+    assert [(r["run"], r["step"], r["complete"], r["world_size"]) for r in rows] == [("t", 8, True, 2), ("t", 12, True, 2)]
+    pulled = subprocess.run([sys.executable, "-m", "distil.cli", "checkpoints", "pull", f"s3://{bucket}/runs/t", "--out",
+                             str(tmp_path / "model"), "--endpoint-url", endpoint, "--cache-dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "model").state_dict()
+    merged = _fp32_weights(s3, bucket, "runs/t/step_00000012", tmp_path / "direct" / "step_00000012")
+    assert all(torch.equal(model[k], v) for k, v in merged.items())
 
 
 def test_bad_bucket_fails_before_workers_start(tmp_path, s3_run):

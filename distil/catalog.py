@@ -1,0 +1,147 @@
+"""What a storage URI holds: runs, their checkpoints, and whether each is complete.
+
+Both layouts are read: a local run keeps RUN/checkpoints/step_N, a Ray run RUN/step_N (Ray
+Train's layout). A URI may name the storage root (many runs), one run, or one checkpoint.
+A checkpoint is complete when its COMPLETE marker exists and every file of the manifest in
+it is present with its recorded size; anything else (a save or upload cut short, a file
+truncated in storage) is listed as incomplete, with the reason, and never pulled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from distil.checkpoint import COMPLETE, is_tag, step_of
+from distil.errors import UserError
+from distil.storage import Storage
+
+
+@dataclass
+class CheckpointInfo:
+    run: str  # the run's path relative to the URI ("" when the URI is the run)
+    tag: str
+    prefix: str  # the checkpoint folder relative to the URI
+    objects: dict[str, dict] = field(default_factory=dict)  # relative to the folder -> list entry
+    complete: bool = False
+    problem: str | None = None
+    meta: dict = field(default_factory=dict)  # the COMPLETE record: tokens, loss, saved_at, files
+
+    @property
+    def step(self) -> int:
+        return step_of(self.tag)
+
+    @property
+    def size(self) -> int:
+        return sum(o["size"] for o in self.objects.values())
+
+    @property
+    def mtime(self) -> float:
+        return max(o["mtime"] for o in self.objects.values())
+
+    def row(self) -> dict:
+        return {"run": self.run or ".", "step": self.step, "complete": self.complete, "tokens": self.meta.get("tokens"),
+                "loss": self.meta.get("loss"), "saved_at": self.meta.get("saved_at"), "size": self.size,
+                "world_size": self.meta.get("world_size"), "problem": self.problem, "path": self.prefix}
+
+
+def _split(rel: str, uri_tag: str | None) -> tuple[str, str, str] | None:
+    """key relative to the URI -> (run, checkpoint prefix, key within the checkpoint)."""
+    parts = PurePosixPath(rel).parts
+    if uri_tag is not None:  # the URI is a checkpoint folder
+        return "", "", rel
+    for i, p in enumerate(parts[:-1]):
+        if is_tag(p):
+            run_parts = parts[:i]
+            if run_parts and run_parts[-1] == "checkpoints":
+                run_parts = run_parts[:-1]
+            return "/".join(run_parts), "/".join(parts[:i + 1]), "/".join(parts[i + 1:])
+    return None
+
+
+def _check(info: CheckpointInfo, storage: Storage) -> None:
+    if COMPLETE not in info.objects:
+        info.problem = "no COMPLETE marker: the save or its upload did not finish"
+        return
+    try:
+        info.meta = json.loads(storage.read_bytes(info.objects[COMPLETE]["key"]))
+    except json.JSONDecodeError:
+        info.problem = "COMPLETE marker is not valid JSON"
+        return
+    files = info.meta.get("files")
+    if not isinstance(files, dict):
+        info.problem = "COMPLETE marker has no file manifest (written by an older distil-run)"
+        return
+    missing = [k for k in files if k not in info.objects]
+    short = [k for k, v in files.items() if k in info.objects and info.objects[k]["size"] != v["size"]]
+    if missing:
+        info.problem = f"{len(missing)} of {len(files)} files missing (e.g. {missing[0]}): an upload did not finish"
+    elif short:
+        info.problem = f"{short[0]} is {info.objects[short[0]]['size']} bytes, the manifest says {files[short[0]]['size']} (truncated)"
+    else:
+        info.complete = True
+
+
+def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
+    """Every checkpoint under the URI, by run and step."""
+    uri_tag = PurePosixPath(storage.uri).name if is_tag(PurePosixPath(storage.uri).name) else None
+    found: dict[tuple[str, str], CheckpointInfo] = {}
+    for obj in storage.list_objects():
+        split = _split(obj["key"], uri_tag)
+        if split is None:
+            continue
+        run, prefix, inner = split
+        tag = uri_tag or PurePosixPath(prefix).name
+        found.setdefault((run, prefix), CheckpointInfo(run=run, tag=tag, prefix=prefix)).objects[inner] = obj
+    infos = sorted(found.values(), key=lambda c: (c.run, c.step))
+    for info in infos:
+        _check(info, storage)
+    return infos
+
+
+def select(infos: list[CheckpointInfo], uri: str, step: str | int | None) -> CheckpointInfo:
+    """The checkpoint `pull` should take: one run, `latest` complete or the given step."""
+    if not infos:
+        raise UserError(f"no checkpoints under {uri}", fix="check the URI with `distil checkpoints list`")
+    runs = sorted({c.run for c in infos})
+    if len(runs) > 1:
+        raise UserError(f"{uri} holds {len(runs)} runs ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''})",
+                        fix=f"name one: {uri.rstrip('/')}/RUN")
+    complete = [c for c in infos if c.complete]
+    if step in (None, "latest"):
+        if not complete:
+            raise UserError(f"{uri} has no complete checkpoint ({len(infos)} incomplete)",
+                            fix="wait for the run to save one, or resume it")
+        return complete[-1]
+    try:
+        want = int(step)
+    except ValueError:
+        raise UserError(f"--step {step!r} is not a number", fix="give --step N or --step latest") from None
+    for c in infos:
+        if c.step == want:
+            if not c.complete:
+                raise UserError(f"checkpoint at step {want} is incomplete: {c.problem}",
+                                fix=f"pull a complete one ({', '.join(str(x.step) for x in complete) or 'none yet'})")
+            return c
+    raise UserError(f"no checkpoint at step {want} under {uri}",
+                    fix=f"choose one of the complete steps: {', '.join(str(x.step) for x in complete) or 'none yet'}")
+
+
+def format_table(infos: list[CheckpointInfo]) -> str:
+    lines = [f"{'run':30s} {'step':>8s} {'tokens':>14s} {'loss':>9s} {'saved (UTC)':20s} {'size':>10s}  state"]
+    for c in infos:
+        r = c.row()
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        tokens = f"{r['tokens']:,}" if r["tokens"] is not None else "-"
+        state = "complete" if c.complete else f"INCOMPLETE: {c.problem}"
+        lines.append(f"{r['run']:30s} {c.step:8d} {tokens:>14s} {loss:>9s} {r['saved_at'] or '-':20s} {_human(c.size):>10s}  {state}")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -1,0 +1,138 @@
+"""`distil eval`: a student against its teacher on the same masked held-out text.
+
+MLM loss (mean cross-entropy over masked positions) and accuracy (top-1 at those positions)
+for each model that has an MLM head, their ratios, and the teacher/student agreement of
+sentence embeddings (see distil.evaluate). The text is the run's own held-out split when the
+model folder carries the run's config (a pulled or exported model does), or any text given
+with --data. Masks are drawn once, uniformly (no frequency smoothing), from a fixed seed, and
+both models read exactly the same masked batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distil.config import DistilConfig, load_config
+from distil.data import collate, load_documents, tokenize
+from distil.errors import UserError
+from distil.evaluate import agreement, embed
+from distil.export import RUN_CONFIG
+from distil.masking import IGNORE, Masker
+from distil.model import MaskedLM
+
+EVAL_SEED_STEP = 2**31 - 1
+
+
+def load_model(path: str) -> MaskedLM:
+    """A model folder or hub name as MaskedLM: with its MLM head when it has one."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    path = os.path.expanduser(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"cannot load a model from {path!r}: {str(e).splitlines()[0]}",
+                        fix="give a model folder (from `distil checkpoints pull`) or a hub name") from None
+    with_head = any("MaskedLM" in a for a in (config.architectures or []))
+    model = (AutoModelForMaskedLM if with_head else AutoModel).from_pretrained(path, dtype=torch.float32)
+    return MaskedLM(model.eval())
+
+
+def _config_for(student: Path, teacher: str | None, data: list[str] | None, overrides: list[str]) -> DistilConfig:
+    saved = student / RUN_CONFIG
+    if saved.is_file():
+        cfg = load_config(saved, overrides)
+    elif teacher is None or not data:
+        raise UserError(f"{student} has no {RUN_CONFIG} (it was not pulled or exported by distil)",
+                        fix="pass --teacher and --data")
+    else:
+        from distil.model import load_teacher_config, max_positions
+
+        cfg = load_config(None, [f"teacher.name_or_path={teacher}", "student.layers=[0]", "train.max_steps=1",
+                                 f"data.sources={data}", *overrides])
+        if not any(o.startswith("data.max_len=") for o in overrides):  # fit the teacher's positions
+            limit = max_positions(load_teacher_config(cfg))
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_len": min(cfg.data.max_len, limit)})})
+    updates = {}
+    if teacher:
+        updates["teacher"] = cfg.teacher.model_copy(update={"name_or_path": teacher})
+    if data:
+        updates["data"] = cfg.data.model_copy(update={"sources": list(data)})
+    return cfg.model_copy(update=updates)
+
+
+def _sequences(cfg: DistilConfig, tokenizer, given_data: bool, max_sequences: int) -> list[list[int]]:
+    from distil.data import split_eval
+
+    docs = load_documents(cfg.data, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region})
+    seqs = tokenize(docs, tokenizer, cfg.data)
+    if not given_data:  # the run's held-out split: sequences the student never trained on
+        seqs = split_eval(seqs, cfg.data, cfg.run.seed)[1]
+    rows = list(seqs["input_ids"])[:max_sequences]
+    if not rows:
+        raise UserError("no evaluation sequences", where="--data" if given_data else f"data.sources of {RUN_CONFIG}",
+                        fix="give more text with --data" if given_data else "pass --data with held-out text")
+    return rows
+
+
+@torch.no_grad()
+def _mlm(model: MaskedLM, batches) -> dict | None:
+    if not model.has_head:
+        return None
+    loss, correct, n = 0.0, 0, 0
+    for masked, attn, labels in batches:
+        flat = labels.reshape(-1)
+        positions = torch.nonzero(flat != IGNORE).squeeze(1)
+        _, logits = model(masked, attn, positions)
+        target = flat[positions]
+        loss += float(F.cross_entropy(logits.float(), target, reduction="sum"))
+        correct += int((logits.argmax(-1) == target).sum())
+        n += len(positions)
+    return {"mlm_loss": loss / n, "mlm_accuracy": correct / n, "masked_tokens": n}
+
+
+def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str] | None = None, overrides=(),
+                    max_sequences: int = 512, batch_size: int = 32) -> dict:
+    from distil.train import load_tokenizer
+
+    student_path = Path(student_dir).expanduser()
+    cfg = _config_for(student_path, teacher, data, list(overrides))
+    tokenizer = load_tokenizer(cfg)
+    rows = _sequences(cfg, tokenizer, bool(data), max_sequences)
+    masking = cfg.masking.model_copy(update={"smoothing": None, "prob": cfg.masking.prob or 0.15})
+    masker = Masker(masking, tokenizer, cfg.run.seed)
+    plain, batches = [], []
+    for b, i in enumerate(range(0, len(rows), batch_size)):
+        ids, attn = collate(rows[i:i + batch_size], tokenizer.pad_token_id, cfg.data.max_len)
+        masked, labels = masker(ids, attn, EVAL_SEED_STEP, b)
+        plain.append((ids, attn))
+        batches.append((masked, attn, labels))
+    student, teacher_model = load_model(str(student_path)), load_model(cfg.teacher.name_or_path)
+    out = {"student": str(student_path), "teacher": cfg.teacher.name_or_path, "sequences": len(rows),
+           "student_mlm": _mlm(student, batches), "teacher_mlm": _mlm(teacher_model, batches)}
+    s, t = out["student_mlm"], out["teacher_mlm"]
+    if s and t:
+        out["loss_ratio"] = s["mlm_loss"] / t["mlm_loss"]  # > 1: the student is worse
+        out["accuracy_ratio"] = s["mlm_accuracy"] / t["mlm_accuracy"] if t["mlm_accuracy"] else math.nan
+    same_width = teacher_model.model.config.hidden_size == student.model.config.hidden_size  # DistilBERT maps dim
+    if same_width and len(rows) >= 3:
+        out["agreement"] = agreement(embed(teacher_model, plain), embed(student, plain))
+    return out
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['sequences']} sequences; student {r['student']} vs teacher {r['teacher']}"]
+    for who in ("teacher", "student"):
+        m = r[f"{who}_mlm"]
+        lines.append(f"  {who:8s} MLM loss {m['mlm_loss']:.4f}  accuracy {m['mlm_accuracy']:.4f}  ({m['masked_tokens']} masked tokens)"
+                     if m else f"  {who:8s} has no MLM head")
+    if "loss_ratio" in r:
+        lines.append(f"  student/teacher: loss x{r['loss_ratio']:.3f}, accuracy x{r['accuracy_ratio']:.3f}")
+    if "agreement" in r:
+        lines.append(f"  agreement (Spearman of pairwise sentence cosines): {r['agreement']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""`distil checkpoints pull`: a checkpoint in storage -> a Hugging Face model folder (or the raw
+DeepSpeed checkpoint with --raw).
+
+Objects are downloaded into a cache outside DIR (~/.cache/distil/pull by default), checked
+against the checkpoint's manifest (size and sha256 of every file), then the ZeRO shards are
+merged to fp32 and DIR is created in one rename. A failed or interrupted pull leaves no DIR;
+running it again reuses what the cache already holds and resumes partial objects.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from distil import checkpoint as ckpt
+from distil.catalog import CheckpointInfo, list_checkpoints, select
+from distil.download import Item, download
+from distil.errors import UserError
+from distil.export import export_checkpoint
+from distil.storage import Storage, s3_errors, safe_join
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("DISTIL_CACHE", "~/.cache/distil")).expanduser() / "pull"
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty", where="--out", fix="choose a new folder")
+    if not os.access(out.parent if out.parent.exists() else Path.cwd(), os.W_OK):
+        raise UserError(f"cannot write into {out.parent}", where="--out", fix="choose a folder you can write to")
+
+
+def _fetch(storage: Storage, info: CheckpointInfo, cache: Path, workers: int, progress: bool | None) -> Path:
+    """The checkpoint folder on this machine, every file checked against the manifest."""
+    files = info.meta["files"]
+    if not storage.is_s3:
+        local = Path(storage.uri).expanduser() / info.prefix
+        for rel in files:
+            safe_join(local, rel)
+        _verify(local, files, storage.uri)
+        return local
+    where = cache / storage.bucket / storage.key(info.prefix)
+    def item(rel: str) -> Item:
+        obj = info.objects[rel]  # its key as listed, not as re-joined
+        return Item(storage.key(obj["key"]), safe_join(where, rel), obj["size"], obj["etag"])
+
+    items = [item(rel) for rel in [*files, ckpt.COMPLETE]]
+    with s3_errors(storage.uri, storage.endpoint_url):
+        client = storage.client(max_pool_connections=workers)
+        download(client, storage.bucket, items, workers=workers, progress=progress)
+        bad = ckpt.verify(where, files)
+        if bad:  # a cached copy may be stale or damaged: fetch those files once more
+            for rel in bad:
+                (where / rel).unlink(missing_ok=True)
+            download(client, storage.bucket, items, workers=workers, progress=progress)
+    _verify(where, files, storage.uri)
+    return where
+
+
+def _verify(folder: Path, files: dict, uri: str) -> None:
+    bad = ckpt.verify(folder, files)
+    if bad:
+        raise UserError(f"the checkpoint in {uri} is damaged: {ckpt.describe(bad)}",
+                        fix="pull another step (`distil checkpoints list`)")
+
+
+def pull(uri: str, out: Path, step: str | int | None = None, raw: bool = False, endpoint_url: str | None = None,
+         region: str | None = None, cache: Path | None = None, workers: int = 8, progress: bool | None = None,
+         keep_cache: bool = False) -> dict:
+    out = Path(out).expanduser()
+    _check_out(out)
+    storage = Storage(uri, endpoint_url, region)
+    info = select(list_checkpoints(storage), uri, step)
+    cache = Path(cache or default_cache())
+    folder = _fetch(storage, info, cache, workers, progress)
+    try:
+        if raw:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            try:
+                shutil.copytree(folder, tmp / info.tag)
+                if out.exists():
+                    out.rmdir()
+                (tmp / info.tag).rename(out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            export_checkpoint(folder, out)
+    finally:
+        if storage.is_s3 and not keep_cache and out.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"out": str(out), "run": info.run or ".", "step": info.step, "raw": raw}

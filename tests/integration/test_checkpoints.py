@@ -1,0 +1,270 @@
+"""List, pull, evaluate and plot a run's checkpoints: from a local run folder and from a real S3
+endpoint (moto_server on loopback) holding the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from boto3.s3.transfer import TransferConfig
+
+from tests.conftest import EN_TEXT, ROOT, base_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def distil(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distil.cli", *args], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def upload(s3, bucket: str, folder: Path, prefix: str) -> None:
+    # A small multipart threshold, so that large objects arrive as multipart uploads, as from pyarrow.
+    cfg = TransferConfig(multipart_threshold=256 * 1024, multipart_chunksize=256 * 1024)
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}", Config=cfg)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, teacher_dir):
+    """One local run (checkpoints at steps 3 and 6), trained once for the whole module."""
+    tmp = tmp_path_factory.mktemp("ckpt-run")
+    cfg = base_config(teacher_dir, tmp)
+    r = distil("train", "--config", str(write_config(tmp / "c.yaml", cfg)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp / "runs" / "t"
+
+
+@pytest.fixture()
+def bucket(s3_endpoint, run):
+    """A fresh bucket holding the run under runs/t, as a local run's folder synced to S3."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    name = f"pull-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    upload(s3, name, run, "runs/t")
+    return s3, name
+
+
+def test_list_local_and_s3(run, bucket, s3_endpoint):
+    s3, name = bucket
+    rows_metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for uri, extra in ((str(run.parent), []), (f"s3://{name}/runs", ["--endpoint-url", s3_endpoint])):
+        r = distil("checkpoints", "list", uri, "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(x) for x in r.stdout.splitlines()]
+        assert [(x["run"], x["step"], x["complete"]) for x in rows] == [("t", 3, True), ("t", 6, True)]
+        for x in rows:
+            ckpt = run / "checkpoints" / f"step_{x['step']:08d}"
+            assert x["tokens"] == json.loads((ckpt / "trainer_state.json").read_text())["tokens"] > 0
+            assert x["size"] == sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+            logged = [m["train/loss"] for m in rows_metrics if "train/loss" in m and m["step"] <= x["step"]]
+            assert x["loss"] == pytest.approx(logged[-1], rel=1e-12)
+    table = distil("checkpoints", "list", f"s3://{name}/runs/t", "--endpoint-url", s3_endpoint)
+    assert table.returncode == 0 and "complete" in table.stdout and "INCOMPLETE" not in table.stdout
+
+
+def test_pull_from_s3_gives_the_training_weights(tmp_path, run, bucket, s3_endpoint):
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    from distil.export import fp32_state_dict
+
+    s3, name = bucket
+    out, cache = tmp_path / "model", tmp_path / "cache"
+    r = distil("checkpoints", "pull", f"s3://{name}/runs/t", "--out", str(out), "--endpoint-url", s3_endpoint,
+               "--cache-dir", str(cache), "--workers", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.splitlines()[-1])["step"] == 6
+    pulled = AutoModelForMaskedLM.from_pretrained(out)
+    consolidated = fp32_state_dict(run / "checkpoints" / "step_00000006")
+    sd = pulled.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in consolidated.items())
+    ids = torch.randint(5, 100, (2, 12))
+    trained = AutoModelForMaskedLM.from_pretrained(run / "model")  # what the run itself exported
+    assert torch.equal(pulled(input_ids=ids).logits, trained(input_ids=ids).logits)
+    fill = pipeline("fill-mask", model=str(out), top_k=3)
+    assert len(fill("the [MASK] of the city")) == 3
+    assert (out / "distil_config.yaml").is_file() and "testing" not in (out / "distil_config.yaml").read_text()
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # the staged download is removed once DIR exists
+
+
+def test_pull_raw_and_an_older_step(tmp_path, run, bucket, s3_endpoint):
+    from distil import checkpoint as ckpt
+
+    s3, name = bucket
+    out = tmp_path / "raw"
+    r = distil("checkpoints", "pull", f"s3://{name}/runs/t", "--step", "3", "--raw", "--out", str(out),
+               "--endpoint-url", s3_endpoint, "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ckpt.verify(out, ckpt.read_complete(out)["files"]) == {}
+    assert ckpt.read_complete(out)["step"] == 3
+    local = run / "checkpoints" / "step_00000003"
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(p.relative_to(local) for p in local.rglob("*"))
+
+
+def test_interrupted_download_resumes(tmp_path, s3_endpoint):
+    """A download that fails after some chunks continues with only the missing chunks."""
+    from distil.download import Item, download
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    name = f"dl-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    blob = os.urandom(1_000_003)
+    s3.put_object(Bucket=name, Key="big.bin", Body=blob)
+    head = s3.head_object(Bucket=name, Key="big.bin")
+    item = Item("big.bin", tmp_path / "big.bin", len(blob), head["ETag"])
+    chunk = 64 * 1024  # 16 chunks
+
+    class Failing:
+        """The real client; its connection 'drops' (for good) after 5 chunks."""
+        calls = 0
+
+        def get_object(self, **kw):
+            Failing.calls += 1
+            if Failing.calls > 5:
+                raise ConnectionResetError("connection reset by peer")
+            return s3.get_object(**kw)
+
+    with pytest.raises(ConnectionResetError):
+        download(Failing(), name, [item], workers=1, chunk=chunk, progress=False)
+    assert not item.dest.exists() and (tmp_path / "big.bin.part").is_file()
+    done_before = len(json.loads((tmp_path / "big.bin.part.json").read_text())["done"])
+    assert done_before == 5
+
+    class Counting:
+        ranges = []
+
+        def get_object(self, **kw):
+            Counting.ranges.append(kw["Range"])
+            return s3.get_object(**kw)
+
+    download(Counting(), name, [item], workers=3, chunk=chunk, progress=False)
+    assert item.dest.read_bytes() == blob
+    assert len(Counting.ranges) == 16 - 5
+    assert not (tmp_path / "big.bin.part").exists() and not (tmp_path / "big.bin.part.json").exists()
+
+
+def _refused(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.startswith("distil: error:"), r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+def _nothing_written(parent: Path) -> None:
+    assert [p.name for p in parent.iterdir() if p.name != "cache"] == []
+
+
+def test_bad_inputs_leave_nothing(tmp_path, run, bucket, s3_endpoint, s3_endpoint_with_auth):
+    s3, name = bucket
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = str(dest / "model")
+
+    def pull(uri, *extra, endpoint=s3_endpoint):
+        return distil("checkpoints", "pull", uri, "--out", out, "--endpoint-url", endpoint,
+                      "--cache-dir", str(dest / "cache"), *extra)
+
+    _refused(pull("s3://no-such-bucket-here/runs/t"), "NoSuchBucket")
+    _refused(pull(f"s3://{name}/runs/t", endpoint=s3_endpoint_with_auth), "InvalidAccessKeyId", "access key")
+    _refused(pull(f"s3://{name}/runs/t", "--step", "5"), "no checkpoint at step 5", "3, 6")
+    _refused(pull(f"s3://{name}/runs/t", "--step", "x"), "--step")
+    _refused(pull(f"s3://{name}/nothing-here"), "no checkpoints under")
+    # Another run beside it: the URI must name one.
+    upload(s3, name, run / "checkpoints" / "step_00000003", "runs/u/step_00000003")
+    _refused(pull(f"s3://{name}/runs"), "holds 2 runs", "runs/RUN")
+    # An incomplete checkpoint: its COMPLETE marker never arrived.
+    s3.delete_object(Bucket=name, Key="runs/t/checkpoints/step_00000006/COMPLETE")
+    _refused(pull(f"s3://{name}/runs/t", "--step", "6"), "incomplete", "no COMPLETE marker")
+    # A truncated object (shorter than the manifest says).
+    shard = "runs/t/checkpoints/step_00000003/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    body = s3.get_object(Bucket=name, Key=shard)["Body"].read()
+    s3.put_object(Bucket=name, Key=shard, Body=body[:-100])
+    _refused(pull(f"s3://{name}/runs/t", "--step", "3"), "truncated")
+    # An altered object of the same size: caught by its sha256 after the download.
+    s3.put_object(Bucket=name, Key=shard, Body=body[:-1] + bytes([body[-1] ^ 1]))
+    _refused(pull(f"s3://{name}/runs/t", "--step", "3"), "sha256")
+    _nothing_written(dest)
+
+
+def test_malicious_key_is_refused(tmp_path, run, bucket, s3_endpoint):
+    """A manifest naming a file outside the checkpoint folder ('..') is refused before any download."""
+    s3, name = bucket
+    prefix = "runs/t/checkpoints/step_00000006"
+    complete = json.loads(s3.get_object(Bucket=name, Key=f"{prefix}/COMPLETE")["Body"].read())
+    evil = "../../../../escaped.txt"
+    complete["files"][evil] = {"size": 4, "sha256": "0" * 64}
+    s3.put_object(Bucket=name, Key=f"{prefix}/{evil}", Body=b"evil")
+    s3.put_object(Bucket=name, Key=f"{prefix}/COMPLETE", Body=json.dumps(complete).encode())
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    r = distil("checkpoints", "pull", f"s3://{name}/runs/t", "--out", str(dest / "m"), "--endpoint-url", s3_endpoint,
+               "--cache-dir", str(dest / "cache"))
+    _refused(r, "outside")
+    assert not list(tmp_path.rglob("escaped.txt"))
+    _nothing_written(dest)
+
+
+def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
+    """MLM loss equals transformers' own loss on the same masked batch; a student equal to its
+    teacher has ratio 1 and agreement 1."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from distil.config import load_config
+    from distil.data import collate
+    from distil.masking import Masker
+    from distil.model_eval import EVAL_SEED_STEP
+
+    r = distil("eval", str(run / "model"), "--json", "--max-sequences", "16", "--batch-size", "16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["sequences"] == 16 and rep["teacher"] == str(teacher_dir)
+    assert rep["loss_ratio"] == pytest.approx(rep["student_mlm"]["mlm_loss"] / rep["teacher_mlm"]["mlm_loss"])
+    assert -1.0 <= rep["agreement"] <= 1.0
+
+    # The same batch, masked the same way, scored by transformers itself.
+    cfg = load_config(run / "model" / "distil_config.yaml")
+    from distil.data import load_documents, split_eval, tokenize
+
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    held_out = split_eval(tokenize(load_documents(cfg.data), tok, cfg.data), cfg.data, cfg.run.seed)[1]
+    ids, attn = collate(list(held_out["input_ids"])[:16], tok.pad_token_id, cfg.data.max_len)
+    masked, labels = Masker(cfg.masking.model_copy(update={"smoothing": None}), tok, cfg.run.seed)(ids, attn, EVAL_SEED_STEP, 0)
+    with torch.no_grad():
+        for who, path in (("student", run / "model"), ("teacher", teacher_dir)):
+            ref = AutoModelForMaskedLM.from_pretrained(path)(input_ids=masked, attention_mask=attn, labels=labels).loss
+            assert rep[f"{who}_mlm"]["mlm_loss"] == pytest.approx(float(ref), rel=1e-5), who
+    assert rep["student_mlm"]["masked_tokens"] == int((labels != -100).sum())
+
+    same = distil("eval", str(teacher_dir), "--teacher", str(teacher_dir), "--data", str(EN_TEXT), "--json",
+                  "--max-sequences", "24")
+    assert same.returncode == 0, same.stderr[-3000:]
+    rep = json.loads(same.stdout)
+    assert rep["loss_ratio"] == pytest.approx(1.0) and rep["agreement"] == pytest.approx(1.0)
+
+
+def test_plot_and_tensorboard(tmp_path, run, bucket, s3_endpoint):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s3, name = bucket
+    png = tmp_path / "run.png"
+    r = distil("plot", f"s3://{name}/runs/t", "--out", str(png), "--endpoint-url", s3_endpoint)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for k in ("train/loss", "train/kl", "eval/loss", "lr", "tokens_per_s"):
+        assert k in r.stdout, k
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    events = {e.step: e.value for e in acc.Scalars("train/loss")}
+    logged = {m["step"]: m["train/loss"] for m in rows if "train/loss" in m}
+    assert logged and events.keys() == logged.keys()
+    assert all(events[s] == pytest.approx(v, rel=1e-6) for s, v in logged.items())
+    assert "checkpoint/upload_s" in acc.Tags()["scalars"]
