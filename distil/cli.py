@@ -8,6 +8,7 @@
     distil checkpoints pull URI --out DIR        a checkpoint -> a Hugging Face model folder
     distil eval MODEL_DIR                        student vs teacher on held-out masked text
     distil plot URI --out run.png                a run's metrics over steps
+    distil bench [--recipe masked ...]           time the distillation step (distil/bench.py)
 
 Bad input exits with code 2 and one message; nothing is written before the input is checked.
 """
@@ -97,6 +98,11 @@ def _print_summary(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options (python -m distil.bench --help)
+        from distil.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="distil", description="Knowledge distillation of BERT-family masked LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "run (or resume) a distillation"), ("config", "print the resolved config")):
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
     _add_storage_commands(sub)
+    sub.add_parser("bench", help="time the distillation step against the reference formulation (see `distil bench --help`)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train" and args.ray:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from distil.config import LossSection
 from distil.masking import IGNORE
+from distil.model import HeadOutput
 
 
 def loss_positions(recipe: str, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -39,6 +40,128 @@ def kl_with_temperature(s_logits: torch.Tensor, t_logits: torch.Tensor, temperat
         t = F.log_softmax(t_logits[i:i + chunk].float() / temperature, dim=-1)
         total = total + F.kl_div(s, t, log_target=True, reduction="sum")
     return total / max(n, 1) * temperature**2
+
+
+def _scaled_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """(x @ w.T + b) * scale, the scale applied inside the GEMM (no extra pass)."""
+    if b is None:
+        return torch.mm(x, w.t()).mul_(scale)
+    return torch.addmm(b, x, w.t(), beta=scale, alpha=scale)
+
+
+def _kl_chunk(s_T: torch.Tensor, t_T: torch.Tensor, coef: torch.Tensor, want_grad: bool):
+    """One chunk's sum of KL(p_t || p_s) and coef * (p_s - p_t), its gradient w.r.t. the logits
+    (times T / n). Inputs are logits / T in any float dtype; the math is fp32. Eagerly, each op
+    is one pass over the chunk, in place where possible; compiled (use_compiled_kernels) the
+    passes fuse into a few kernels."""
+    lt = F.log_softmax(t_T.float(), dim=-1)
+    ls = F.log_softmax(s_T.float(), dim=-1)
+    pt = lt.exp()
+    kl = torch.dot(pt.view(-1), lt.sub_(ls).view(-1))
+    g = ls.exp_().sub_(pt).mul_(coef) if want_grad else None
+    return kl, g
+
+
+_kl_chunk_impl = _kl_chunk
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """torch.compile the per-chunk KL math (Triton kernels on GPU; a C++ compiler on CPU)."""
+    global _kl_chunk_impl
+    _kl_chunk_impl = torch.compile(_kl_chunk, dynamic=True) if enabled else _kl_chunk
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """alpha_kl * kl + alpha_mlm * mlm + alpha_mse * mse from the heads' features, a chunk of rows
+    at a time: each chunk's logits are made, used and dropped, and their gradient is folded into
+    the gradients of the features, the decoder weight and bias right away (the loss is a sum over
+    rows, so this is exact). The [rows x vocab] logits never exist whole, neither in the forward
+    nor kept for the backward. Also returns the three terms, detached, for logging."""
+
+    @staticmethod
+    def forward(ctx, s_feat, s_w, s_b, t_feat, t_w, t_b, targets, temperature, a_kl, a_mlm, a_mse, chunk):
+        n, v = s_feat.shape[0], s_w.shape[0]
+        grad = any(ctx.needs_input_grad[:3])  # (grad mode is off inside forward)
+        acc = torch.float32
+        g_feat = torch.zeros_like(s_feat) if grad else None
+        g_w = torch.zeros(s_w.shape, dtype=acc, device=s_w.device) if grad else None
+        g_b = torch.zeros(v, dtype=acc, device=s_w.device) if grad and s_b is not None else None
+        sums = torch.zeros(3, dtype=torch.float64, device=s_feat.device)  # kl, mlm, mse
+        n_masked = max(int((targets != IGNORE).sum()), 1) if a_mlm else 1
+        T = temperature
+        kl_coef = torch.tensor(a_kl * T / max(n, 1), device=s_feat.device)
+        dev = s_feat.device.type
+        # Under autocast the GEMMs below must run in its dtype too (an in-place fp32 GEMM would not).
+        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_feat.dtype
+        for i in range(0, n, chunk):
+            f = s_feat[i:i + chunk]
+            g = None  # d loss / d logits of this chunk
+            s_T = None
+            if a_kl:  # d(T^2 * KL / n) / ds = T / n * (p_s - p_t)
+                s_T = _scaled_linear(f, s_w, s_b, 1.0 / T)
+                kl, g = _kl_chunk_impl(s_T, _scaled_linear(t_feat[i:i + chunk], t_w, t_b, 1.0 / T), kl_coef, grad)
+                sums[0] += kl
+            if a_mse:
+                s_full = s_T.float() * T if s_T is not None else F.linear(f, s_w, s_b).float()
+                d = s_full.sub_(F.linear(t_feat[i:i + chunk], t_w, t_b).float())
+                sums[2] += torch.dot(d.view(-1), d.view(-1))
+                if grad:
+                    d.mul_(a_mse * 2.0 / (n * v))
+                    g = d if g is None else g.add_(d)
+                del d
+            if a_mlm:
+                rows = torch.nonzero(targets[i:i + chunk] != IGNORE).squeeze(1)
+                if len(rows):
+                    tgt = targets[i:i + chunk].index_select(0, rows)
+                    s_rows = (s_T.index_select(0, rows).float().mul_(T) if s_T is not None
+                              else F.linear(f.index_select(0, rows), s_w, s_b).float())
+                    lsm = F.log_softmax(s_rows, dim=-1)
+                    sums[1] -= lsm.gather(1, tgt[:, None]).sum()
+                    if grad:  # d CE / ds = softmax(s) - onehot
+                        p = lsm.exp_()
+                        p[torch.arange(len(rows), device=p.device), tgt] -= 1.0
+                        if g is None:
+                            g = torch.zeros(f.shape[0], v, dtype=p.dtype, device=p.device)
+                        g.index_add_(0, rows, p, alpha=a_mlm / n_masked)
+            del s_T
+            if grad and g is not None:
+                g = g.to(compute)
+                g_feat[i:i + chunk] = g @ s_w.to(compute)
+                if compute == acc:
+                    g_w.addmm_(g.t(), f)
+                else:  # half-precision GEMM (fp32 accumulation inside), summed over chunks in fp32
+                    g_w.add_(torch.mm(g.t(), f.to(compute)))
+                if g_b is not None:
+                    g_b += g.sum(0, dtype=acc)
+        kl, mlm, mse = sums[0] / max(n, 1) * T**2, sums[1] / n_masked, sums[2] / max(n * v, 1)
+        loss = (a_kl * kl + a_mlm * mlm + a_mse * mse).float()
+        if grad:
+            ctx.save_for_backward(g_feat, g_w.to(s_w.dtype), g_b.to(s_b.dtype) if g_b is not None else None)
+        terms = torch.stack([kl, mlm, mse]).float()
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_terms):
+        g_feat, g_w, g_b = ctx.saved_tensors
+        scale = grad_loss.to(g_feat.dtype)
+        return (g_feat * scale, g_w * scale.to(g_w.dtype), None if g_b is None else g_b * scale.to(g_b.dtype),
+                None, None, None, None, None, None, None, None, None)
+
+
+def fused_head_loss(s_head: HeadOutput, t_head: HeadOutput, targets: torch.Tensor, temperature: float,
+                    a_kl: float, a_mlm: float, a_mse: float, chunk: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weighted sum of the head terms, {term: detached value}); targets are the labels at the rows.
+    chunk: rows per chunk; by default as many as keep one fp32 [rows x vocab] buffer near
+    64 MiB on CPU (cache-friendly passes) or 512 MiB on GPU (few, large kernels)."""
+    if chunk is None:
+        budget = 2**27 if s_head.features.is_cuda else 2**24
+        chunk = max(64, budget // s_head.weight.shape[0])
+    loss, terms = _FusedHeadLoss.apply(s_head.features, s_head.weight, s_head.bias, t_head.features.detach(),
+                                       t_head.weight.detach(), None if t_head.bias is None else t_head.bias.detach(),
+                                       targets, float(temperature), float(a_kl), float(a_mlm), float(a_mse), chunk)
+    names = [k for k, a in (("kl", a_kl), ("mlm", a_mlm), ("mse", a_mse)) if a]
+    return loss, {k: terms[i] for i, k in enumerate(("kl", "mlm", "mse")) if k in names}
 
 
 # Means are written as sum / max(count, 1) so that a batch with no masked position gives 0, not NaN.
@@ -73,13 +196,24 @@ class DistillationLoss:
             return x.reshape(-1, h).index_select(0, positions)
 
         terms: dict[str, torch.Tensor] = {}
-        if "kl" in w:
+        head_loss = None
+        if isinstance(s_logits, HeadOutput):
+            if isinstance(t_logits, HeadOutput):  # the fast path: logits a chunk at a time
+                targets = labels.reshape(-1).index_select(0, positions)
+                head_loss, head_terms = fused_head_loss(s_logits, t_logits, targets, self.cfg.temperature,
+                                                        w.get("kl", 0.0), w.get("mlm", 0.0), w.get("mse", 0.0))
+                terms.update(head_terms)
+            else:
+                s_logits = s_logits.logits()
+        elif isinstance(t_logits, HeadOutput):
+            t_logits = t_logits.logits()
+        if "kl" in w and head_loss is None:
             terms["kl"] = kl_with_temperature(s_logits, t_logits, self.cfg.temperature)
-        if "mlm" in w:
+        if "mlm" in w and head_loss is None:
             targets = labels.reshape(-1).index_select(0, positions)
             n_masked = (targets != IGNORE).sum().clamp_min(1)
             terms["mlm"] = F.cross_entropy(s_logits.float(), targets, ignore_index=IGNORE, reduction="sum") / n_masked
-        if "mse" in w:
+        if "mse" in w and head_loss is None:
             terms["mse"] = _mse(s_logits, t_logits)
         if "cos" in w or "mse_hidden" in w:
             s_last, t_last = at(s_hidden[-1]), at(t_hidden[-1])
@@ -90,5 +224,18 @@ class DistillationLoss:
         if "cos_intermediate" in w:
             pairs = [_cos(at(s_hidden[i]), at(t_hidden[j])) for i, j in self.intermediate]
             terms["cos_intermediate"] = torch.stack(pairs).mean() if pairs else s_hidden[-1].new_zeros(())
-        terms["loss"] = sum(w[k] * terms[k] for k in w)
+        fused = {"kl", "mlm", "mse"} if head_loss is not None else set()
+        terms["loss"] = sum((w[k] * terms[k] for k in w if k not in fused), head_loss if head_loss is not None else 0.0)
         return terms
+
+
+def distillation_forward(model, teacher, loss: DistillationLoss, masked, attn, labels) -> dict[str, torch.Tensor]:
+    """Teacher forward (no grad) and student forward, then the loss terms. Only the positions a
+    loss reads go through the LM heads, and their logits are made a chunk at a time inside the
+    loss (HeadOutput), never as one [positions x vocab] tensor."""
+    positions = loss_positions(loss.cfg.recipe, attn, labels)
+    logit_positions = positions if loss.cfg.needs_logits else None
+    with torch.no_grad():
+        t_hidden, t_logits = teacher(masked, attn, logit_positions, lazy_logits=True)
+    s_hidden, s_logits = model(masked, attn, logit_positions, lazy_logits=True)
+    return loss(s_hidden, t_hidden, s_logits, t_logits, positions, labels)

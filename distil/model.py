@@ -15,8 +15,10 @@ import copy
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, DistilBertModel, PretrainedConfig
 
@@ -147,16 +149,30 @@ def _distilbert_from_bert(teacher: nn.Module, layers: list[int]) -> nn.Module:
 
 
 def _head(model: nn.Module):
-    """The module mapping last hidden states to vocabulary logits, or None for a bare encoder."""
+    """(transform, decoder) of the MLM head: logits = decoder(transform(last hidden states)),
+    with decoder a Linear (usually tied to the word embeddings); None for a bare encoder."""
     if isinstance(model, DistilBertForMaskedLM):
-        return lambda h: model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
+        return (lambda h: model.vocab_layer_norm(model.activation(model.vocab_transform(h)))), model.vocab_projector
     if hasattr(model, "generator_lm_head"):  # ELECTRA generator
-        return lambda h: model.generator_lm_head(model.generator_predictions(h))
-    for name in ("cls", "lm_head"):  # BERT/HerBERT, RoBERTa/XLM-R
-        if hasattr(model, name):
-            # A closure, not the module: assigning the module would register its weights twice.
-            return lambda h, head=getattr(model, name): head(h)
+        return model.generator_predictions, model.generator_lm_head
+    if hasattr(model, "cls"):  # BERT, HerBERT
+        return model.cls.predictions.transform, model.cls.predictions.decoder
+    if hasattr(model, "lm_head"):  # RoBERTa, XLM-R, CamemBERT
+        head = model.lm_head
+        return (lambda h: head.layer_norm(F.gelu(head.dense(h)))), head.decoder
     return None
+
+
+class HeadOutput(NamedTuple):
+    """Logits not computed yet: features @ weight.T + bias. The losses compute them a few rows at
+    a time (distil.losses), so no [positions x vocab] tensor has to exist whole."""
+
+    features: torch.Tensor  # [N, H'] after the head's transform
+    weight: torch.Tensor  # [V, H']
+    bias: torch.Tensor | None
+
+    def logits(self) -> torch.Tensor:
+        return F.linear(self.features, self.weight, self.bias)
 
 
 class MaskedLM(nn.Module):
@@ -165,19 +181,26 @@ class MaskedLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self._head = _head(model)
+        # Closures and references, not submodules: assigning would register the weights twice.
+        self._parts = _head(model)
 
     @property
     def has_head(self) -> bool:
-        return self._head is not None
+        return self._parts is not None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None):
+    def _head_output(self, features: torch.Tensor) -> HeadOutput:
+        transform, decoder = self._parts
+        return HeadOutput(transform(features), decoder.weight, decoder.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None,
+                lazy_logits: bool = False):
         """Returns (hidden_states, logits): hidden_states[0] is the embedding output, [-1] the last
-        layer, each [B, L, H]; logits is [len(positions), V] for flat indices into B*L, or None."""
+        layer, each [B, L, H]; logits is [len(positions), V] for flat indices into B*L (a
+        HeadOutput when lazy_logits), or None without positions or without a head."""
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         hidden = out.hidden_states
-        logits = None
-        if positions is not None and self._head is not None:
-            last = hidden[-1].reshape(-1, hidden[-1].shape[-1])
-            logits = self._head(last.index_select(0, positions))
-        return hidden, logits
+        if positions is None or self._parts is None:
+            return hidden, None
+        last = hidden[-1].reshape(-1, hidden[-1].shape[-1]).index_select(0, positions)
+        head = self._head_output(last)
+        return hidden, head if lazy_logits else head.logits()

@@ -26,7 +26,7 @@ from distil.data import ResumableSampler, collate, sequence_lengths, load_docume
 from distil.errors import UserError
 from distil.evaluate import agreement, embed
 from distil.export import save_hf_skeleton
-from distil.losses import DistillationLoss, loss_positions
+from distil.losses import DistillationLoss, distillation_forward
 from distil.masking import Masker
 from distil.metrics_log import METRICS, MetricsLog
 from distil.model import MaskedLM, build_student, load_teacher, load_teacher_config, validate_against_teacher
@@ -285,12 +285,7 @@ class Trainer:
 
     def _forward(self, model, teacher, masked, attn, labels):
         masked, attn, labels = (t.to(self.device, non_blocking=True) for t in (masked, attn, labels))
-        positions = loss_positions(self.cfg.loss.recipe, attn, labels)
-        logit_positions = positions if self.cfg.loss.needs_logits else None
-        with torch.no_grad():
-            t_hidden, t_logits = teacher(masked, attn, logit_positions)
-        s_hidden, s_logits = model(masked, attn, logit_positions)
-        return self.loss(s_hidden, t_hidden, s_logits, t_logits, positions, labels)
+        return distillation_forward(model, teacher, self.loss, masked, attn, labels)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}

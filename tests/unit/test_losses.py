@@ -92,3 +92,64 @@ def test_kl_gradient_matches_reference(batch):
     s2 = s.detach().clone().requires_grad_()
     (F.kl_div(F.log_softmax(s2 / 2, -1), F.softmax(t / 2, -1), reduction="batchmean") * 4).backward()
     assert torch.allclose(s.grad, s2.grad, atol=1e-6, rtol=0)  # computed in fp32
+
+
+@pytest.mark.parametrize("recipe", ["distilbert", "masked"])
+def test_fused_head_loss_equals_reference_values_and_gradients(batch, recipe):
+    """Logits made a chunk at a time from the head's features: the same loss and the same
+    gradients (features, decoder weight and bias) as full logits and the reference formulation."""
+    from distil.model import HeadOutput
+
+    attn, labels, s_hidden, t_hidden, *_ = batch
+    g = torch.Generator().manual_seed(1)
+    hf = 6
+    s_feat = torch.randn(B * L, hf, generator=g, dtype=torch.float64)
+    t_feat = torch.randn(B * L, hf, generator=g, dtype=torch.float64)
+    s_w, s_b = torch.randn(V, hf, generator=g, dtype=torch.float64), torch.randn(V, generator=g, dtype=torch.float64)
+    t_w, t_b = torch.randn(V, hf, generator=g, dtype=torch.float64), torch.randn(V, generator=g, dtype=torch.float64)
+    cfg = LossSection(recipe=recipe, temperature=2.0, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.5)
+    pos = loss_positions(recipe, attn, labels)
+
+    def leaves():
+        return [x.detach().clone().requires_grad_() for x in (s_feat, s_w, s_b)]
+
+    fused_in = leaves()
+    s_head = HeadOutput(fused_in[0][pos], fused_in[1], fused_in[2])
+    t_head = HeadOutput(t_feat[pos], t_w, t_b)
+    import distil.losses as losses
+
+    got = losses.DistillationLoss(cfg, [0, 3])(s_hidden, t_hidden, s_head, t_head, pos, labels)
+    got["loss"].backward()
+
+    ref_in = leaves()
+    s_full = (ref_in[0] @ ref_in[1].T + ref_in[2]).view(B, L, V)
+    t_full = (t_feat @ t_w.T + t_b).view(B, L, V)
+    ref = reference(recipe, attn, labels, s_hidden, t_hidden, s_full, t_full, 2.0, [0, 3])
+    total = 5 * ref["kl"] + 2 * ref["mlm"] + ref["cos"] + 0.5 * ref["mse"]
+    total.backward()
+    for k in ("kl", "mlm", "mse", "cos"):  # the head terms are computed in fp32
+        assert abs(float(got[k]) - float(ref[k])) <= 1e-6 * max(1.0, abs(float(ref[k]))), k
+    assert abs(float(got["loss"]) - float(total)) <= 1e-6 * abs(float(total))
+    for a, b in zip(fused_in, ref_in):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-6), (a.grad - b.grad).abs().max()
+
+
+def test_fused_head_loss_chunks_agree():
+    """Chunk size changes nothing but the rounding order (fp32)."""
+    from distil.losses import fused_head_loss
+    from distil.model import HeadOutput
+
+    g = torch.Generator().manual_seed(2)
+    n, hf, v = 50, 16, 300
+    feats = torch.randn(n, hf, generator=g)
+    w, b = torch.randn(v, hf, generator=g) * 0.1, torch.zeros(v)
+    t = HeadOutput(torch.randn(n, hf, generator=g), torch.randn(v, hf, generator=g) * 0.1, torch.zeros(v))
+    targets = torch.full((n,), -100)
+    targets[::3] = torch.randint(0, v, (len(targets[::3]),), generator=g)
+    out = []
+    for chunk in (7, 64):
+        x = feats.clone().requires_grad_()
+        loss, terms = fused_head_loss(HeadOutput(x, w, b), t, targets, 3.0, 5.0, 2.0, 0.0, chunk=chunk)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5, rtol=0) and torch.allclose(out[0][1], out[1][1], atol=1e-7, rtol=0)

@@ -75,4 +75,6 @@ def test_head_at_positions_equals_model_logits(kind):
     hidden, logits = MaskedLM(model)(ids, attn, positions)
     full = model(ids, attention_mask=attn, output_hidden_states=True)
     assert torch.allclose(logits, full.logits.reshape(-1, full.logits.shape[-1])[positions], atol=1e-6, rtol=0)
+    lazy = MaskedLM(model)(ids, attn, positions, lazy_logits=True)[1]
+    assert torch.equal(lazy.logits(), logits)
     assert len(hidden) == model.config.num_hidden_layers + 1 if kind != "distilbert" else len(hidden) == 3

@@ -1,0 +1,51 @@
+"""The benchmark in its short mode: its figures are consistent with each other and with an
+independent FLOP count (speed itself is never asserted in tests; see bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+TINY = ["--teacher-layers", "2", "--student-layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "500",
+        "--batch", "4", "--seq", "16", "--steps", "2", "--warmup", "1", "--threads", "1"]
+
+
+def test_required_flops_by_hand():
+    from distil.bench import parse_args, required_flops
+
+    a = parse_args(TINY)
+    n, h, f, v = 4 * 16, 32, 128, 500
+    layer = n * (8 * h * h + 4 * h * f) + 4 * 4 * 16 * 16 * h  # QKV+out, FFN, scores and values
+    rows = n  # distilbert recipe: every token goes through the heads
+    head = rows * (2 * h * h + 2 * h * v)
+    assert required_flops(a, rows) == (2 * layer + head) + 3 * (1 * layer + head)
+
+
+@pytest.mark.parametrize("recipe", ["distilbert", "masked"])
+def test_short_mode_figures(recipe):
+    r = subprocess.run([sys.executable, "-m", "distil.cli", "bench", *TINY, "--recipe", recipe, "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    res = rep["results"]
+    assert set(res) == {"fast-deepspeed", "fast-torch", "reference"}
+    for v, x in res.items():
+        assert x["steps"] == 2 and x["step_ms"] > 0
+        assert x["tokens_per_s"] == pytest.approx(4 * 16 / (x["step_ms"] / 1e3))
+        assert x["mfu"] == pytest.approx(x["required_gflop"] * 1e9 / (x["step_ms"] / 1e3) / (x["matmul_peak_gflops"] * 1e9))
+        if v != "reference":
+            assert x["speedup_vs_reference"] == pytest.approx(x["tokens_per_s"] / res["reference"]["tokens_per_s"])
+    # (Loss values are not compared here: dropout draws differ between the variants. Equal
+    # losses and gradients of the fast and the reference formulation: tests/unit/test_losses.py.)
+    assert rep["versions"]["torch"] and rep["shape"]["vocab"] == 500
+
+
+def test_bad_options_exit_2():
+    r = subprocess.run([sys.executable, "-m", "distil.bench", "--variants", "fastest"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "unknown variant" in r.stderr
