@@ -9,6 +9,7 @@
     distil eval MODEL_DIR                        student vs teacher on held-out masked text
     distil plot URI --out run.png                a run's metrics over steps
     distil bench [--recipe masked ...]           time the distillation step (distil/bench.py)
+    distil k8s submit|status|resume              RayJobs on a cluster with KubeRay, without Helm
 
 Bad input exits with code 2 and one message; nothing is written before the input is checked.
 """
@@ -178,13 +179,69 @@ def _add_storage_commands(sub) -> None:
     p.add_argument("--max-sequences", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_k8s_commands(sub)
     p = sub.add_parser("plot", help="draw a run's metrics (loss terms, held-out, lr, tokens/s) to a PNG")
     p.add_argument("uri", help="a run folder or s3://bucket/prefix/RUN")
     p.add_argument("--out", required=True, help="the PNG to write")
     _storage_args(p)
 
 
+def _add_k8s_commands(sub) -> None:
+    k = sub.add_parser("k8s", help="submit, follow and resume runs as KubeRay RayJobs (without Helm)")
+    ks = k.add_subparsers(dest="action", required=True)
+    p = ks.add_parser("submit", help="create the run's ConfigMap and RayJob")
+    p.add_argument("--config", "-c", required=True, help="the run's YAML config (storage.uri must be s3://)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--image", required=True, help="image with distil-run installed (see Dockerfile)")
+    p.add_argument("--workers", type=int, default=1, help="worker pods")
+    p.add_argument("--gpus-per-pod", type=int, default=1, help="GPUs per worker pod (one training worker each)")
+    p.add_argument("--cpu", default="8", help="CPU per worker pod")
+    p.add_argument("--memory", default="48Gi", help="memory per worker pod")
+    p.add_argument("--shm-size", default="16Gi", help="memory-backed /dev/shm per worker pod")
+    p.add_argument("--credentials-secret", help="existing Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    p.add_argument("--backoff-limit", type=int, default=3, help="resubmissions of a failed run (each resumes)")
+    p.add_argument("--grace-period", type=int, default=300, help="terminationGracePeriodSeconds of the pods")
+    p.add_argument("--service-account", help="ServiceAccount of the pods (e.g. one with IRSA for S3)")
+    p.add_argument("--dry-run", action="store_true", help="print the objects as YAML instead of creating them")
+    status = ks.add_parser("status", help="job, cluster and pod state, and the latest checkpoint")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    resume = ks.add_parser("resume", help="re-create a RayJob that ended (e.g. out of retries): it resumes from storage")
+    for q in (status, resume):
+        q.add_argument("run", help="the run name (run.name, or the name `distil config` prints)")
+    for q in (p, status, resume):
+        q.add_argument("--namespace", "-n", default="default")
+        q.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG or ~/.kube/config)")
+        q.add_argument("--context", help="kubeconfig context")
+
+
+def _run_k8s_command(args) -> None:
+    from distil import k8s
+
+    if args.action == "submit":
+        from distil.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        objs = k8s.manifests(cfg, args.namespace, args.image, args.workers, args.gpus_per_pod, args.cpu, args.memory,
+                             args.shm_size, args.credentials_secret, args.backoff_limit, args.grace_period, args.service_account)
+        if args.dry_run:
+            import yaml
+
+            print(yaml.safe_dump_all(objs, sort_keys=False), end="")
+            return
+        name = k8s.submit(k8s.clients(args.kubeconfig, args.context), *objs)
+        print(f"RayJob {args.namespace}/{name} created; follow it with `distil k8s status {name} -n {args.namespace}`")
+    elif args.action == "status":
+        report = k8s.status(k8s.clients(args.kubeconfig, args.context), args.namespace, args.run)
+        print(json.dumps(report) if args.json else "\n".join(f"{k:18s} {v}" for k, v in report.items()))
+    else:
+        name = k8s.resume(k8s.clients(args.kubeconfig, args.context), args.namespace, args.run)
+        print(f"RayJob {args.namespace}/{name} re-created: it resumes from the run's latest checkpoint")
+
+
 def _run_storage_command(args) -> None:
+    if args.command == "k8s":
+        _run_k8s_command(args)
+        return
     if args.command == "checkpoints" and args.action == "list":
         from distil.catalog import format_table, list_checkpoints
         from distil.storage import Storage

@@ -1,0 +1,243 @@
+"""`distil k8s`: runs on a Kubernetes cluster with the KubeRay operator, without Helm.
+
+    distil k8s submit --config C --image IMG [--workers N --gpus-per-pod G ...]   ConfigMap + RayJob
+    distil k8s status RUN                      RayJob, RayCluster and pod state, latest checkpoint
+    distil k8s resume RUN                      re-create a RayJob that ended without finishing
+
+The RayJob is named after the run (`run.name`, or the derived name), so a re-created job
+resumes from that run's latest checkpoint in storage. The objects match what the Helm chart
+renders (helm/distil-run): one training worker per GPU, S3 credentials only by secretKeyRef,
+a memory-backed /dev/shm, non-root pods, a grace period for the checkpoint on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+
+from distil.config import DistilConfig
+from distil.errors import UserError
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+CONFIG_PATH = "/etc/distil/config.yaml"
+ENDED = {"Failed", "Complete"}  # jobDeploymentStatus values after which KubeRay does nothing more
+
+
+def k8s_name(run: str) -> str:
+    """A DNS-1123 label from a run name."""
+    name = re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")[:63].rstrip("-")
+    if not name:
+        raise UserError(f"run name {run!r} gives no valid Kubernetes name", where="run.name", fix="use letters and digits")
+    return name
+
+
+def clients(kubeconfig: str | None = None, context: str | None = None):
+    """(CoreV1Api, CustomObjectsApi, ApiextensionsV1Api) from a kubeconfig or the in-cluster account."""
+    from kubernetes import client, config
+
+    try:
+        config.load_kube_config(config_file=kubeconfig, context=context)
+    except Exception as kube_error:  # no kubeconfig: maybe inside a pod
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise UserError(f"no Kubernetes configuration: {str(kube_error).splitlines()[0]}", where="--kubeconfig",
+                            fix="set KUBECONFIG or --kubeconfig (and --context), or run inside the cluster") from None
+    return client.CoreV1Api(), client.CustomObjectsApi(), client.ApiextensionsV1Api()
+
+
+@contextlib.contextmanager
+def _api_errors(action: str):
+    """The API server's refusals and unreachable servers as one clear message."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except ApiException as e:
+        raise UserError(f"{action}: the API server answered {e.status} {e.reason}",
+                        fix="check the namespace, your permissions and the cluster") from None
+    except HTTPError as e:
+        raise UserError(f"{action}: cannot reach the API server ({type(e).__name__})",
+                        fix="check the kubeconfig's server and your network") from None
+
+
+def require_kuberay(ext) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}", _preload_content=False)
+    except ApiException as e:
+        if e.status == 404:
+            raise UserError("the KubeRay CRDs (rayjobs.ray.io) are not installed in this cluster",
+                            fix="install the KubeRay operator: see k8s/README.md") from None
+        raise
+
+
+def manifests(cfg: DistilConfig, namespace: str, image: str, workers: int, gpus_per_pod: int, cpu: str, memory: str,
+              shm_size: str, credentials_secret: str | None, backoff_limit: int, grace_period: int,
+              service_account: str | None = None) -> tuple[dict, dict]:
+    """(ConfigMap, RayJob) for a run: `workers` pods with `gpus_per_pod` GPUs, one rank per GPU."""
+    if not cfg.storage.uri.startswith("s3://"):
+        raise UserError(f"storage.uri is {cfg.storage.uri!r}: pods lose their disks on preemption", where="storage.uri",
+                        fix="use object storage: s3://bucket/prefix (with storage.endpoint_url for MinIO/Ceph/R2)")
+    run = cfg.run_name()
+    name = k8s_name(run)
+    cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={
+        "num_workers": workers * gpus_per_pod, "use_gpu": True, "gpus_per_worker": 1.0})})
+    labels = {"app.kubernetes.io/name": "distil-run", "app.kubernetes.io/instance": name,
+              "app.kubernetes.io/part-of": "distil-run", "app.kubernetes.io/managed-by": "distil", "distil-run/run": name}
+    env = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "TORCH_EXTENSIONS_DIR", "value": "/tmp/torch_extensions"}]
+    if credentials_secret:
+        env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k}}}
+                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+
+    def pod(component: str, resources: dict, shm: str) -> dict:
+        spec = {
+            "terminationGracePeriodSeconds": grace_period,
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": component, "image": image, "env": env, "resources": resources,
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "distil-config", "mountPath": "/etc/distil", "readOnly": True},
+                                 {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]}],
+            "volumes": [{"name": "distil-config", "configMap": {"name": f"{name}-config"}},
+                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+                        {"name": "tmp", "emptyDir": {}}],
+        }
+        if service_account:
+            spec["serviceAccountName"] = service_account
+        return {"metadata": {"labels": {**labels, "app.kubernetes.io/component": component}}, "spec": spec}
+
+    worker_res = {"requests": {"cpu": cpu, "memory": memory},
+                  "limits": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": gpus_per_pod}}
+    head_res = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": f"{name}-config", "namespace": namespace, "labels": labels},
+                  "data": {"config.yaml": cfg.to_yaml()}}
+    job = {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "entrypoint": f"python jobs/distill.py --config {CONFIG_PATH}",
+            "submissionMode": "K8sJobMode",
+            "backoffLimit": backoff_limit,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "rayClusterSpec": {
+                "rayVersion": "2.60.0",
+                "headGroupSpec": {"rayStartParams": {"num-gpus": "0"}, "template": pod("ray-head", head_res, "1Gi")},
+                "workerGroupSpecs": [{"groupName": "gpu", "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
+                                      "rayStartParams": {"num-gpus": str(gpus_per_pod)},
+                                      "template": pod("ray-worker", worker_res, shm_size)}],
+            },
+        },
+    }
+    return config_map, job
+
+
+def submit(api, config_map: dict, job: dict) -> str:
+    core, custom, ext = api
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    from kubernetes.client.exceptions import ApiException
+
+    with _api_errors(f"submitting {name}"):
+        require_kuberay(ext)
+        try:
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            raise UserError(f"RayJob {namespace}/{name} exists", where="run.name",
+                            fix=f"follow it with `distil k8s status {name}`, or `distil k8s resume {name}` once it has ended")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        try:
+            core.create_namespaced_config_map(namespace, config_map)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            core.replace_namespaced_config_map(config_map["metadata"]["name"], namespace, config_map)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    return name
+
+
+def status(api, namespace: str, run: str) -> dict:
+    """The RayJob's state, its cluster's, its pods' phases, and the latest complete checkpoint."""
+    import yaml
+    from kubernetes.client.exceptions import ApiException
+
+    core, custom, ext = api
+    name = k8s_name(run)
+    with _api_errors(f"reading {name}"):
+        require_kuberay(ext)
+        try:
+            job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                raise UserError(f"no RayJob {namespace}/{name}", fix="check the run name and --namespace") from None
+            raise
+        st = job.get("status", {})
+        cluster = st.get("rayClusterName")
+        pods = core.list_namespaced_pod(namespace, label_selector=f"ray.io/cluster={cluster}").items if cluster else []
+        cm = core.read_namespaced_config_map(f"{name}-config", namespace)
+    out = {"name": name, "namespace": namespace, "job_status": st.get("jobStatus"),
+           "deployment_status": st.get("jobDeploymentStatus"), "failed": st.get("failed", 0),
+           "succeeded": st.get("succeeded", 0), "message": st.get("message"), "cluster": cluster,
+           "cluster_state": (st.get("rayClusterStatus") or {}).get("state"),
+           "pods": {p.metadata.name: p.status.phase for p in pods
+                    if (p.metadata.labels or {}).get("ray.io/cluster") == cluster}}
+    cfg = DistilConfig.model_validate(yaml.safe_load(cm.data["config.yaml"]))
+    out["checkpoint"] = _latest_checkpoint(cfg)
+    return out
+
+
+def _latest_checkpoint(cfg: DistilConfig) -> dict | None:
+    from distil.catalog import list_checkpoints
+    from distil.storage import Storage
+
+    uri = f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name()}"
+    try:
+        done = [c for c in list_checkpoints(Storage(uri, cfg.storage.endpoint_url, cfg.storage.region)) if c.complete]
+    except UserError as e:
+        return {"uri": uri, "error": str(e)}
+    return {"uri": uri, "step": done[-1].step if done else None, "tokens": done[-1].meta.get("tokens") if done else None}
+
+
+def resume(api, namespace: str, run: str, wait_s: float = 120.0) -> str:
+    """Delete an ended RayJob and create it again with the same spec: it resumes from storage."""
+    from kubernetes.client.exceptions import ApiException
+
+    _, custom, ext = api
+    name = k8s_name(run)
+    with _api_errors(f"resuming {name}"):
+        require_kuberay(ext)
+        try:
+            job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                raise UserError(f"no RayJob {namespace}/{name}", fix="submit it with `distil k8s submit`") from None
+            raise
+        state = job.get("status", {}).get("jobDeploymentStatus")
+        if state not in ENDED:
+            raise UserError(f"RayJob {name} is {state or 'starting'}, not ended", fix="wait for it to end, or follow it with `distil k8s status`")
+        meta = job["metadata"]
+        fresh = {"apiVersion": job["apiVersion"], "kind": job["kind"], "spec": job["spec"],
+                 "metadata": {"name": name, "namespace": namespace, "labels": meta.get("labels", {}),
+                              "annotations": {**(meta.get("annotations") or {}),
+                                              "distil-run/resumed-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}}
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        deadline = time.monotonic() + wait_s
+        while True:  # the old object (and its finalizers) must be gone before the name is free
+            try:
+                custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            except ApiException as e:
+                if e.status == 404:
+                    break
+                raise
+            if time.monotonic() > deadline:
+                raise UserError(f"RayJob {name} is still being deleted after {wait_s:.0f}s", fix="run resume again shortly")
+            time.sleep(1.0)
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, fresh)
+    return name
