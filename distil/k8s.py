@@ -163,21 +163,27 @@ def submit(api, config_map: dict, job: dict) -> str:
     return name
 
 
+def _read_job(custom, ext, namespace: str, name: str) -> dict:
+    """The RayJob, after checking that KubeRay is installed; a clear error when it does not exist."""
+    from kubernetes.client.exceptions import ApiException
+
+    require_kuberay(ext)
+    try:
+        return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as e:
+        if e.status == 404:
+            raise UserError(f"no RayJob {namespace}/{name}", fix="check the run name and --namespace, or `distil k8s submit` it") from None
+        raise
+
+
 def status(api, namespace: str, run: str) -> dict:
     """The RayJob's state, its cluster's, its pods' phases, and the latest complete checkpoint."""
     import yaml
-    from kubernetes.client.exceptions import ApiException
 
     core, custom, ext = api
     name = k8s_name(run)
     with _api_errors(f"reading {name}"):
-        require_kuberay(ext)
-        try:
-            job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                raise UserError(f"no RayJob {namespace}/{name}", fix="check the run name and --namespace") from None
-            raise
+        job = _read_job(custom, ext, namespace, name)
         st = job.get("status", {})
         cluster = st.get("rayClusterName")
         pods = core.list_namespaced_pod(namespace, label_selector=f"ray.io/cluster={cluster}").items if cluster else []
@@ -212,13 +218,7 @@ def resume(api, namespace: str, run: str, wait_s: float = 120.0) -> str:
     _, custom, ext = api
     name = k8s_name(run)
     with _api_errors(f"resuming {name}"):
-        require_kuberay(ext)
-        try:
-            job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                raise UserError(f"no RayJob {namespace}/{name}", fix="submit it with `distil k8s submit`") from None
-            raise
+        job = _read_job(custom, ext, namespace, name)
         state = job.get("status", {}).get("jobDeploymentStatus")
         if state not in ENDED:
             raise UserError(f"RayJob {name} is {state or 'starting'}, not ended", fix="wait for it to end, or follow it with `distil k8s status`")
