@@ -102,6 +102,8 @@ def manifests(cfg: DistilConfig, namespace: str, image: str, workers: int, gpus_
             "containers": [{
                 "name": component, "image": image, "env": env, "resources": resources,
                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                **({"lifecycle": {"preStop": {"exec": {"command": [  # checkpoint before SIGTERM: distil/preempt.py
+                    "python", "-m", "distil.preempt", "--timeout", str(grace_period - 15)]}}}} if component == "ray-worker" else {}),
                 "volumeMounts": [{"name": "distil-config", "mountPath": "/etc/distil", "readOnly": True},
                                  {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]}],
             "volumes": [{"name": "distil-config", "configMap": {"name": f"{name}-config"}},

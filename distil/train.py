@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from distil import checkpoint as ckpt
+from distil import preempt
 from distil.config import DistilConfig
 from distil.data import ResumableSampler, collate, sequence_lengths, load_documents, split_eval, token_counts, tokenize
 from distil.errors import UserError
@@ -341,10 +342,13 @@ class Trainer:
             for k, v in self.train_step().items():
                 window[k] = window.get(k, 0.0) + v
             window_steps += 1
-            self.stop_requested = self._any_rank_stopping()
-            if self.store.preemption_notice() and not self._preemption_saved:
-                self.save_checkpoint()  # just in time; training goes on until the node is gone
+            self.stop_requested, drained = self._any_rank(self.stop_requested, preempt.requested())
+            if (drained or self.store.preemption_notice()) and not self._preemption_saved:
+                self.save_checkpoint()  # just in time, with the step in flight finished
                 self._preemption_saved = True
+                if drained:  # a pod's preStop hook: see distil/preempt.py
+                    preempt.wait_out(self.step, self.log if self.rank == 0 else None)
+                    self._preemption_saved = False  # a cancelled drain: training went on
             if bar is not None:
                 bar.update(1)
             last = self.step == t.max_steps
@@ -383,13 +387,13 @@ class Trainer:
 
         return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="distil", unit="step", dynamic_ncols=True)
 
-    def _any_rank_stopping(self) -> bool:
-        """All ranks must stop at the same step: the checkpoint is collective."""
+    def _any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag true when it is on any rank: ranks stop and checkpoint at the same step."""
         if self.world == 1:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return flags
+        vec = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in vec.tolist())
 
     def request_stop(self, *_):
         """SIGTERM (a preemption notice): finish the current step, checkpoint, and return."""

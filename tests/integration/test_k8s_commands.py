@@ -113,6 +113,8 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     assert spec["entrypoint"] == "python jobs/distill.py --config /etc/distil/config.yaml" and spec["backoffLimit"] == 5
     worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert worker["replicas"] == 2 and worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert worker["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][:3] == \
+        ["python", "-m", "distil.preempt"]
     env = {e["name"]: e for e in worker["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "distil-s3"
     cm = core.read_namespaced_config_map("distil-run-1-config", NS)

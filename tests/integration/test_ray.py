@@ -22,11 +22,11 @@ from tests.conftest import ROOT, base_config, write_config
 pytestmark = pytest.mark.slow
 
 
-def ray_job(config: Path, *overrides: str, wait=True, timeout=900):
+def ray_job(config: Path, *overrides: str, wait=True, timeout=900, extra_env: dict | None = None):
     args = [sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(config)]
     for o in overrides:
         args += ["--set", o]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     # A session of its own: killing the driver's group also kills the local Ray it started.
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
@@ -164,6 +164,36 @@ def test_lost_worker_restarts_the_group_from_the_latest_checkpoint(tmp_path, s3_
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     assert re.search(r"resumed from step_000000(08|12|16)", out), out[-4000:]
+    state = s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read()
+    assert b'"step": 20' in state
+
+
+def test_pod_drain_checkpoints_then_the_group_restarts_from_it(tmp_path, s3_run):
+    """A worker pod's preStop hook (python -m distil.preempt, as the chart installs it) mid-run:
+    the workers finish the step in flight, checkpoint and acknowledge; then the pod goes (its
+    workers are killed) and Ray restarts the group from that checkpoint. Only the drain and the
+    end write checkpoints here, so resuming from it proves it was the drain's."""
+    s3, bucket, cfg = s3_run
+    cfg["train"]["max_steps"] = 20
+    cfg["checkpoint"]["every_steps"] = 1000
+    marker = tmp_path / "distil-preempt"
+    env = {"DISTIL_PREEMPT_FILE": str(marker), "DISTIL_PREEMPT_WAIT": "600"}
+    proc = ray_job(write_config(tmp_path / "c.yaml", cfg), wait=False, extra_env=env)
+    hook = subprocess.run([sys.executable, "-m", "distil.preempt", "--timeout", "400"], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT, timeout=500)
+    m = re.search(r"checkpoint at step (\d+) persisted", hook.stdout)
+    assert m, hook.stdout + hook.stderr
+    step = int(m.group(1))
+    assert 1 <= step < 20
+    wait_registered(s3, bucket, "runs/t", f"step_{step:08d}", proc)
+    marker.unlink()  # the pod's /tmp goes with it
+    victims = _worker_pids(proc.pid)
+    assert len(victims) == 2, victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"resumed from step_{step:08d}" in out, out[-4000:]
     state = s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read()
     assert b'"step": 20' in state
 

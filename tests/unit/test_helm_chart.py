@@ -116,6 +116,8 @@ def test_job_fields_that_matter():
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
         assert gpus == (None if name == "head" else 2), name
         assert pod["terminationGracePeriodSeconds"] == 600
+        hook = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+        assert hook == (None if name == "head" else ["python", "-m", "distil.preempt", "--timeout", "585"]), name
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         env = {e["name"]: e for e in c["env"]}

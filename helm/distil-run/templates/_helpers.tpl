@@ -110,6 +110,13 @@ app.kubernetes.io/part-of: distil-run
     {{- toYaml $res | nindent 4 }}
   securityContext:
     {{- toYaml $root.Values.securityContext | nindent 4 }}
+  {{- if .gpus }}
+  # Before SIGTERM: the workers finish their step, checkpoint to storage, then the pod may go.
+  lifecycle:
+    preStop:
+      exec:
+        command: ["python", "-m", "distil.preempt", "--timeout", "{{ sub $root.Values.terminationGracePeriodSeconds 15 }}"]
+  {{- end }}
   volumeMounts:
     - name: distil-config
       mountPath: /etc/distil
