@@ -83,11 +83,11 @@ def _check(info: CheckpointInfo, storage: Storage) -> None:
         info.complete = True
 
 
-def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
-    """Every checkpoint under the URI, by run and step."""
+def list_checkpoints(storage: Storage, objects: list[dict] | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint under the URI, by run and step; `objects`: its listing, if already made."""
     uri_tag = PurePosixPath(storage.uri).name if is_tag(PurePosixPath(storage.uri).name) else None
     found: dict[tuple[str, str], CheckpointInfo] = {}
-    for obj in storage.list_objects():
+    for obj in storage.list_objects() if objects is None else objects:
         split = _split(obj["key"], uri_tag)
         if split is None:
             continue

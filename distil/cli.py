@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
-    _add_storage_commands(sub)
+    _add_data_and_cluster_commands(sub)
     sub.add_parser("bench", help="time the distillation step against the reference formulation (see `distil bench --help`)")
     args = parser.parse_args(argv)
     try:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps({"model_dir": str(export_checkpoint(Path(args.checkpoint), Path(args.out)))}))
         else:
-            _run_storage_command(args)
+            _run_data_and_cluster_command(args)
     except UserError as e:
         print(f"distil: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -154,7 +154,8 @@ def _storage_args(p) -> None:
     p.add_argument("--region", help="S3 region")
 
 
-def _add_storage_commands(sub) -> None:
+def _add_data_and_cluster_commands(sub) -> None:
+    """checkpoints list/pull, eval, k8s, plot."""
     ck = sub.add_parser("checkpoints", help="list or pull checkpoints in a folder or object storage")
     cks = ck.add_subparsers(dest="action", required=True)
     p = cks.add_parser("list", help="runs and their checkpoints: step, tokens, loss, time, size, complete")
@@ -238,11 +239,10 @@ def _run_k8s_command(args) -> None:
         print(f"RayJob {args.namespace}/{name} re-created: it resumes from the run's latest checkpoint")
 
 
-def _run_storage_command(args) -> None:
+def _run_data_and_cluster_command(args) -> None:
     if args.command == "k8s":
         _run_k8s_command(args)
-        return
-    if args.command == "checkpoints" and args.action == "list":
+    elif args.command == "checkpoints" and args.action == "list":
         from distil.catalog import format_table, list_checkpoints
         from distil.storage import Storage
 

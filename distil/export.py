@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distil import checkpoint as ckpt
 from distil.errors import UserError
+from distil.model import has_mlm_head
 
 HF_DIR = "hf"
 RUN_CONFIG = "distil_config.yaml"  # the run's resolved config, kept with the model (`distil eval` reads it)
@@ -49,8 +50,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty", fix="choose a new --out folder")
     config = AutoConfig.from_pretrained(ckpt_dir / HF_DIR)
-    with_head = any("MaskedLM" in a for a in (config.architectures or []))
-    model = (AutoModelForMaskedLM if with_head else AutoModel).from_config(config)
+    model = (AutoModelForMaskedLM if has_mlm_head(config) else AutoModel).from_config(config)
     missing, unexpected = model.load_state_dict(fp32_state_dict(ckpt_dir), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     if unexpected or set(missing) - tied:

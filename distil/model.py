@@ -148,6 +148,11 @@ def _distilbert_from_bert(teacher: nn.Module, layers: list[int]) -> nn.Module:
     return student
 
 
+def has_mlm_head(config: PretrainedConfig) -> bool:
+    """Whether a saved model's architecture has a masked-LM head (else it loads as a bare encoder)."""
+    return any("MaskedLM" in a for a in (config.architectures or []))
+
+
 def _head(model: nn.Module):
     """(transform, decoder) of the MLM head: logits = decoder(transform(last hidden states)),
     with decoder a Linear (usually tied to the word embeddings); None for a bare encoder."""

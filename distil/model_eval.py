@@ -23,9 +23,7 @@ from distil.errors import UserError
 from distil.evaluate import agreement, embed
 from distil.export import RUN_CONFIG
 from distil.masking import IGNORE, Masker
-from distil.model import MaskedLM
-
-EVAL_SEED_STEP = 2**31 - 1
+from distil.model import MaskedLM, has_mlm_head
 
 
 def load_model(path: str) -> MaskedLM:
@@ -38,8 +36,7 @@ def load_model(path: str) -> MaskedLM:
     except OSError as e:
         raise UserError(f"cannot load a model from {path!r}: {str(e).splitlines()[0]}",
                         fix="give a model folder (from `distil checkpoints pull`) or a hub name") from None
-    with_head = any("MaskedLM" in a for a in (config.architectures or []))
-    model = (AutoModelForMaskedLM if with_head else AutoModel).from_pretrained(path, dtype=torch.float32)
+    model = (AutoModelForMaskedLM if has_mlm_head(config) else AutoModel).from_pretrained(path, dtype=torch.float32)
     return MaskedLM(model.eval())
 
 
@@ -98,7 +95,7 @@ def _mlm(model: MaskedLM, batches) -> dict | None:
 
 def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str] | None = None, overrides=(),
                     max_sequences: int = 512, batch_size: int = 32) -> dict:
-    from distil.train import load_tokenizer
+    from distil.train import EVAL_STEP, load_tokenizer
 
     student_path = Path(student_dir).expanduser()
     cfg = _config_for(student_path, teacher, data, list(overrides))
@@ -109,7 +106,7 @@ def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str
     plain, batches = [], []
     for b, i in enumerate(range(0, len(rows), batch_size)):
         ids, attn = collate(rows[i:i + batch_size], tokenizer.pad_token_id, cfg.data.max_len)
-        masked, labels = masker(ids, attn, EVAL_SEED_STEP, b)
+        masked, labels = masker(ids, attn, EVAL_STEP, b)  # the masks training's held-out loss uses
         plain.append((ids, attn))
         batches.append((masked, attn, labels))
     student, teacher_model = load_model(str(student_path)), load_model(cfg.teacher.name_or_path)

@@ -16,9 +16,9 @@ from distil.storage import Storage
 
 def load_rows(uri: str, endpoint_url: str | None = None, region: str | None = None) -> list[dict]:
     storage = Storage(uri, endpoint_url, region)
-    keys = {o["key"] for o in storage.list_objects()}
-    if METRICS not in keys:
-        candidates = [c for c in list_checkpoints(storage) if METRICS in c.objects]
+    objects = storage.list_objects()
+    if METRICS not in {o["key"] for o in objects}:
+        candidates = [c for c in list_checkpoints(storage, objects) if METRICS in c.objects]
         if not candidates:
             raise UserError(f"no {METRICS} under {uri}", fix="give a run folder or s3://.../RUN (see `distil checkpoints list`)")
         if len({c.run for c in candidates}) > 1:

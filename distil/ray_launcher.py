@@ -27,6 +27,7 @@ class RayCheckpointStore:
 
     def __init__(self, cfg: DistilConfig):
         self.cfg = cfg
+        self._target = None  # (storage path, pyarrow filesystem), made on the first publish
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
         import ray.train
@@ -51,8 +52,10 @@ class RayCheckpointStore:
 
         from distil.metrics_log import METRICS, TENSORBOARD
 
-        storage_path, filesystem = _storage(self.cfg)
-        filesystem = filesystem or pafs.LocalFileSystem()
+        if self._target is None:  # made once per worker, not at every checkpoint
+            storage_path, filesystem = _storage(self.cfg)
+            self._target = storage_path, filesystem or pafs.LocalFileSystem()
+        storage_path, filesystem = self._target
         dest = f"{storage_path}/{self.cfg.run_name()}"
         filesystem.create_dir(dest, recursive=True)
         if (run_dir / METRICS).is_file():

@@ -220,7 +220,7 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
     from distil.config import load_config
     from distil.data import collate
     from distil.masking import Masker
-    from distil.model_eval import EVAL_SEED_STEP
+    from distil.train import EVAL_STEP
 
     r = distil("eval", str(run / "model"), "--json", "--max-sequences", "16", "--batch-size", "16")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -236,7 +236,7 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
     tok = AutoTokenizer.from_pretrained(run / "model")
     held_out = split_eval(tokenize(load_documents(cfg.data), tok, cfg.data), cfg.data, cfg.run.seed)[1]
     ids, attn = collate(list(held_out["input_ids"])[:16], tok.pad_token_id, cfg.data.max_len)
-    masked, labels = Masker(cfg.masking.model_copy(update={"smoothing": None}), tok, cfg.run.seed)(ids, attn, EVAL_SEED_STEP, 0)
+    masked, labels = Masker(cfg.masking.model_copy(update={"smoothing": None}), tok, cfg.run.seed)(ids, attn, EVAL_STEP, 0)
     with torch.no_grad():
         for who, path in (("student", run / "model"), ("teacher", teacher_dir)):
             ref = AutoModelForMaskedLM.from_pretrained(path)(input_ids=masked, attention_mask=attn, labels=labels).loss
