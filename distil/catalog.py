@@ -34,7 +34,10 @@ class CheckpointInfo:
 
     @property
     def size(self) -> int:
-        return sum(o["size"] for o in self.objects.values())
+        """Bytes of the checkpoint: its manifest's files once complete (an unfinished earlier
+        upload of the same step may have left others), else everything found."""
+        listed = self.meta.get("files") if self.complete else None
+        return sum(o["size"] for k, o in self.objects.items() if listed is None or k in listed or k == COMPLETE)
 
     @property
     def mtime(self) -> float:

@@ -143,6 +143,23 @@ def verify(ckpt_dir: Path, manifest: dict[str, dict], hashes: bool = True) -> di
     return problems
 
 
+def drop_unlisted(ckpt_dir: Path, manifest: dict[str, dict]) -> list[str]:
+    """Delete files the manifest does not name; returns them. They are leftovers of an earlier
+    save of the same step that never completed (e.g. a preempted run's upload, maybe by another
+    worker count): DeepSpeed finds shards by globbing, so a stale one must not stay beside the rest."""
+    stale = [f for f in ckpt_dir.rglob("*") if f.is_file() and f.relative_to(ckpt_dir).as_posix() not in manifest
+             and f.name != COMPLETE]
+    for f in stale:
+        f.unlink()
+    return sorted(f.relative_to(ckpt_dir).as_posix() for f in stale)
+
+
+def clear_incomplete(ckpt_dir: Path) -> None:
+    """Before saving into ckpt_dir: remove what an earlier, unfinished save of that step left."""
+    if ckpt_dir.is_dir() and not is_complete(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
+
+
 def describe(problems: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3]) + ("; ..." if len(problems) > 3 else "")
 

@@ -59,12 +59,13 @@ def run_training(config_path: str | None, overrides: list[str]) -> dict:
     if cfg.storage.uri.startswith("s3://"):
         raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
                         fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
-    prep = prepare(cfg)
+    prep = prepare(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # >1 under torchrun
     run_dir = Path(cfg.storage.uri).expanduser() / cfg.run_name()
     init_distributed(prep.device)
     trainer = Trainer(prep, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if trainer.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     trainer.install_signal_handler()
     if trainer.rank == 0:
         print(f"run {cfg.run_name()} -> {run_dir} ({len(prep.train):,} training / {len(prep.eval):,} held-out sequences, "

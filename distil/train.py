@@ -9,6 +9,7 @@ student forward/backward, step) x N -> log -> checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from distil import checkpoint as ckpt
-from distil import preempt
+from distil import preempt, reshard
 from distil.config import DistilConfig
 from distil.data import ResumableSampler, collate, sequence_lengths, load_documents, split_eval, token_counts, tokenize
 from distil.errors import UserError
@@ -101,7 +102,9 @@ def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:
     return Prepared(cfg, tokenizer, train, held_out, counts, device, dtype)
 
 
-def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int) -> dict:
+def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int, load_universal: bool = False) -> dict:
+    """`load_universal`: the engine will load a checkpoint converted to DeepSpeed's universal
+    layout, i.e. one written by another number of workers (see distil/reshard.py)."""
     t, z, p = cfg.train, cfg.zero, cfg.precision
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -116,6 +119,7 @@ def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int) -> dict:
         # A torch AdamW is handed in: DeepSpeed's fused Adam would JIT-compile on a CPU.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -198,8 +202,14 @@ class Trainer:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # Found before the engine exists: a checkpoint from another worker count needs an
+        # engine that loads DeepSpeed's universal layout.
+        self.resume_tag = self.store.restore(self.ckpt_root) if cfg.checkpoint.resume else None
+        self.saved_world = ckpt.read_trainer_state(self.ckpt_root / self.resume_tag)["world_size"] if self.resume_tag else self.world
+        ds_config = deepspeed_config(cfg, prep.dtype, self.world, load_universal=self.saved_world != self.world)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                                 config=deepspeed_config(cfg, prep.dtype, self.world))
+                                                                 config=ds_config)
         self.masker = Masker(cfg.masking, prep.tokenizer, cfg.run.seed, prep.counts)
         self.loss = DistillationLoss(cfg.loss, cfg.student.layers)
         lengths = sequence_lengths(prep.train) if cfg.data.packing == "lines" and cfg.data.group_by_length else None
@@ -208,7 +218,7 @@ class Trainer:
         self.step, self.tokens, self._pending_tokens = 0, 0, 0
         self.stop_requested = False
         self._preemption_saved = False
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self._saved_step = -1
         self.last_loss = float("nan")
         echo = None if cfg.train.progress_bar else log
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard, echo=echo)
@@ -230,10 +240,15 @@ class Trainer:
         return int(delta)
 
     def save_checkpoint(self) -> None:
+        if self._saved_step == self.step:
+            return  # e.g. a pod drain's checkpoint, then the periodic one at the same step
         t0 = time.perf_counter()
         self._sync_tokens()
         tag = ckpt.tag_for(self.step)
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False)
+        if self.rank == 0:
+            ckpt.clear_incomplete(self.ckpt_root / tag)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=reshard.UNIVERSAL_INFO, save_latest=False)
         ckpt.save_rank_state(self.ckpt_root / tag, self.rank)
         dist.barrier()
         # Every rank hashes the files it wrote (a Ray worker sees only its own); rank 0's are
@@ -248,6 +263,7 @@ class Trainer:
             ckpt.finalize(self.ckpt_root, tag, self.state_dict(), self.cfg.to_yaml(), self.cfg.checkpoint.keep_last,
                           manifest={k: v for part in parts for k, v in part.items()}, summary=summary)
         dist.barrier()
+        self._saved_step = self.step
         t1 = time.perf_counter()
         self.store.persist(self.ckpt_root / tag, {"step": self.step, "tokens": self.tokens})
         self.metrics.write({"step": self.step, "checkpoint/save_s": t1 - t0, "checkpoint/upload_s": time.perf_counter() - t1})
@@ -256,25 +272,30 @@ class Trainer:
             self.store.publish(self.run_dir)
 
     def maybe_resume(self) -> None:
-        tag = self.store.restore(self.ckpt_root) if self.cfg.checkpoint.resume else None
+        tag = self.resume_tag
         if tag is None:
             return
-        saved_world = ckpt.read_trainer_state(self.ckpt_root / tag)["world_size"]
-        if saved_world != self.world:
-            # DeepSpeed's elastic ZeRO-2 format needs the step in the optimizer's param groups,
-            # which torch's AdamW keeps per parameter: re-partitioning is not supported yet.
-            raise UserError(f"checkpoint {tag} was written by {saved_world} workers, this run has {self.world}",
-                            where="scaling.num_workers", fix=f"resume with scaling.num_workers={saved_world}")
-        problems = ckpt.verify(self.ckpt_root / tag, ckpt.read_complete(self.ckpt_root / tag)["files"], hashes=False)
+        manifest = ckpt.read_complete(self.ckpt_root / tag)["files"]
+        problems = ckpt.verify(self.ckpt_root / tag, manifest, hashes=False)
         if problems:  # never resume from a damaged copy
             raise RuntimeError(f"checkpoint {tag} is damaged: {ckpt.describe(problems)}")
-        self.engine.load_checkpoint(str(self.ckpt_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        stale = ckpt.drop_unlisted(self.ckpt_root / tag, manifest)
+        if stale and self.rank == 0:
+            self.log(f"{tag}: ignored {len(stale)} file(s) its manifest does not list, left by an unfinished save: {stale[:3]}")
+        load_dir = self.ckpt_root
+        if self.saved_world != self.world:  # re-partition the ZeRO-2 state for this worker count
+            load_dir = reshard.to_universal(self.ckpt_root / tag, self.run_dir / f"universal-rank{self.rank}")
+        self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_dir != self.ckpt_root:
+            shutil.rmtree(load_dir)
         self.load_state_dict(ckpt.read_trainer_state(self.ckpt_root / tag))
         self.last_loss = ckpt.read_complete(self.ckpt_root / tag).get("loss", float("nan"))
         self.metrics.resumed_at(self.step, self.ckpt_root / tag / METRICS)
         exact = ckpt.load_rank_state(self.ckpt_root / tag, self.rank)
         if self.rank == 0:
-            self.log(f"resumed from {tag} (step {self.step}, {self.tokens:,} tokens){'' if exact else '; RNG streams re-seeded (new rank)'}")
+            how = f"; written by {self.saved_world} workers, ZeRO-2 state re-partitioned for {self.world}" if load_dir != self.ckpt_root else ""
+            self.log(f"resumed from {tag} (step {self.step}, {self.tokens:,} tokens){how}"
+                     f"{'' if exact else '; RNG streams re-seeded (new rank)'}")
 
     # -- one optimizer step ----------------------------------------------------------
     def _batch(self, micro: int):

@@ -52,6 +52,22 @@ def test_completeness_and_selection(tmp_path):
     assert ckpt.verify(d4, ckpt.read_complete(d4)["files"], hashes=False) == {}
 
 
+def test_leftovers_of_an_unfinished_save_of_the_same_step(tmp_path):
+    """A preempted 2-worker run uploaded part of step 6; the 1-worker rerun saved step 6 over it."""
+    d = _fake_checkpoint(tmp_path, "step_00000006", {"zero_pp_rank_0_mp_rank_00_optim_states.pt": b"new", "hf/a": b"x"})
+    for stale in ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001.pt"):
+        (d / stale).write_bytes(b"old shard")
+    info = list_checkpoints(Storage(str(tmp_path / "step_00000006")))[0]
+    assert info.complete and info.size == len(b"new") + 1 + (d / ckpt.COMPLETE).stat().st_size  # the manifest's files
+    assert ckpt.drop_unlisted(d, ckpt.read_complete(d)["files"]) == ["rank_00001.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert sorted(f.name for f in d.iterdir()) == ["COMPLETE", "hf", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    ckpt.clear_incomplete(d)
+    assert d.is_dir()  # complete: kept
+    (d / ckpt.COMPLETE).unlink()
+    ckpt.clear_incomplete(d)
+    assert not d.exists()
+
+
 def test_manifest_owner_of_rank_files(tmp_path):
     for name in ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001.pt", "mp_rank_00_model_states.pt", "rank_00000.pt"):
         (tmp_path / name).write_bytes(b"x")
