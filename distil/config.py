@@ -186,6 +186,10 @@ class StorageSection(_Strict):
     uri: str = Field("runs", description="Where runs are kept: a local folder or s3://bucket/prefix.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2); unset: AWS.")
     region: str | None = Field(None, description="S3 region; unset: from the AWS environment/profile.")
+    max_attempts: int = Field(10, ge=1, le=30, description=(
+        "Tries per S3 request of a Ray run (uploads, restores, Ray's own records) with exponential backoff "
+        "capped at 20 s: 10 ride out an outage of about a minute; a longer one fails the upload and Ray "
+        "restarts the worker group from the last registered checkpoint."))
 
 
 class ScalingSection(_Strict):

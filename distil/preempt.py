@@ -66,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     done_marker().unlink(missing_ok=True)
     marker().parent.mkdir(parents=True, exist_ok=True)
     marker().write_text(str(time.time()))
-    deadline = time.monotonic() + args.timeout
+    start = time.monotonic()
+    deadline = start + args.timeout
     while time.monotonic() < deadline:
         if done_marker().exists():
-            print(f"distil: checkpoint at step {done_marker().read_text().strip()} persisted before shutdown", flush=True)
+            print(f"distil: checkpoint at step {done_marker().read_text().strip()} persisted before shutdown, "
+                  f"{time.monotonic() - start:.1f}s after the drain began", flush=True)
             return 0
         time.sleep(0.5)
     print(f"distil: no checkpoint acknowledged within {args.timeout:.0f}s; shutting down anyway", file=sys.stderr, flush=True)

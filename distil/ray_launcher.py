@@ -75,13 +75,11 @@ def _storage(cfg: DistilConfig):
     uri = cfg.storage.uri
     if not uri.startswith("s3://"):
         return str(Path(uri).expanduser().resolve()), None
-    from pyarrow import fs
-
+    from distil.arrow_fs import s3_filesystem
     from distil.storage import split_s3
 
     bucket, prefix = split_s3(uri)
-    filesystem = fs.S3FileSystem(endpoint_override=cfg.storage.endpoint_url, region=cfg.storage.region or "us-east-1",
-                                 scheme="http" if (cfg.storage.endpoint_url or "").startswith("http://") else "https")
+    filesystem = s3_filesystem(cfg.storage.endpoint_url, cfg.storage.region or "us-east-1", cfg.storage.max_attempts)
     return f"{bucket}/{prefix}".rstrip("/"), filesystem
 
 

@@ -274,3 +274,91 @@ def test_preempted_then_resumed_on_fewer_workers(tmp_path, s3_run):
     # One rank's shard and RNG state now; the rest of the checkpoint as before.
     assert sorted(read("runs/t", "COMPLETE")["files"]) == sorted(
         k for k in read("ref/t", "COMPLETE")["files"] if "rank_1_" not in k and k != "rank_00001.pt")
+
+
+class CuttableProxy:
+    """A loopback TCP proxy in front of the S3 endpoint. `cut()` plays an object store that goes
+    away: open connections are reset and new ones are reset on arrival (and counted, so a test
+    can tell that the outage was actually hit); `restore()` brings it back."""
+
+    def __init__(self, upstream_port: int):
+        import socket
+        import threading
+
+        self._socket, self._threading = socket, threading
+        self.upstream_port, self.refused, self.is_cut = upstream_port, 0, False
+        self._conns: list = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            self.is_cut = True
+            for c in self._conns:
+                self._reset(c)
+            self._conns.clear()
+
+    def restore(self) -> None:
+        with self._lock:
+            self.is_cut = False
+
+    def _reset(self, sock) -> None:
+        import struct
+
+        try:  # linger 0: close sends RST, as a vanished host's network does
+            sock.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            with self._lock:
+                if self.is_cut:
+                    self.refused += 1
+                    self._reset(client)
+                    continue
+                upstream = self._socket.create_connection(("127.0.0.1", self.upstream_port))
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+
+def test_s3_outage_during_uploads_ends_in_a_complete_run(tmp_path, s3_run, s3_endpoint):
+    """The object store unreachable for 20 s while checkpoints are uploaded: requests are retried
+    with backoff (storage.max_attempts), the run completes, and nothing incomplete is resumed."""
+    s3, bucket, cfg = s3_run
+    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    cfg["storage"]["endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
+    cfg["train"]["max_steps"] = 20
+    cfg["checkpoint"]["every_steps"] = 2
+    cfg["checkpoint"]["keep_last"] = 20  # keep every checkpoint, to check the ones resumed from
+    proc = ray_job(write_config(tmp_path / "c.yaml", cfg), wait=False)
+    wait_registered(s3, bucket, "runs/t", "step_00000004", proc)
+    proxy.cut()
+    time.sleep(20)
+    proxy.restore()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert proxy.refused > 0, "no request reached the store during the outage: the test proved nothing"
+    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read())["step"] == 20
+    # Every checkpoint a worker group resumed from (if the outage outlasted the retries) was complete.
+    for tag in re.findall(r"resumed from (step_\d{8})", out):
+        assert f"runs/t/{tag}/COMPLETE" in keys(s3, bucket, f"runs/t/{tag}/")
