@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="distil-drain-"))
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      HF_HUB_OFFLINE="1", DISTIL_PREEMPT_FILE=str(work / "preempt"), DISTIL_PREEMPT_WAIT="3600")
+                      HF_HUB_OFFLINE="1", RAY_ADDRESS="local", DISTIL_PREEMPT_FILE=str(work / "preempt"), DISTIL_PREEMPT_WAIT="3600")
     server, url = moto(work / "moto.log")
     job = None
     try:

@@ -270,6 +270,9 @@ class Trainer:
         self.metrics.flush()
         if self.rank == 0:
             self.store.publish(self.run_dir)
+        # Ray's report() does not wait for the other ranks' uploads: a drained pod must not be
+        # told "persisted" (and go) while another rank is still uploading its shard.
+        dist.barrier()
 
     def maybe_resume(self) -> None:
         tag = self.resume_tag

@@ -26,8 +26,8 @@ def ray_job(config: Path, *overrides: str, wait=True, timeout=900, extra_env: di
     args = [sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(config)]
     for o in overrides:
         args += ["--set", o]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", **(extra_env or {})}
-    env.pop("RAY_ADDRESS", None)
+    # RAY_ADDRESS=local: a Ray instance of its own, even if one outlived an earlier test.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", "RAY_ADDRESS": "local", **(extra_env or {})}
     # A session of its own: killing the driver's group also kills the local Ray it started.
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
@@ -185,6 +185,10 @@ def test_pod_drain_checkpoints_then_the_group_restarts_from_it(tmp_path, s3_run)
     assert m, hook.stdout + hook.stderr
     step = int(m.group(1))
     assert 1 <= step < 20
+    # "Persisted" means every rank's upload is done, not just that of the rank which answered.
+    uploaded = set(keys(s3, bucket, f"runs/t/step_{step:08d}/"))
+    assert {f"runs/t/step_{step:08d}/{n}" for n in ("COMPLETE", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                    "zero_pp_rank_1_mp_rank_00_optim_states.pt")} <= uploaded
     wait_registered(s3, bucket, "runs/t", f"step_{step:08d}", proc)
     marker.unlink()  # the pod's /tmp goes with it
     victims = _worker_pids(proc.pid)
