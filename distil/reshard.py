@@ -21,12 +21,13 @@ import io
 import shutil
 from pathlib import Path
 
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
-# Saved in every checkpoint's model states, so DeepSpeed's own `ds_to_universal` script also
-# converts our checkpoints without `--inject_missing_state`.
-UNIVERSAL_INFO = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+def universal_info() -> dict:
+    """Client state saved in every checkpoint's model states, so that DeepSpeed's own
+    `ds_to_universal` script converts our checkpoints without `--inject_missing_state`."""
+    from deepspeed.checkpoint import constants as c  # deepspeed is imported only where it runs
+
+    return {c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def to_universal(ckpt_dir: Path, out_root: Path) -> Path:

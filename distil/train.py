@@ -248,7 +248,7 @@ class Trainer:
         if self.rank == 0:
             ckpt.clear_incomplete(self.ckpt_root / tag)
         dist.barrier()
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=reshard.UNIVERSAL_INFO, save_latest=False)
+        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=reshard.universal_info(), save_latest=False)
         ckpt.save_rank_state(self.ckpt_root / tag, self.rank)
         dist.barrier()
         # Every rank hashes the files it wrote (a Ray worker sees only its own); rank 0's are

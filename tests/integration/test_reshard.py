@@ -72,6 +72,8 @@ def test_resume_on_another_worker_count_repartitions_zero2_state(two_rank_run, t
     # ZeRO's alignment padding, which differs with the world size and holds zeros).
     loaded = [torch.load(probe / f"rank{r}.pt") for r in range(workers)]
     saved = saved_partitions(a_root / STEP3)
+    model_states = torch.load(a_root / STEP3 / "mp_rank_00_model_states.pt", weights_only=False)
+    assert "universal_checkpoint_info" in model_states  # DeepSpeed's ds_to_universal converts it as it is
     for key, groups in saved.items():
         for g, want in enumerate(groups):
             got = torch.cat([part[key][g] for part in loaded])
