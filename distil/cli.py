@@ -208,6 +208,8 @@ def _add_k8s_commands(sub) -> None:
     status = ks.add_parser("status", help="job, cluster and pod state, and the latest checkpoint")
     status.add_argument("--json", action="store_true", help="print JSON")
     resume = ks.add_parser("resume", help="re-create a RayJob that ended (e.g. out of retries): it resumes from storage")
+    resume.add_argument("--workers", type=int, help="worker pods of the resumed job (default: as before); its ZeRO-2 state "
+                                                    "is re-partitioned for the new count")
     for q in (status, resume):
         q.add_argument("run", help="the run name (run.name, or the name `distil config` prints)")
     for q in (p, status, resume):
@@ -236,7 +238,7 @@ def _run_k8s_command(args) -> None:
         report = k8s.status(k8s.clients(args.kubeconfig, args.context), args.namespace, args.run)
         print(json.dumps(report) if args.json else "\n".join(f"{k:18s} {v}" for k, v in report.items()))
     else:
-        name = k8s.resume(k8s.clients(args.kubeconfig, args.context), args.namespace, args.run)
+        name = k8s.resume(k8s.clients(args.kubeconfig, args.context), args.namespace, args.run, workers=args.workers)
         print(f"RayJob {args.namespace}/{name} re-created: it resumes from the run's latest checkpoint")
 
 

@@ -2,7 +2,7 @@
 
     distil k8s submit --config C --image IMG [--workers N --gpus-per-pod G ...]   ConfigMap + RayJob
     distil k8s status RUN                      RayJob, RayCluster and pod state, latest checkpoint
-    distil k8s resume RUN                      re-create a RayJob that ended without finishing
+    distil k8s resume RUN [--workers N]        re-create a RayJob that ended without finishing
 
 The RayJob is named after the run (`run.name`, or the derived name), so a re-created job
 resumes from that run's latest checkpoint in storage. The objects match what the Helm chart
@@ -213,19 +213,24 @@ def _latest_checkpoint(cfg: DistilConfig) -> dict | None:
     return {"uri": uri, "step": done[-1].step if done else None, "tokens": done[-1].meta.get("tokens") if done else None}
 
 
-def resume(api, namespace: str, run: str, wait_s: float = 120.0) -> str:
-    """Delete an ended RayJob and create it again with the same spec: it resumes from storage."""
+def resume(api, namespace: str, run: str, wait_s: float = 120.0, workers: int | None = None) -> str:
+    """Delete an ended RayJob and create it again with the same spec: it resumes from storage.
+    `workers`: worker pods of the new job (spot capacity came back smaller or larger); the run
+    continues from its checkpoint with the ZeRO-2 state re-partitioned (distil/reshard.py)."""
     from kubernetes.client.exceptions import ApiException
 
-    _, custom, ext = api
+    core, custom, ext = api
     name = k8s_name(run)
     with _api_errors(f"resuming {name}"):
         job = _read_job(custom, ext, namespace, name)
         state = job.get("status", {}).get("jobDeploymentStatus")
         if state not in ENDED:
             raise UserError(f"RayJob {name} is {state or 'starting'}, not ended", fix="wait for it to end, or follow it with `distil k8s status`")
+        spec = job["spec"]
+        if workers is not None:
+            spec = _with_workers(spec, workers, core.read_namespaced_config_map(f"{name}-config", namespace).data["config.yaml"])
         meta = job["metadata"]
-        fresh = {"apiVersion": job["apiVersion"], "kind": job["kind"], "spec": job["spec"],
+        fresh = {"apiVersion": job["apiVersion"], "kind": job["kind"], "spec": spec,
                  "metadata": {"name": name, "namespace": namespace, "labels": meta.get("labels", {}),
                               "annotations": {**(meta.get("annotations") or {}),
                                               "distil-run/resumed-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}}
@@ -243,3 +248,27 @@ def resume(api, namespace: str, run: str, wait_s: float = 120.0) -> str:
             time.sleep(1.0)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, fresh)
     return name
+
+
+def _with_workers(spec: dict, workers: int, config_yaml: str) -> dict:
+    """The RayJob spec with `workers` worker pods, and the training worker count to match (a
+    `--set` on the entrypoint: the ConfigMap keeps the config as submitted)."""
+    import copy
+
+    import yaml
+
+    if workers < 1:
+        raise UserError(f"--workers {workers}: a run needs at least one worker pod", where="--workers")
+    spec = copy.deepcopy(spec)
+    group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = int(group.get("rayStartParams", {}).get("num-gpus", "1"))
+    ranks = workers * gpus
+    t = DistilConfig.model_validate(yaml.safe_load(config_yaml)).train
+    if t.global_batch_size % (t.micro_batch_size * ranks):
+        raise UserError(f"--workers {workers}: {ranks} training workers x micro_batch_size {t.micro_batch_size} does not divide "
+                        f"global_batch_size {t.global_batch_size}", where="--workers",
+                        fix="pick a worker count for which it does (the global batch stays the same across a resume)")
+    group.update(replicas=workers, minReplicas=workers, maxReplicas=workers)
+    entry = re.sub(r" --set scaling\.num_workers=\d+", "", spec["entrypoint"])
+    spec["entrypoint"] = f"{entry} --set scaling.num_workers={ranks}"
+    return spec

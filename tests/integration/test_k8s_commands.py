@@ -105,7 +105,7 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     path, s3, bucket = run_config
     install_kuberay_crds(ext)
     r = k8s(kubeconfig, "submit", "-c", str(path), "--image", "img:1", "-n", NS, "--workers", "2", "--gpus-per-pod", "4",
-            "--credentials-secret", "distil-s3", "--backoff-limit", "5")
+            "--credentials-secret", "distil-s3", "--backoff-limit", "5", "--set", "train.global_batch_size=32")
     assert r.returncode == 0, r.stderr
     job = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")
     assert not list(crd_validator("RayJob").iter_errors(job))  # the real ray.io/v1 schema, unknown fields as errors
@@ -150,6 +150,22 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     fresh = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")
     assert "status" not in fresh and fresh["spec"] == spec  # the same job, without its old state
     assert "distil-run/resumed-at" in fresh["metadata"]["annotations"]
+
+    # Capacity came back smaller: 1 pod of 4 GPUs. 3 pods x 4 = 12 ranks do not divide the global batch.
+    set_status = {"status": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}}
+    custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1", set_status)
+    bad = k8s(kubeconfig, "resume", "Distil_Run.1", "-n", NS, "--workers", "3")
+    assert bad.returncode == 2 and "does not divide global_batch_size" in bad.stderr, bad.stderr
+    assert "status" in custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")  # untouched
+    for _ in range(2):  # twice: the entrypoint carries one worker count, the latest
+        r = k8s(kubeconfig, "resume", "Distil_Run.1", "-n", NS, "--workers", "1")
+        assert r.returncode == 0, r.stderr
+        custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1", set_status)
+    smaller = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")["spec"]
+    group = smaller["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 1)
+    assert smaller["entrypoint"] == "python jobs/distill.py --config /etc/distil/config.yaml --set scaling.num_workers=4"
+    assert not list(crd_validator("RayJob").iter_errors({**fresh, "spec": smaller}))
 
 
 def test_submit_refuses_local_storage(cluster, run_config, tmp_path):
