@@ -196,7 +196,7 @@ def _fast_step(a, device, dtype, engine: bool):
         engine_, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, a.precision, 1))
 
         def step(masked, attn, labels):
-            terms = distillation_forward(engine_, teacher, loss_fn, masked, attn, labels)
+            terms = distillation_forward(engine_, teacher, loss_fn, masked, attn, labels, device=device)
             engine_.backward(terms["loss"])
             engine_.step()
             return terms["loss"]
@@ -209,7 +209,7 @@ def _fast_step(a, device, dtype, engine: bool):
 
     def step(masked, attn, labels):
         with autocast:
-            terms = distillation_forward(model, teacher, loss_fn, masked, attn, labels)
+            terms = distillation_forward(model, teacher, loss_fn, masked, attn, labels, device=device)
         scaler.scale(terms["loss"]).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0, foreach=True)
@@ -253,7 +253,11 @@ def run_variant(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     step = _reference_step(a, device, dtype) if a.variant == "reference" else _fast_step(a, device, dtype, a.variant == "fast-deepspeed")
-    batches = [tuple(t.to(device) for t in b) for b in _batches(a, a.warmup + a.steps)]  # prepared ahead
+    # Prepared ahead on the host, as the training loop's are; the fast step sends them to the
+    # device itself (after finding the loss rows on the host), the reference is handed them there.
+    batches = _batches(a, a.warmup + a.steps)
+    if a.variant == "reference":
+        batches = [tuple(t.to(device) for t in b) for b in batches]
     for b in batches[:1]:
         step(*b)  # allocates the optimizer state: the baseline below includes it
     _sync(device)

@@ -16,6 +16,8 @@ for mlm; recipe 'masked' reads masked tokens only for every term.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,29 @@ def loss_positions(recipe: str, attention_mask: torch.Tensor, labels: torch.Tens
     """Flat indices (into B*L) of the positions the distillation terms read."""
     keep = labels.reshape(-1) != IGNORE if recipe == "masked" else attention_mask.reshape(-1).bool()
     return torch.nonzero(keep).squeeze(1)
+
+
+@dataclass
+class Rows:
+    """Which rows the terms read, worked out on the host with the batch: `nonzero` or a count
+    on a GPU tensor makes the host wait for the GPU, which would stall the step's launches."""
+
+    positions: torch.Tensor  # flat B*L indices of the rows the distillation terms read
+    targets: torch.Tensor  # the labels at those rows (IGNORE where not masked)
+    mlm_rows: torch.Tensor  # indices into `positions` of the masked rows
+    mlm_rows_host: torch.Tensor  # the same, on the host: per-chunk slices without a sync
+    n_masked: int
+
+    @classmethod
+    def of(cls, recipe: str, attention_mask: torch.Tensor, labels: torch.Tensor) -> "Rows":
+        positions = loss_positions(recipe, attention_mask.cpu(), labels.cpu())
+        targets = labels.cpu().reshape(-1).index_select(0, positions)
+        mlm = torch.nonzero(targets != IGNORE).squeeze(1)
+        return cls(positions, targets, mlm, mlm, len(mlm))
+
+    def to(self, device: torch.device) -> "Rows":
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t.to(device))
+        return Rows(move(self.positions), move(self.targets), move(self.mlm_rows), self.mlm_rows_host, self.n_masked)
 
 
 def kl_with_temperature(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, chunk: int = 4096) -> torch.Tensor:
@@ -79,7 +104,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     nor kept for the backward. Also returns the three terms, detached, for logging."""
 
     @staticmethod
-    def forward(ctx, s_feat, s_w, s_b, t_feat, t_w, t_b, targets, temperature, a_kl, a_mlm, a_mse, chunk):
+    def forward(ctx, s_feat, s_w, s_b, t_feat, t_w, t_b, targets, mlm_rows, mlm_rows_host, temperature, a_kl, a_mlm, a_mse, chunk):
         n, v = s_feat.shape[0], s_w.shape[0]
         grad = any(ctx.needs_input_grad[:3])  # (grad mode is off inside forward)
         acc = torch.float32
@@ -87,13 +112,15 @@ class _FusedHeadLoss(torch.autograd.Function):
         g_w = torch.zeros(s_w.shape, dtype=acc, device=s_w.device) if grad else None
         g_b = torch.zeros(v, dtype=acc, device=s_w.device) if grad and s_b is not None else None
         sums = torch.zeros(3, dtype=torch.float64, device=s_feat.device)  # kl, mlm, mse
-        n_masked = max(int((targets != IGNORE).sum()), 1) if a_mlm else 1
+        n_masked = max(len(mlm_rows_host), 1)
+        # Each chunk's masked rows, sliced by bounds found on the host (no device sync).
+        bounds = torch.searchsorted(mlm_rows_host, torch.arange(0, n + chunk, chunk)).tolist()
         T = temperature
-        kl_coef = torch.tensor(a_kl * T / max(n, 1), device=s_feat.device)
+        kl_coef = torch.full((), a_kl * T / max(n, 1), device=s_feat.device)  # a fill kernel, not a copy from the host
         dev = s_feat.device.type
         # Under autocast the GEMMs below must run in its dtype too (an in-place fp32 GEMM would not).
         compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_feat.dtype
-        for i in range(0, n, chunk):
+        for c, i in enumerate(range(0, n, chunk)):
             f = s_feat[i:i + chunk]
             g = None  # d loss / d logits of this chunk
             s_T = None
@@ -109,20 +136,20 @@ class _FusedHeadLoss(torch.autograd.Function):
                     d.mul_(a_mse * 2.0 / (n * v))
                     g = d if g is None else g.add_(d)
                 del d
-            if a_mlm:
-                rows = torch.nonzero(targets[i:i + chunk] != IGNORE).squeeze(1)
-                if len(rows):
-                    tgt = targets[i:i + chunk].index_select(0, rows)
-                    s_rows = (s_T.index_select(0, rows).float().mul_(T) if s_T is not None
-                              else F.linear(f.index_select(0, rows), s_w, s_b).float())
-                    lsm = F.log_softmax(s_rows, dim=-1)
-                    sums[1] -= lsm.gather(1, tgt[:, None]).sum()
-                    if grad:  # d CE / ds = softmax(s) - onehot
-                        p = lsm.exp_()
-                        p[torch.arange(len(rows), device=p.device), tgt] -= 1.0
-                        if g is None:
-                            g = torch.zeros(f.shape[0], v, dtype=p.dtype, device=p.device)
-                        g.index_add_(0, rows, p, alpha=a_mlm / n_masked)
+            if a_mlm and bounds[c + 1] > bounds[c]:
+                at = mlm_rows[bounds[c]:bounds[c + 1]]  # this chunk's masked rows
+                rows = at - i
+                tgt = targets.index_select(0, at)
+                s_rows = (s_T.index_select(0, rows).float().mul_(T) if s_T is not None
+                          else F.linear(f.index_select(0, rows), s_w, s_b).float())
+                lsm = F.log_softmax(s_rows, dim=-1)
+                sums[1] -= lsm.gather(1, tgt[:, None]).sum()
+                if grad:  # d CE / ds = softmax(s) - onehot
+                    p = lsm.exp_()
+                    p[torch.arange(p.shape[0], device=p.device), tgt] -= 1.0
+                    if g is None:
+                        g = torch.zeros(f.shape[0], v, dtype=p.dtype, device=p.device)
+                    g.index_add_(0, rows, p, alpha=a_mlm / n_masked)
             del s_T
             if grad and g is not None:
                 g = g.to(compute)
@@ -146,20 +173,29 @@ class _FusedHeadLoss(torch.autograd.Function):
         g_feat, g_w, g_b = ctx.saved_tensors
         scale = grad_loss.to(g_feat.dtype)
         return (g_feat * scale, g_w * scale.to(g_w.dtype), None if g_b is None else g_b * scale.to(g_b.dtype),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_head_loss(s_head: HeadOutput, t_head: HeadOutput, targets: torch.Tensor, temperature: float,
-                    a_kl: float, a_mlm: float, a_mse: float, chunk: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    a_kl: float, a_mlm: float, a_mse: float, chunk: int | None = None,
+                    rows: Rows | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(weighted sum of the head terms, {term: detached value}); targets are the labels at the rows.
     chunk: rows per chunk; by default as many as keep one fp32 [rows x vocab] buffer near
-    64 MiB on CPU (cache-friendly passes) or 512 MiB on GPU (few, large kernels)."""
+    64 MiB on CPU (cache-friendly passes) or 512 MiB on GPU (few, large kernels).
+    rows: the masked rows found on the host (the training path); without it they are found
+    here, at the cost of one device sync."""
     if chunk is None:
         budget = 2**27 if s_head.features.is_cuda else 2**24
         chunk = max(64, budget // s_head.weight.shape[0])
+    if rows is None:
+        mlm_host = torch.nonzero(targets.cpu() != IGNORE).squeeze(1)
+        mlm_rows = mlm_host.to(targets.device)
+    else:
+        mlm_rows, mlm_host = rows.mlm_rows, rows.mlm_rows_host
     loss, terms = _FusedHeadLoss.apply(s_head.features, s_head.weight, s_head.bias, t_head.features.detach(),
                                        t_head.weight.detach(), None if t_head.bias is None else t_head.bias.detach(),
-                                       targets, float(temperature), float(a_kl), float(a_mlm), float(a_mse), chunk)
+                                       targets, mlm_rows, mlm_host, float(temperature), float(a_kl), float(a_mlm),
+                                       float(a_mse), chunk)
     names = [k for k, a in (("kl", a_kl), ("mlm", a_mlm), ("mse", a_mse)) if a]
     return loss, {k: terms[i] for i, k in enumerate(("kl", "mlm", "mse")) if k in names}
 
@@ -186,8 +222,10 @@ class DistillationLoss:
              "mse_hidden": c.alpha_mse_hidden, "cos_intermediate": c.alpha_cos_intermediate}
         return {k: v for k, v in w.items() if v > 0}
 
-    def __call__(self, s_hidden, t_hidden, s_logits, t_logits, positions: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, s_hidden, t_hidden, s_logits, t_logits, positions: torch.Tensor, labels: torch.Tensor,
+                 rows: Rows | None = None) -> dict[str, torch.Tensor]:
         """s/t_hidden: tuples of [B, L, H]; s/t_logits: [len(positions), V] or None; labels: [B, L].
+        rows: `positions` and what follows from them, found on the host (see Rows).
         Returns every active term (unweighted) and 'loss', their weighted sum."""
         w = self.weights()
         h = s_hidden[-1].shape[-1]
@@ -199,9 +237,9 @@ class DistillationLoss:
         head_loss = None
         if isinstance(s_logits, HeadOutput):
             if isinstance(t_logits, HeadOutput):  # the fast path: logits a chunk at a time
-                targets = labels.reshape(-1).index_select(0, positions)
+                targets = rows.targets if rows is not None else labels.reshape(-1).index_select(0, positions)
                 head_loss, head_terms = fused_head_loss(s_logits, t_logits, targets, self.cfg.temperature,
-                                                        w.get("kl", 0.0), w.get("mlm", 0.0), w.get("mse", 0.0))
+                                                        w.get("kl", 0.0), w.get("mlm", 0.0), w.get("mse", 0.0), rows=rows)
                 terms.update(head_terms)
             else:
                 s_logits = s_logits.logits()
@@ -229,13 +267,22 @@ class DistillationLoss:
         return terms
 
 
-def distillation_forward(model, teacher, loss: DistillationLoss, masked, attn, labels) -> dict[str, torch.Tensor]:
+def distillation_forward(model, teacher, loss: DistillationLoss, masked, attn, labels,
+                         device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Teacher forward (no grad) and student forward, then the loss terms. Only the positions a
     loss reads go through the LM heads, and their logits are made a chunk at a time inside the
-    loss (HeadOutput), never as one [positions x vocab] tensor."""
-    positions = loss_positions(loss.cfg.recipe, attn, labels)
-    logit_positions = positions if loss.cfg.needs_logits else None
+    loss (HeadOutput), never as one [positions x vocab] tensor.
+
+    The batch comes from the host: which rows the terms read is worked out there (Rows), and the
+    batch is then sent to `device` (pinned, asynchronous on a GPU): the step has no device sync."""
+    device = device or masked.device
+    rows = Rows.of(loss.cfg.recipe, attn, labels).to(device)
+    if device.type == "cuda":
+        masked, attn, labels = (t.pin_memory().to(device, non_blocking=True) for t in (masked, attn, labels))
+    else:
+        masked, attn, labels = (t.to(device) for t in (masked, attn, labels))
+    logit_positions = rows.positions if loss.cfg.needs_logits else None
     with torch.no_grad():
         t_hidden, t_logits = teacher(masked, attn, logit_positions, lazy_logits=True)
     s_hidden, s_logits = model(masked, attn, logit_positions, lazy_logits=True)
-    return loss(s_hidden, t_hidden, s_logits, t_logits, positions, labels)
+    return loss(s_hidden, t_hidden, s_logits, t_logits, rows.positions, labels, rows=rows)

@@ -309,8 +309,7 @@ class Trainer:
         return masked, attn, labels, int(attn.sum())
 
     def _forward(self, model, teacher, masked, attn, labels):
-        masked, attn, labels = (t.to(self.device, non_blocking=True) for t in (masked, attn, labels))
-        return distillation_forward(model, teacher, self.loss, masked, attn, labels)
+        return distillation_forward(model, teacher, self.loss, masked, attn, labels, device=self.device)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}

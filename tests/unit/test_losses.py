@@ -155,3 +155,38 @@ def test_fused_head_loss_chunks_agree():
         loss.backward()
         out.append((loss.detach(), x.grad))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5, rtol=0) and torch.allclose(out[0][1], out[1][1], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", ["distilbert", "masked"])
+def test_rows_found_on_the_host(recipe):
+    """The training path finds the loss rows on the host (no device sync in the step): the same
+    rows, targets and masked rows as on the device, and the same loss, chunk by chunk."""
+    from distil.losses import Rows, fused_head_loss
+    from distil.model import HeadOutput
+
+    g = torch.Generator().manual_seed(3)
+    attn = torch.ones(4, 12, dtype=torch.long)
+    attn[1, 7:] = 0
+    labels = torch.full((4, 12), -100)
+    chosen = torch.rand(4, 12, generator=g) < 0.3
+    labels[chosen] = torch.randint(0, 50, (int(chosen.sum()),), generator=g)
+    labels[attn == 0] = -100
+    rows = Rows.of(recipe, attn, labels)
+    pos = loss_positions(recipe, attn, labels)
+    targets = labels.reshape(-1)[pos]
+    assert torch.equal(rows.positions, pos) and torch.equal(rows.targets, targets)
+    assert rows.mlm_rows.tolist() == [i for i, t in enumerate(targets.tolist()) if t != -100]
+    assert rows.n_masked == int((labels != -100).sum()) > 0
+    n, hf, v = len(pos), 8, 50
+    feats = torch.randn(n, hf, generator=g)
+    w, b = torch.randn(v, hf, generator=g), torch.randn(v, generator=g)
+    t = HeadOutput(torch.randn(n, hf, generator=g), torch.randn(v, hf, generator=g), torch.randn(v, generator=g))
+    out = []
+    for given in (rows, None):
+        x = feats.clone().requires_grad_()
+        loss, terms = fused_head_loss(HeadOutput(x, w, b), t, targets, 2.0, 5.0, 2.0, 0.5, chunk=5, rows=given)
+        loss.backward()
+        out.append((loss.detach(), terms["mlm"], x.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    ce = F.cross_entropy(feats[rows.mlm_rows] @ w.T + b, targets[rows.mlm_rows])
+    assert torch.allclose(out[0][1], ce, rtol=1e-5)
