@@ -150,7 +150,7 @@ def drop_unlisted(ckpt_dir: Path, manifest: dict[str, dict]) -> list[str]:
     stale = [f for f in ckpt_dir.rglob("*") if f.is_file() and f.relative_to(ckpt_dir).as_posix() not in manifest
              and f.name != COMPLETE]
     for f in stale:
-        f.unlink()
+        f.unlink(missing_ok=True)  # ranks sharing a disk (torchrun) all do this
     return sorted(f.relative_to(ckpt_dir).as_posix() for f in stale)
 
 
