@@ -37,7 +37,8 @@ def requested() -> bool:
 
 def acknowledge(step: int) -> None:
     """The checkpoint of `step` is persisted: the preStop hook may return."""
-    tmp = done_marker().with_name(done_marker().name + ".tmp")
+    # One name per process: several ranks of a pod (one per GPU) acknowledge at the same moment.
+    tmp = done_marker().with_name(f"{done_marker().name}.tmp.{os.getpid()}")
     tmp.write_text(str(step))
     os.replace(tmp, done_marker())
 

@@ -292,6 +292,7 @@ class Trainer:
         if load_dir != self.ckpt_root:
             shutil.rmtree(load_dir)
         self.load_state_dict(ckpt.read_trainer_state(self.ckpt_root / tag))
+        self._saved_step = self.step  # that step's checkpoint exists: a drain right now needs no new one
         self.last_loss = ckpt.read_complete(self.ckpt_root / tag).get("loss", float("nan"))
         self.metrics.resumed_at(self.step, self.ckpt_root / tag / METRICS)
         exact = ckpt.load_rank_state(self.ckpt_root / tag, self.rank)

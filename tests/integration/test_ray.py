@@ -31,10 +31,26 @@ def ray_job(config: Path, *overrides: str, wait=True, timeout=900, extra_env: di
     # A session of its own: killing the driver's group also kills the local Ray it started.
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
+    _started.append(proc)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test():
+    """A test that fails half-way must not leave its run (and its local Ray) to the next test."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
 def keys(s3, bucket, prefix=""):

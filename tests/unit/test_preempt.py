@@ -41,3 +41,27 @@ def test_hook_never_blocks_beyond_its_timeout(tmp_path):
     r = hook({"DISTIL_PREEMPT_FILE": str(tmp_path / "preempt")}, "1")
     assert r.returncode == 0 and "no checkpoint acknowledged" in r.stderr
     assert time.monotonic() - t0 < 30
+
+
+def _acknowledge_many(n: int) -> None:
+    from distil import preempt
+
+    for _ in range(n):
+        preempt.acknowledge(5)
+
+
+def test_ranks_of_one_pod_acknowledge_at_once(tmp_path, monkeypatch):
+    """A pod with several GPUs runs several ranks, sharing /tmp: after the barrier that ends a
+    checkpoint they all acknowledge at the same moment (this raced and failed a Ray worker)."""
+    import multiprocessing
+
+    from distil import preempt
+
+    monkeypatch.setenv("DISTIL_PREEMPT_FILE", str(tmp_path / "preempt"))
+    procs = [multiprocessing.get_context("fork").Process(target=_acknowledge_many, args=(300,)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 6
+    assert preempt.done_marker().read_text() == "5" and sorted(f.name for f in tmp_path.iterdir()) == ["preempt.done"]
