@@ -278,7 +278,8 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
-        manifest = ckpt.read_complete(self.ckpt_root / tag)["files"]
+        complete = ckpt.read_complete(self.ckpt_root / tag)
+        manifest = complete["files"]
         problems = ckpt.verify(self.ckpt_root / tag, manifest, hashes=False)
         if problems:  # never resume from a damaged copy
             raise RuntimeError(f"checkpoint {tag} is damaged: {ckpt.describe(problems)}")
@@ -293,7 +294,7 @@ class Trainer:
             shutil.rmtree(load_dir)
         self.load_state_dict(ckpt.read_trainer_state(self.ckpt_root / tag))
         self._saved_step = self.step  # that step's checkpoint exists: a drain right now needs no new one
-        self.last_loss = ckpt.read_complete(self.ckpt_root / tag).get("loss", float("nan"))
+        self.last_loss = complete.get("loss", float("nan"))
         self.metrics.resumed_at(self.step, self.ckpt_root / tag / METRICS)
         exact = ckpt.load_rank_state(self.ckpt_root / tag, self.rank)
         if self.rank == 0:

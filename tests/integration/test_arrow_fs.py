@@ -4,6 +4,7 @@ import pickle
 import time
 
 import boto3
+import pytest
 from pyarrow import fs
 
 from distil.arrow_fs import s3_filesystem
@@ -47,10 +48,8 @@ def test_a_store_that_resets_every_connection_is_tried_max_attempts_times():
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     remote = pickle.loads(pickle.dumps(s3_filesystem(url, "us-east-1", 5)))
     try:
-        remote.get_file_info("bucket/key")
-        raise AssertionError("every connection was reset")
-    except OSError:
-        pass
+        with pytest.raises(OSError):  # every connection was reset
+            remote.get_file_info("bucket/key")
     finally:
         listener.close()
     assert len(tries) == 5

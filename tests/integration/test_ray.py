@@ -3,12 +3,16 @@ checkpoints in a real S3 endpoint (moto_server on loopback)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,9 +52,28 @@ def _no_job_outlives_its_test():
     while _started:
         proc = _started.pop()
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+            kill_driver(proc)
+
+
+def kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver and its session, then stop whatever of its local Ray outlived it (it must
+    not be joined by a rerun)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def reference_and_killed_run(tmp_path, s3, bucket, cfg, kill_after: str) -> Path:
+    """An uninterrupted run under s3://bucket/ref, then the same config under runs/, its driver
+    killed once checkpoint `kill_after` is registered; returns that run's config path."""
+    ref_cfg = {**cfg, "storage": {**cfg["storage"], "uri": f"s3://{bucket}/ref"}}
+    rc, out = ray_job(write_config(tmp_path / "ref.yaml", ref_cfg))
+    assert rc == 0, out[-4000:]
+    path = write_config(tmp_path / "c.yaml", cfg)
+    proc = ray_job(path, wait=False)
+    wait_registered(s3, bucket, "runs/t", kill_after, proc)
+    kill_driver(proc)
+    return path
 
 
 def keys(s3, bucket, prefix=""):
@@ -142,16 +165,7 @@ def test_bad_bucket_fails_before_workers_start(tmp_path, s3_run):
 def test_driver_killed_then_rerun_resumes_bitwise(tmp_path, s3_run):
     s3, bucket, cfg = s3_run
     cfg["train"]["max_steps"] = 20
-    ref_cfg = {**cfg, "storage": {**cfg["storage"], "uri": f"s3://{bucket}/ref"}}
-    rc, out = ray_job(write_config(tmp_path / "ref.yaml", ref_cfg))
-    assert rc == 0, out[-4000:]
-    path = write_config(tmp_path / "c.yaml", cfg)
-    proc = ray_job(path, wait=False)
-    wait_registered(s3, bucket, "runs/t", "step_00000008", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # Whatever of that local Ray outlived its driver must not be joined by the rerun.
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    path = reference_and_killed_run(tmp_path, s3, bucket, cfg, "step_00000008")
     done = [k for k in keys(s3, bucket, "runs/t/") if k.endswith("step_00000020/COMPLETE")]
     assert not done, "the driver must be killed before the run ends"
     rc, out = ray_job(path)
@@ -219,8 +233,6 @@ def test_pod_drain_checkpoints_then_the_group_restarts_from_it(tmp_path, s3_run)
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -271,15 +283,7 @@ def test_preempted_then_resumed_on_fewer_workers(tmp_path, s3_run):
     trains every remaining global batch once (same token count as an uninterrupted run)."""
     s3, bucket, cfg = s3_run
     cfg["train"]["max_steps"] = 20
-    ref_cfg = {**cfg, "storage": {**cfg["storage"], "uri": f"s3://{bucket}/ref"}}
-    rc, out = ray_job(write_config(tmp_path / "ref.yaml", ref_cfg))
-    assert rc == 0, out[-4000:]
-    path = write_config(tmp_path / "c.yaml", cfg)
-    proc = ray_job(path, wait=False)
-    wait_registered(s3, bucket, "runs/t", "step_00000004", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    path = reference_and_killed_run(tmp_path, s3, bucket, cfg, "step_00000004")
     rc, out = ray_job(path, "scaling.num_workers=1")
     assert rc == 0, out[-4000:]
     m = re.search(r"resumed from step_000000(04|08|12|16) .*written by 2 workers, ZeRO-2 state re-partitioned for 1", out)
@@ -302,10 +306,6 @@ class CuttableProxy:
     can tell that the outage was actually hit); `restore()` brings it back."""
 
     def __init__(self, upstream_port: int):
-        import socket
-        import threading
-
-        self._socket, self._threading = socket, threading
         self.upstream_port, self.refused, self.is_cut = upstream_port, 0, False
         self._conns: list = []
         self._lock = threading.Lock()
@@ -325,13 +325,9 @@ class CuttableProxy:
             self.is_cut = False
 
     def _reset(self, sock) -> None:
-        import struct
-
-        try:  # linger 0: close sends RST, as a vanished host's network does
-            sock.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):  # linger 0: close sends RST, as a vanished host's network does
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
-        except OSError:
-            pass
 
     def _accept(self) -> None:
         while True:
@@ -341,24 +337,21 @@ class CuttableProxy:
                     self.refused += 1
                     self._reset(client)
                     continue
-                upstream = self._socket.create_connection(("127.0.0.1", self.upstream_port))
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pump(src, dst) -> None:
         try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # the other side went, or the proxy was cut
+                while data := src.recv(65536):
+                    dst.sendall(data)
         finally:
             for s in (src, dst):
-                try:
-                    s.shutdown(2)
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
 
 
 def test_s3_outage_during_uploads_ends_in_a_complete_run(tmp_path, s3_run, s3_endpoint):
