@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the fast variants")
+    p.add_argument("--kl-kernel", choices=["auto", "eager", "compiled", "triton"], default=None,
+                   help="the fast variants' per-chunk KL: default auto (the fused Triton kernel on a GPU), "
+                        "compiled with --compile on CPU")
     p.add_argument("--data", action="store_true", help="also measure the input pipeline (tokenize, pack, mask) per CPU core")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
@@ -175,11 +178,11 @@ def _fast_step(a, device, dtype, engine: bool):
     teacher, student, layers = _models(a, "sdpa", device, dtype)
     teacher, model = MaskedLM(teacher), MaskedLM(student)
     if a.compile:
-        from distil.losses import use_compiled_kernels
-
         teacher.model.base_model.compile()
         model.model.base_model.compile()
-        use_compiled_kernels()
+    from distil.losses import set_kl_kernel
+
+    set_kl_kernel(a.kl_kernel or ("compiled" if a.compile and device.type == "cpu" else "auto"))
     loss_fn = DistillationLoss(_loss_config(a), layers)
     if engine:
         import deepspeed
@@ -284,7 +287,13 @@ def run_variant(a) -> dict:
     peak_flops = matmul_peak(device, dtype)
     return {"variant": a.variant, "step_ms": ms, "tokens_per_s": a.batch * a.seq / (ms / 1e3), "peak_mem_mib": peak / 2**20,
             "mfu": flops / (ms / 1e3) / peak_flops, "required_gflop": flops / 1e9, "matmul_peak_gflops": peak_flops / 1e9,
-            "first_loss": losses[0], "steps": len(times)}
+            "first_loss": losses[0], "steps": len(times), **_kl_kernel_field(a, device)}
+
+
+def _kl_kernel_field(a, device) -> dict:
+    from distil.losses import kl_kernel_in_use
+
+    return {} if a.variant == "reference" else {"kl_kernel": kl_kernel_in_use(device)}
 
 
 def measure_data_pipeline(seq: int) -> dict:

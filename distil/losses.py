@@ -74,26 +74,66 @@ def _scaled_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, sca
     return torch.addmm(b, x, w.t(), beta=scale, alpha=scale)
 
 
-def _kl_chunk(s_T: torch.Tensor, t_T: torch.Tensor, coef: torch.Tensor, want_grad: bool):
-    """One chunk's sum of KL(p_t || p_s) and coef * (p_s - p_t), its gradient w.r.t. the logits
-    (times T / n). Inputs are logits / T in any float dtype; the math is fp32. Eagerly, each op
-    is one pass over the chunk, in place where possible; compiled (use_compiled_kernels) the
-    passes fuse into a few kernels."""
+def _kl_chunk(s_T: torch.Tensor, t_T: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's sum of KL(p_t || p_s); writes coef * (p_s - p_t), its gradient w.r.t. the
+    logits (times T / n), into `out` when given. Inputs are logits / T in any float dtype; the
+    math is fp32. Eagerly each op is one pass over the chunk, in place where possible; compiled,
+    the passes fuse into a few kernels; on a GPU, distil.kl_kernel does it all in two passes."""
     lt = F.log_softmax(t_T.float(), dim=-1)
     ls = F.log_softmax(s_T.float(), dim=-1)
     pt = lt.exp()
     kl = torch.dot(pt.view(-1), lt.sub_(ls).view(-1))
-    g = ls.exp_().sub_(pt).mul_(coef) if want_grad else None
-    return kl, g
+    if out is not None:
+        torch.mul(ls.exp_().sub_(pt), coef, out=out)
+    return kl
 
 
-_kl_chunk_impl = _kl_chunk
+KL_KERNELS = ("auto", "eager", "compiled", "triton")
+_kl_kernel = "auto"
+_compiled_kl_chunk = None
 
 
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """torch.compile the per-chunk KL math (Triton kernels on GPU; a C++ compiler on CPU)."""
-    global _kl_chunk_impl
-    _kl_chunk_impl = torch.compile(_kl_chunk, dynamic=True) if enabled else _kl_chunk
+def set_kl_kernel(name: str) -> None:
+    """Which implementation computes each chunk's KL and its gradient: 'triton' (the fused
+    kernel in distil.kl_kernel, GPU), 'compiled' (torch.compile of the eager math: Triton on
+    GPU, C++ on CPU), 'eager', or 'auto' (triton on a GPU where Triton is installed, else eager)."""
+    global _kl_kernel, _compiled_kl_chunk
+    if name not in KL_KERNELS:
+        raise ValueError(f"unknown KL kernel {name!r} (one of {', '.join(KL_KERNELS)})")
+    if name == "compiled" and _compiled_kl_chunk is None:
+        _compiled_kl_chunk = torch.compile(_kl_chunk, dynamic=True)
+    _kl_kernel = name
+
+
+def kl_kernel_in_use(device: torch.device) -> str:
+    """The KL implementation chunks on this device run with ('auto' resolved)."""
+    from distil import kl_kernel
+
+    if _kl_kernel == "auto":
+        return "triton" if device.type == "cuda" and kl_kernel.available() else "eager"
+    return _kl_kernel
+
+
+def _kl_chunk_impl(s_T, t_T, coef, out):
+    from distil import kl_kernel
+
+    name = kl_kernel_in_use(s_T.device)
+    if name == "triton":
+        return kl_kernel.kl_chunk(s_T, t_T, coef, out)
+    return (_compiled_kl_chunk if name == "compiled" else _kl_chunk)(s_T, t_T, coef, out)
+
+
+def vocab_multiple(device: torch.device) -> int:
+    """The decoder's rows are padded to a multiple of this (see _FusedHeadLoss)."""
+    return 64 if device.type == "cuda" else 1
+
+
+def _padded(x: torch.Tensor | None, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """x in `dtype` with zero rows appended up to `rows` (one copy a step, not one a chunk)."""
+    if x is None:
+        return None
+    x = x.to(dtype)
+    return x if x.shape[0] == rows else torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])])
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -101,40 +141,57 @@ class _FusedHeadLoss(torch.autograd.Function):
     at a time: each chunk's logits are made, used and dropped, and their gradient is folded into
     the gradients of the features, the decoder weight and bias right away (the loss is a sum over
     rows, so this is exact). The [rows x vocab] logits never exist whole, neither in the forward
-    nor kept for the backward. Also returns the three terms, detached, for logging."""
+    nor kept for the backward. Also returns the three terms, detached, for logging.
+
+    On a GPU the decoder is padded with zero rows to a multiple of 64: a vocabulary like 30522
+    makes every logits row misaligned for the tensor-core GEMM kernels (cuBLAS then falls back
+    to older, slower ones). The padding columns are computed and never read."""
 
     @staticmethod
     def forward(ctx, s_feat, s_w, s_b, t_feat, t_w, t_b, targets, mlm_rows, mlm_rows_host, temperature, a_kl, a_mlm, a_mse, chunk):
         n, v = s_feat.shape[0], s_w.shape[0]
         grad = any(ctx.needs_input_grad[:3])  # (grad mode is off inside forward)
         acc = torch.float32
+        dev = s_feat.device.type
+        # Under autocast the GEMMs below must run in its dtype too (an in-place fp32 GEMM would not).
+        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_feat.dtype
+        m = vocab_multiple(s_feat.device)
+        vp = -(-v // m) * m
+        s_wp, s_bp = _padded(s_w, vp, compute), _padded(s_b, vp, s_b.dtype if s_b is not None else compute)
+        t_wp, t_bp = _padded(t_w, vp, t_w.dtype), _padded(t_b, vp, t_b.dtype if t_b is not None else compute)
         g_feat = torch.zeros_like(s_feat) if grad else None
-        g_w = torch.zeros(s_w.shape, dtype=acc, device=s_w.device) if grad else None
+        g_w = torch.zeros((vp, s_w.shape[1]), dtype=acc, device=s_w.device) if grad else None
         g_b = torch.zeros(v, dtype=acc, device=s_w.device) if grad and s_b is not None else None
+        # d loss / d logits, one chunk at a time, in the GEMMs' dtype; its padding columns stay 0.
+        g_buf = torch.zeros((min(chunk, n), vp), dtype=compute, device=s_feat.device) if grad else None
         sums = torch.zeros(3, dtype=torch.float64, device=s_feat.device)  # kl, mlm, mse
         n_masked = max(len(mlm_rows_host), 1)
         # Each chunk's masked rows, sliced by bounds found on the host (no device sync).
         bounds = torch.searchsorted(mlm_rows_host, torch.arange(0, n + chunk, chunk)).tolist()
         T = temperature
         kl_coef = torch.full((), a_kl * T / max(n, 1), device=s_feat.device)  # a fill kernel, not a copy from the host
-        dev = s_feat.device.type
-        # Under autocast the GEMMs below must run in its dtype too (an in-place fp32 GEMM would not).
-        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_feat.dtype
         for c, i in enumerate(range(0, n, chunk)):
             f = s_feat[i:i + chunk]
-            g = None  # d loss / d logits of this chunk
+            g = g_buf[:f.shape[0], :v] if grad else None
+            filled = False  # whether g holds this chunk's gradient yet
             s_T = None
             if a_kl:  # d(T^2 * KL / n) / ds = T / n * (p_s - p_t)
-                s_T = _scaled_linear(f, s_w, s_b, 1.0 / T)
-                kl, g = _kl_chunk_impl(s_T, _scaled_linear(t_feat[i:i + chunk], t_w, t_b, 1.0 / T), kl_coef, grad)
-                sums[0] += kl
+                s_T = _scaled_linear(f, s_wp, s_bp, 1.0 / T)[:, :v]
+                t_T = _scaled_linear(t_feat[i:i + chunk], t_wp, t_bp, 1.0 / T)[:, :v]
+                sums[0] += _kl_chunk_impl(s_T, t_T, kl_coef, g)
+                filled = grad
+                del t_T
             if a_mse:
                 s_full = s_T.float() * T if s_T is not None else F.linear(f, s_w, s_b).float()
                 d = s_full.sub_(F.linear(t_feat[i:i + chunk], t_w, t_b).float())
                 sums[2] += torch.dot(d.view(-1), d.view(-1))
                 if grad:
                     d.mul_(a_mse * 2.0 / (n * v))
-                    g = d if g is None else g.add_(d)
+                    if filled:
+                        g.add_(d)
+                    else:
+                        g.copy_(d)
+                        filled = True
                 del d
             if a_mlm and bounds[c + 1] > bounds[c]:
                 at = mlm_rows[bounds[c]:bounds[c + 1]]  # this chunk's masked rows
@@ -147,23 +204,24 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if grad:  # d CE / ds = softmax(s) - onehot
                     p = lsm.exp_()
                     p[torch.arange(p.shape[0], device=p.device), tgt] -= 1.0
-                    if g is None:
-                        g = torch.zeros(f.shape[0], v, dtype=p.dtype, device=p.device)
-                    g.index_add_(0, rows, p, alpha=a_mlm / n_masked)
+                    if not filled:
+                        g.zero_()
+                        filled = True
+                    g.index_add_(0, rows, p.to(g.dtype), alpha=a_mlm / n_masked)
             del s_T
-            if grad and g is not None:
-                g = g.to(compute)
-                g_feat[i:i + chunk] = g @ s_w.to(compute)
+            if filled:
+                gp = g_buf[:f.shape[0]]  # with the padding columns: aligned rows for the GEMMs
+                g_feat[i:i + chunk] = gp @ s_wp
                 if compute == acc:
-                    g_w.addmm_(g.t(), f)
+                    g_w.addmm_(gp.t(), f)
                 else:  # half-precision GEMM (fp32 accumulation inside), summed over chunks in fp32
-                    g_w.add_(torch.mm(g.t(), f.to(compute)))
+                    g_w.add_(torch.mm(gp.t(), f.to(compute)))
                 if g_b is not None:
                     g_b += g.sum(0, dtype=acc)
         kl, mlm, mse = sums[0] / max(n, 1) * T**2, sums[1] / n_masked, sums[2] / max(n * v, 1)
         loss = (a_kl * kl + a_mlm * mlm + a_mse * mse).float()
         if grad:
-            ctx.save_for_backward(g_feat, g_w.to(s_w.dtype), g_b.to(s_b.dtype) if g_b is not None else None)
+            ctx.save_for_backward(g_feat, g_w[:v].to(s_w.dtype), g_b.to(s_b.dtype) if g_b is not None else None)
         terms = torch.stack([kl, mlm, mse]).float()
         ctx.mark_non_differentiable(terms)
         return loss, terms

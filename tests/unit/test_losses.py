@@ -190,3 +190,86 @@ def test_rows_found_on_the_host(recipe):
     assert all(torch.equal(a, b) for a, b in zip(*out))
     ce = F.cross_entropy(feats[rows.mlm_rows] @ w.T + b, targets[rows.mlm_rows])
     assert torch.allclose(out[0][1], ce, rtol=1e-5)
+
+
+def _head_case(seed: int, n: int = 40, hf: int = 8, v: int = 300, dtype=torch.float32):
+    from distil.model import HeadOutput
+
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, hf, generator=g, dtype=dtype)
+    w, b = torch.randn(v, hf, generator=g, dtype=dtype), torch.randn(v, generator=g, dtype=dtype)
+    t = HeadOutput(torch.randn(n, hf, generator=g, dtype=dtype), torch.randn(v, hf, generator=g, dtype=dtype),
+                   torch.randn(v, generator=g, dtype=dtype))
+    targets = torch.full((n,), -100)
+    targets[::4] = torch.randint(0, v, (len(targets[::4]),), generator=g)
+    return feats, w, b, t, targets
+
+
+def _fused_run(case, **kw):
+    from distil.losses import fused_head_loss
+    from distil.model import HeadOutput
+
+    feats, w, b, t, targets = case
+    leaves = [x.clone().requires_grad_() for x in (feats, w, b)]
+    loss, terms = fused_head_loss(HeadOutput(*leaves), t, targets, 2.0, 5.0, 2.0, 0.5, chunk=7, **kw)
+    loss.backward()
+    return [loss.detach(), *(terms[k] for k in ("kl", "mlm", "mse"))], [x.grad for x in leaves]
+
+
+def test_vocabulary_padding_changes_nothing(monkeypatch):
+    """On a GPU the decoder is padded to a multiple of 64 rows for aligned GEMMs: the loss and
+    the gradients of features, weight and bias are those of the unpadded head (300 -> 320)."""
+    import distil.losses as losses
+
+    case = _head_case(4, dtype=torch.float64)
+    want = _fused_run(case)
+    monkeypatch.setattr(losses, "vocab_multiple", lambda device: 64)
+    got = _fused_run(case)
+    for a, b in zip(want[0] + want[1], got[0] + got[1]):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def triton_results():
+    """The fused Triton kernel run by Triton's interpreter on the CPU (CI has no GPU), in its own
+    process: TRITON_INTERPRET must be set before Triton is first imported."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("kl_kernel_check.py"))], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("v", [300, 5000])  # one block; several blocks with a ragged last one
+def test_triton_kl_kernel_matches_fp64(triton_results, dtype, v):
+    """KL sum and gradient coef * (p_s - p_t) against fp64, on strided rows (the padded GEMM's
+    output) and with the padding columns left untouched."""
+    r = triton_results["kernel"][f"{dtype}-{v}"]
+    assert abs(r["kl"] - r["ref_kl"]) <= 1e-5 * r["ref_kl"]
+    # Within one rounding of g's dtype (|g| <= coef); in fp32, the exp of ~10-sized arguments.
+    eps = {"float32": 0.0, "float16": torch.finfo(torch.float16).eps, "bfloat16": torch.finfo(torch.bfloat16).eps}[dtype]
+    assert r["g_err"] <= max(1e-6, 0.37 * eps)
+    assert r["padding_untouched"]
+    assert r["kl_without_grad"] == r["kl"]
+
+
+def test_fused_head_loss_with_triton_kernel_equals_eager(triton_results):
+    """The whole fused loss with the Triton kernel and the GPU's vocabulary padding: the same
+    loss terms and gradients as the eager path, fp32."""
+    r = triton_results["fused"]
+    assert r["n"] == 7 and r["max_rel_err"] <= 1e-6, r  # loss, 3 terms, 3 gradients
+
+
+def test_unknown_kl_kernel_is_refused():
+    from distil.losses import set_kl_kernel
+
+    with pytest.raises(ValueError, match="unknown KL kernel 'cuda'"):
+        set_kl_kernel("cuda")
