@@ -36,4 +36,4 @@ compiled = torch.compile(losses._kl_chunk, dynamic=True)
 for name, fn in (("eager", losses._kl_chunk), ("compiled", compiled), ("triton", kl_chunk)):
     ms = triton.testing.do_bench(lambda: fn(s, t, coef, out), warmup=100, rep=500, return_mode="median")
     moved = 2 * 2 * s.numel() * 2 + out.numel() * 2  # s and t read twice, g written once (fp16)
-    print(f"{name:9s} {ms:7.3f} ms  ({moved / ms / 1e9:6.0f} GB/s of the fused kernel's minimum traffic)")
+    print(f"{name:9s} {ms:7.3f} ms  ({moved / (ms * 1e-3) / 1e9:6.0f} GB/s of the fused kernel's minimum traffic)")

@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kl-kernel", choices=["auto", "eager", "compiled", "triton"], default=None,
                    help="the fast variants' per-chunk KL: default auto (the fused Triton kernel on a GPU), "
                         "compiled with --compile on CPU")
+    p.add_argument("--deepspeed-scans", action="store_true",
+                   help="fast-deepspeed: keep DeepSpeed's per-tensor overflow check and gradient norm "
+                        "(training replaces them with multi-tensor kernels: distil/zero_foreach.py)")
     p.add_argument("--data", action="store_true", help="also measure the input pipeline (tokenize, pack, mask) per CPU core")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
@@ -187,6 +190,7 @@ def _fast_step(a, device, dtype, engine: bool):
     if engine:
         import deepspeed
 
+        from distil import zero_foreach
         from distil.config import DistilConfig
         from distil.train import deepspeed_config, init_distributed
 
@@ -197,6 +201,8 @@ def _fast_step(a, device, dtype, engine: bool):
         init_distributed(device)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, foreach=True)
         engine_, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, a.precision, 1))
+        if not a.deepspeed_scans:
+            zero_foreach.install(engine_.optimizer)  # as training does
 
         def step(masked, attn, labels):
             terms = distillation_forward(engine_, teacher, loss_fn, masked, attn, labels, device=device)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from distil import checkpoint as ckpt
-from distil import preempt, reshard
+from distil import preempt, reshard, zero_foreach
 from distil.config import DistilConfig
 from distil.data import ResumableSampler, collate, sequence_lengths, load_documents, split_eval, token_counts, tokenize
 from distil.errors import UserError
@@ -210,6 +210,7 @@ class Trainer:
         ds_config = deepspeed_config(cfg, prep.dtype, self.world, load_universal=self.saved_world != self.world)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=ds_config)
+        zero_foreach.install(self.engine.optimizer)  # ZeRO's per-tensor gradient scans as multi-tensor kernels
         self.masker = Masker(cfg.masking, prep.tokenizer, cfg.run.seed, prep.counts)
         self.loss = DistillationLoss(cfg.loss, cfg.student.layers)
         lengths = sequence_lengths(prep.train) if cfg.data.packing == "lines" and cfg.data.group_by_length else None
