@@ -24,7 +24,7 @@ import torch.distributed as dist
 from distil import checkpoint as ckpt
 from distil import preempt, reshard, zero_foreach
 from distil.config import DistilConfig
-from distil.data import ResumableSampler, collate, sequence_lengths, load_documents, split_eval, token_counts, tokenize
+from distil.data import Lookahead, ResumableSampler, collate, sequence_lengths, load_documents, split_eval, token_counts, tokenize
 from distil.errors import UserError
 from distil.evaluate import agreement, embed
 from distil.export import save_hf_skeleton
@@ -215,6 +215,7 @@ class Trainer:
         self.loss = DistillationLoss(cfg.loss, cfg.student.layers)
         lengths = sequence_lengths(prep.train) if cfg.data.packing == "lines" and cfg.data.group_by_length else None
         self.sampler = ResumableSampler(len(prep.train), cfg.run.seed, lengths)
+        self.batches = Lookahead(self._make_batch)
         self.gas = self.engine.gradient_accumulation_steps()
         self.step, self.tokens, self._pending_tokens = 0, 0, 0
         self.stop_requested = False
@@ -305,10 +306,18 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------
     def _batch(self, micro: int):
-        m = self.cfg.train.micro_batch_size
-        idx = self.sampler.next_indices(m * self.world, self.rank, m)
+        """This rank's micro-batch `micro` of the current step, made ahead on another thread."""
+        m, n = self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_size * self.world
+        idx = self.sampler.next_indices(n, self.rank, m)
+        following = (self.step, micro + 1) if micro + 1 < self.gas else (self.step + 1, 0)
+        return self.batches.get((self.step, micro), idx, following, self.sampler.peek(n, self.rank, m))
+
+    def _make_batch(self, key: tuple[int, int], idx):
+        step, micro = key
         ids, attn = collate(self.prep.train[idx]["input_ids"], self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
-        masked, labels = self.masker(ids, attn, self.step, micro, self.rank)
+        masked, labels = self.masker(ids, attn, step, micro, self.rank)  # a function of (seed, step, micro, rank)
+        if self.device.type == "cuda":  # pinned here, off the step's thread; the step copies asynchronously
+            masked, attn, labels = masked.pin_memory(), attn.pin_memory(), labels.pin_memory()
         return masked, attn, labels, int(attn.sum())
 
     def _forward(self, model, teacher, masked, attn, labels):
@@ -397,6 +406,7 @@ class Trainer:
                 self.metrics.write({"step": self.step, **self.evaluate()})
             if self.step % cfg.checkpoint.every_steps == 0 or last or self.stop_requested:
                 self.save_checkpoint()
+        self.batches.close()
         if bar is not None:
             bar.close()
         end_metrics = {} if self.stop_requested else self.evaluate()  # a preempted pod has seconds left

@@ -115,3 +115,39 @@ def test_length_grouping_is_a_permutation_with_little_padding():
     assert sorted(flat.tolist()) == list(range(4000))
     padded = sum(32 * lengths[b].max() for b in batches)
     assert padded / lengths.sum() < 1.15  # random batches would pad ~1.7x
+
+
+def test_peek_tells_the_next_draw_without_moving_the_sampler():
+    s = ResumableSampler(10, seed=3)
+    for _ in range(7):  # crosses epochs: 10 samples, 4 a draw, the tail of 2 dropped
+        state = s.state_dict()
+        ahead = s.peek(4, 1, 2)
+        assert s.state_dict() == state
+        assert s.next_indices(4, 1, 2).tolist() == ahead.tolist()
+    assert s.epoch == 3
+
+
+def test_lookahead_makes_the_next_batch_on_another_thread():
+    import threading
+
+    from distil.data import Lookahead
+
+    made = []
+
+    def make(key, idx):
+        made.append((key, idx.tolist(), threading.current_thread() is threading.main_thread()))
+        return key, idx.sum()
+
+    la = Lookahead(make)
+    try:
+        a = np.arange(3)
+        assert la.get((0, 0), a, (0, 1), a + 3) == ((0, 0), 3)  # nothing ahead yet: made here
+        assert la.get((0, 1), a + 3, (1, 0), a + 6) == ((0, 1), 12)  # made ahead
+        # The position moved (a resume): what was made ahead for (1, 0) is not used.
+        assert la.get((5, 0), a + 30, (5, 1), a + 33) == ((5, 0), 93)
+        assert la.get((5, 1), a + 33, (5, 2), a + 36) == ((5, 1), 102)
+    finally:
+        la.close()
+    on_main = {key: main for key, _, main in made}
+    assert on_main[(0, 0)] and not on_main[(0, 1)] and on_main[(5, 0)] and not on_main[(5, 1)]
+    assert [k for k, _, _ in made if k == (0, 1)] == [(0, 1)]  # made once
