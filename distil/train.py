@@ -196,6 +196,9 @@ class Trainer:
         t_dtype = {"bf16": torch.bfloat16}.get(prep.dtype, torch.float16) if self.device.type == "cuda" else torch.float32
         self.teacher = MaskedLM(teacher).to(self.device, t_dtype)
         model = MaskedLM(student)
+        if cfg.train.compile:  # in place: parameter names, checkpoints and the export stay the eager ones
+            self.teacher.model.base_model.compile()
+            model.model.base_model.compile()
         decay = [p for n, p in model.named_parameters() if p.ndim > 1]
         no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # biases and LayerNorms, as BERT
         o = cfg.optim

@@ -148,3 +148,31 @@ def test_masked_recipe_whole_word_distilbert_architecture(tmp_path, teacher_dir)
     from transformers import AutoModelForMaskedLM
 
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "runs" / "t" / "model")).__name__ == "DistilBertForMaskedLM"
+
+
+def test_compiled_run_matches_eager(tmp_path, wordpiece, monkeypatch):
+    """train.compile=true: Inductor-compiled transformer layers give the eager run's losses and
+    final weights to float rounding, under the same parameter names. (A dropout-free teacher, so
+    the student has none either: Inductor draws its own dropout masks.)"""
+    from transformers import BertForMaskedLM
+
+    from tests.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    BertForMaskedLM(tiny_bert_config(len(wordpiece), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(teacher)
+    wordpiece.save_pretrained(teacher)
+    runs = {}
+    for compiled in (False, True):
+        d = tmp_path / ("compiled" if compiled else "eager")
+        d.mkdir()
+        cfg = base_config(teacher, d, train={"max_steps": 3, "log_every": 1, "compile": compiled}, checkpoint={"every_steps": 3})
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))  # where Inductor writes its kernels
+        cli(write_config(d / "c.yaml", cfg))
+        kernels = [f for f in (d / "inductor").rglob("*") if f.is_file()]
+        assert bool(kernels) == compiled  # Inductor generated code in the compiled run only
+        runs[compiled] = ([r["train/loss"] for r in metrics(d / "runs" / "t") if "train/loss" in r], _weights(d / "runs" / "t"))
+    (eager_losses, eager_w), (comp_losses, comp_w) = runs[False], runs[True]
+    assert len(eager_losses) == 3 and comp_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert comp_w.keys() == eager_w.keys()
+    assert all(torch.allclose(comp_w[k], eager_w[k], rtol=1e-4, atol=1e-5) for k in eager_w)
