@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the fast variants")
-    p.add_argument("--kl-kernel", choices=["auto", "eager", "compiled", "triton"], default=None,
+    from distil.losses import KL_KERNELS
+
+    p.add_argument("--kl-kernel", choices=KL_KERNELS, default=None,
                    help="the fast variants' per-chunk KL: default auto (the fused Triton kernel on a GPU), "
                         "compiled with --compile on CPU")
     p.add_argument("--deepspeed-scans", action="store_true",

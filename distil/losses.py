@@ -128,11 +128,11 @@ def vocab_multiple(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 1
 
 
-def _padded(x: torch.Tensor | None, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """x in `dtype` with zero rows appended up to `rows` (one copy a step, not one a chunk)."""
+def _padded(x: torch.Tensor | None, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """x (in `dtype`, if given) with zero rows appended up to `rows` (one copy a step, not one a chunk)."""
     if x is None:
         return None
-    x = x.to(dtype)
+    x = x if dtype is None else x.to(dtype)
     return x if x.shape[0] == rows else torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])])
 
 
@@ -157,8 +157,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_feat.dtype
         m = vocab_multiple(s_feat.device)
         vp = -(-v // m) * m
-        s_wp, s_bp = _padded(s_w, vp, compute), _padded(s_b, vp, s_b.dtype if s_b is not None else compute)
-        t_wp, t_bp = _padded(t_w, vp, t_w.dtype), _padded(t_b, vp, t_b.dtype if t_b is not None else compute)
+        s_wp, s_bp = _padded(s_w, vp, compute), _padded(s_b, vp)
+        t_wp, t_bp = _padded(t_w, vp), _padded(t_b, vp)
         g_feat = torch.zeros_like(s_feat) if grad else None
         g_w = torch.zeros((vp, s_w.shape[1]), dtype=acc, device=s_w.device) if grad else None
         g_b = torch.zeros(v, dtype=acc, device=s_w.device) if grad and s_b is not None else None
