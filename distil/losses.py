@@ -67,41 +67,87 @@ def kl_with_temperature(s_logits: torch.Tensor, t_logits: torch.Tensor, temperat
     return total / max(n, 1) * temperature**2
 
 
-def _scaled_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """(x @ w.T + b) * scale, the scale applied inside the GEMM (no extra pass)."""
+def _biased(x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x + b in fp32, as a new tensor (x is a chunk's raw logits, x @ W.T)."""
+    return x.float() + b.float() if b is not None else x.float().clone()
+
+
+def _to_scaled_logits_(raw: torch.Tensor, b: torch.Tensor | None, inv_T: float) -> torch.Tensor:
+    """raw := (raw + b) * inv_T in place: logits / T in one pass (a GEMM with the bias in its
+    output, addmm, costs the same pass as a copy of the bias first)."""
     if b is None:
-        return torch.mm(x, w.t()).mul_(scale)
-    return torch.addmm(b, x, w.t(), beta=scale, alpha=scale)
+        return raw.mul_(inv_T)
+    return torch.add((b * inv_T).to(raw.dtype), raw, alpha=inv_T, out=raw)
 
 
-def _kl_chunk(s_T: torch.Tensor, t_T: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """One chunk's sum of KL(p_t || p_s); writes coef * (p_s - p_t), its gradient w.r.t. the
-    logits (times T / n), into `out` when given. Inputs are logits / T in any float dtype; the
-    math is fp32. Eagerly each op is one pass over the chunk, in place where possible; compiled,
-    the passes fuse into a few kernels; on a GPU, distil.kl_kernel does it all in two passes."""
-    lt = F.log_softmax(t_T.float(), dim=-1)
-    ls = F.log_softmax(s_T.float(), dim=-1)
-    pt = lt.exp()
-    kl = torch.dot(pt.view(-1), lt.sub_(ls).view(-1))
+def _kl_rows_(s_T: torch.Tensor, t_T: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Rows' sum of KL(p_t || p_s) from logits / T (overwritten: scratch); writes coef * (p_s - p_t),
+    the gradient w.r.t. the logits (times T / n), into `out` when given. fp32 math, two exps an
+    element: KL = sum_j p_t,j (t_j - s_j) + logsumexp(s) - logsumexp(t)."""
+    s, t = s_T.float(), t_T.float()  # the same tensors in fp32; copies otherwise
+    e_s = out if out is not None and out.dtype == torch.float32 else torch.empty_like(s)
+    m_s, m_t = s.amax(1, keepdim=True), t.amax(1, keepdim=True)
+    z_s = torch.sub(s, m_s, out=e_s).exp_().sum(1, keepdim=True)
+    t_minus_s = torch.sub(t, s, out=s)
+    e_t = t.sub_(m_t).exp_()
+    z_t = e_t.sum(1, keepdim=True)
+    kl = (torch.linalg.vecdot(e_t, t_minus_s) / z_t.squeeze(1)).sum() + (m_s + z_s.log() - m_t - z_t.log()).sum()
     if out is not None:
-        torch.mul(ls.exp_().sub_(pt), coef, out=out)
+        e_s.mul_(coef / z_s).sub_(e_t.mul_(coef / z_t))
+        if e_s is not out:
+            out.copy_(e_s)
     return kl
+
+
+def _kl_eager(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
+    """The eager KL of a chunk of raw logits, a block of rows at a time. On a CPU a block is ~1 MiB
+    a tensor, so that its ~10 passes run in cache rather than from memory (a 549-row chunk: 190 ->
+    95 ms); on a GPU one block, i.e. one launch per pass."""
+    n, v = s_raw.shape
+    rows = max(1, 2**18 // v) if s_raw.device.type == "cpu" else n
+    total = s_raw.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, rows):
+        j = slice(i, i + rows)
+        s_T, t_T = _to_scaled_logits_(s_raw[j], s_b, inv_T), _to_scaled_logits_(t_raw[j], t_b, inv_T)
+        total += _kl_rows_(s_T, t_T, coef, None if out is None else out[j])
+    return total
+
+
+def _kl_fused_math(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
+    """The same math as one function of the raw logits, for torch.compile to fuse into ~3 kernels
+    (C++ on a CPU: a 549-row chunk in ~60 ms)."""
+    s = _biased(s_raw, s_b) * inv_T
+    t = _biased(t_raw, t_b) * inv_T
+    m_s, m_t = s.amax(1, keepdim=True), t.amax(1, keepdim=True)
+    e_s, e_t = torch.exp(s - m_s), torch.exp(t - m_t)
+    z_s, z_t = e_s.sum(1, keepdim=True), e_t.sum(1, keepdim=True)
+    kl = ((e_t * (t - s)).sum(1, keepdim=True) / z_t + m_s + z_s.log() - m_t - z_t.log()).sum()
+    if out is not None:
+        out.copy_(coef * (e_s / z_s - e_t / z_t))
+    return kl
+
+
+def _kl_triton(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
+    from distil import kl_kernel
+
+    return kl_kernel.kl_chunk(_to_scaled_logits_(s_raw, s_b, inv_T), _to_scaled_logits_(t_raw, t_b, inv_T), coef, out)
 
 
 KL_KERNELS = ("auto", "eager", "compiled", "triton")
 _kl_kernel = "auto"
-_compiled_kl_chunk = None
+_compiled_kl = None
 
 
 def set_kl_kernel(name: str) -> None:
     """Which implementation computes each chunk's KL and its gradient: 'triton' (the fused
-    kernel in distil.kl_kernel, GPU), 'compiled' (torch.compile of the eager math: Triton on
-    GPU, C++ on CPU), 'eager', or 'auto' (triton on a GPU where Triton is installed, else eager)."""
-    global _kl_kernel, _compiled_kl_chunk
+    kernel in distil.kl_kernel, GPU), 'compiled' (torch.compile of the math: C++ on a CPU, where
+    it is the fastest; Triton on a GPU), 'eager', or 'auto' (triton on a GPU where Triton is
+    installed, else eager: compiling costs a C++ compiler and a first-call compile)."""
+    global _kl_kernel, _compiled_kl
     if name not in KL_KERNELS:
         raise ValueError(f"unknown KL kernel {name!r} (one of {', '.join(KL_KERNELS)})")
-    if name == "compiled" and _compiled_kl_chunk is None:
-        _compiled_kl_chunk = torch.compile(_kl_chunk, dynamic=True)
+    if name == "compiled" and _compiled_kl is None:
+        _compiled_kl = torch.compile(_kl_fused_math, dynamic=True)
     _kl_kernel = name
 
 
@@ -114,13 +160,10 @@ def kl_kernel_in_use(device: torch.device) -> str:
     return _kl_kernel
 
 
-def _kl_chunk_impl(s_T, t_T, coef, out):
-    from distil import kl_kernel
-
-    name = kl_kernel_in_use(s_T.device)
-    if name == "triton":
-        return kl_kernel.kl_chunk(s_T, t_T, coef, out)
-    return (_compiled_kl_chunk if name == "compiled" else _kl_chunk)(s_T, t_T, coef, out)
+def _kl_impl(device: torch.device):
+    """f(s_raw, s_bias, t_raw, t_bias, 1/T, coef, out) -> the chunk's KL sum; the raw logits
+    (x @ W.T, no bias) are scratch: overwritten."""
+    return {"triton": _kl_triton, "compiled": _compiled_kl, "eager": _kl_eager}[kl_kernel_in_use(device)]
 
 
 def vocab_multiple(device: torch.device) -> int:
@@ -157,48 +200,60 @@ class _FusedHeadLoss(torch.autograd.Function):
         compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_feat.dtype
         m = vocab_multiple(s_feat.device)
         vp = -(-v // m) * m
-        s_wp, s_bp = _padded(s_w, vp, compute), _padded(s_b, vp)
-        t_wp, t_bp = _padded(t_w, vp), _padded(t_b, vp)
+        s_wp, t_wp = _padded(s_w, vp, compute), _padded(t_w, vp)
         g_feat = torch.zeros_like(s_feat) if grad else None
         g_w = torch.zeros((vp, s_w.shape[1]), dtype=acc, device=s_w.device) if grad else None
         g_b = torch.zeros(v, dtype=acc, device=s_w.device) if grad and s_b is not None else None
         # d loss / d logits, one chunk at a time, in the GEMMs' dtype; its padding columns stay 0.
-        g_buf = torch.zeros((min(chunk, n), vp), dtype=compute, device=s_feat.device) if grad else None
+        g_buf = torch.empty((min(chunk, n), vp), dtype=compute, device=s_feat.device) if grad else None
+        if grad:
+            g_buf[:, v:].zero_()
+        # On a CPU the chunks' logits go into two buffers made once: a new [chunk x vocab] tensor
+        # a chunk is a fresh mmap each time (page faults, pages zeroed by the kernel). A GPU's
+        # caching allocator reuses memory by itself, and autocast takes no out= tensors.
+        bufs = None
+        if dev == "cpu" and not torch.is_autocast_enabled(dev) and (a_kl or a_mse):
+            bufs = [torch.empty((min(chunk, n), vp), dtype=x.dtype) for x in (s_feat, t_feat)]
         sums = torch.zeros(3, dtype=torch.float64, device=s_feat.device)  # kl, mlm, mse
         n_masked = max(len(mlm_rows_host), 1)
         # Each chunk's masked rows, sliced by bounds found on the host (no device sync).
         bounds = torch.searchsorted(mlm_rows_host, torch.arange(0, n + chunk, chunk)).tolist()
         T = temperature
         kl_coef = torch.full((), a_kl * T / max(n, 1), device=s_feat.device)  # a fill kernel, not a copy from the host
+        kl_fn = _kl_impl(s_feat.device)
         for c, i in enumerate(range(0, n, chunk)):
             f = s_feat[i:i + chunk]
             g = g_buf[:f.shape[0], :v] if grad else None
             filled = False  # whether g holds this chunk's gradient yet
-            s_T = None
-            if a_kl:  # d(T^2 * KL / n) / ds = T / n * (p_s - p_t)
-                s_T = _scaled_linear(f, s_wp, s_bp, 1.0 / T)[:, :v]
-                t_T = _scaled_linear(t_feat[i:i + chunk], t_wp, t_bp, 1.0 / T)[:, :v]
-                sums[0] += _kl_chunk_impl(s_T, t_T, kl_coef, g)
-                filled = grad
-                del t_T
-            if a_mse:
-                s_full = s_T.float() * T if s_T is not None else F.linear(f, s_w, s_b).float()
-                d = s_full.sub_(F.linear(t_feat[i:i + chunk], t_w, t_b).float())
-                sums[2] += torch.dot(d.view(-1), d.view(-1))
-                if grad:
-                    d.mul_(a_mse * 2.0 / (n * v))
-                    if filled:
-                        g.add_(d)
-                    else:
-                        g.copy_(d)
-                        filled = True
-                del d
+            at = rows = s_rows = d = None
             if a_mlm and bounds[c + 1] > bounds[c]:
                 at = mlm_rows[bounds[c]:bounds[c + 1]]  # this chunk's masked rows
                 rows = at - i
+            if a_kl or a_mse:  # the chunk's logits without the bias ([:, :v]: not the padding)
+                rows_i = f.shape[0]
+                s_raw = torch.mm(f, s_wp.t(), **({"out": bufs[0][:rows_i]} if bufs else {}))[:, :v]
+                t_raw = torch.mm(t_feat[i:i + chunk], t_wp.t(), **({"out": bufs[1][:rows_i]} if bufs else {}))[:, :v]
+                if rows is not None:  # the KL overwrites the logits: the masked rows' first
+                    s_rows = _biased(s_raw.index_select(0, rows), s_b)
+                if a_mse:
+                    d = _biased(s_raw, s_b).sub_(_biased(t_raw, t_b))
+                    sums[2] += torch.dot(d.view(-1), d.view(-1))
+                if a_kl:  # d(T^2 * KL / n) / ds = T / n * (p_s - p_t)
+                    sums[0] += kl_fn(s_raw, s_b, t_raw, t_b, 1.0 / T, kl_coef, g)
+                    filled = grad
+                del s_raw, t_raw
+            if d is not None and grad:
+                d.mul_(a_mse * 2.0 / (n * v))
+                if filled:
+                    g.add_(d)
+                else:
+                    g.copy_(d)
+                    filled = True
+            del d
+            if rows is not None:
                 tgt = targets.index_select(0, at)
-                s_rows = (s_T.index_select(0, rows).float().mul_(T) if s_T is not None
-                          else F.linear(f.index_select(0, rows), s_w, s_b).float())
+                if s_rows is None:
+                    s_rows = F.linear(f.index_select(0, rows), s_w, s_b).float()
                 lsm = F.log_softmax(s_rows, dim=-1)
                 sums[1] -= lsm.gather(1, tgt[:, None]).sum()
                 if grad:  # d CE / ds = softmax(s) - onehot
@@ -208,7 +263,6 @@ class _FusedHeadLoss(torch.autograd.Function):
                         g.zero_()
                         filled = True
                     g.index_add_(0, rows, p.to(g.dtype), alpha=a_mlm / n_masked)
-            del s_T
             if filled:
                 gp = g_buf[:f.shape[0]]  # with the padding columns: aligned rows for the GEMMs
                 g_feat[i:i + chunk] = gp @ s_wp

@@ -273,3 +273,38 @@ def test_unknown_kl_kernel_is_refused():
 
     with pytest.raises(ValueError, match="unknown KL kernel 'cuda'"):
         set_kl_kernel("cuda")
+
+
+@pytest.mark.parametrize("kernel,dtype", [("eager", torch.float32), ("eager", torch.float16), ("compiled", torch.float32)])
+def test_kl_chunk_kernels_match_fp64(kernel, dtype):
+    """Each chunk's KL sum and its gradient coef * (p_s - p_t) from raw logits (x @ W.T) plus
+    bias, scaled by 1/T, against fp64 log-softmaxes: on strided rows (the padded GEMM's output),
+    in several row blocks with a ragged last one (eager on a CPU: 2**18 // 5000 = 52 rows a
+    block), with the padding columns untouched. 'compiled' is Inductor's C++ (a compiler is
+    needed: the test image has g++). fp16: the GPU's GEMM output without Triton (fp32 math)."""
+    import distil.losses as losses
+
+    n, v, T = 70, 5000, 2.0
+    g = torch.Generator().manual_seed(11)
+    s_raw = (torch.randn(n, v + 8, generator=g) * 6).to(dtype)[:, :v]
+    t_raw = (torch.randn(n, v + 8, generator=g) * 6).to(dtype)[:, :v]
+    s_b, t_b = torch.randn(v, generator=g).to(dtype), torch.randn(v, generator=g).to(dtype)
+    # The reference rounds (raw + b) / T to `dtype` as the kernels' one pass in place does.
+    ls = F.log_softmax(((s_raw.double() + s_b.double()) / T).to(dtype).double(), -1)
+    lt = F.log_softmax(((t_raw.double() + t_b.double()) / T).to(dtype).double(), -1)
+    want_kl, want_g = (lt.exp() * (lt - ls)).sum(), 0.37 * (ls.exp() - lt.exp())
+    losses.set_kl_kernel(kernel)
+    try:
+        fn = losses._kl_impl(torch.device("cpu"))
+        buf = torch.full((n, v + 8), 7.0, dtype=dtype)
+        kl = fn(s_raw.clone(), s_b, t_raw.clone(), t_b, 1 / T, torch.tensor(0.37), buf[:, :v])
+        kl_no_grad = fn(s_raw.clone(), s_b, t_raw.clone(), t_b, 1 / T, torch.tensor(0.37), None)
+    finally:
+        losses.set_kl_kernel("auto")
+    assert abs(float(kl) - float(want_kl)) <= 1e-6 * float(want_kl)
+    assert abs(float(kl_no_grad) - float(kl)) <= 1e-6 * float(want_kl)
+    err = float((buf[:, :v].double() - want_g).abs().max())
+    # A few fp32 ulps of |g| <= 0.37 (exp of arguments up to ~20), as the Triton test; in fp16,
+    # one rounding of g (<= 0.37 * 2**-11).
+    assert err <= (1e-6 if dtype == torch.float32 else 0.37 * 2**-11), err
+    assert bool((buf[:, v:] == 7.0).all())
