@@ -237,6 +237,8 @@ class _PeakRSS:
     is refused, it is sampled every millisecond by a thread, which costs the step time: on 2
     cores the sampler's wake-ups stall the GEMM threads (measured: +0.5 s on a 3.6 s step)."""
 
+    CLEAR_REFS = "/proc/self/clear_refs"
+
     def __init__(self):
         self.peak, self._stop, self._thread = 0, threading.Event(), None
         self._page = os.sysconf("SC_PAGE_SIZE")
@@ -252,7 +254,7 @@ class _PeakRSS:
 
     def __enter__(self):
         try:
-            with open("/proc/self/clear_refs", "w") as f:
+            with open(self.CLEAR_REFS, "w") as f:
                 f.write("5")
             self.peak = self._hwm()
         except (OSError, StopIteration):
