@@ -256,8 +256,7 @@ def _run_data_and_cluster_command(args) -> None:
         else:
             print(format_table(infos) if infos else f"no checkpoints under {args.uri}")
     elif args.command == "checkpoints":
-        quiet_libraries()
-        from distil.pull import pull
+        from distil.pull import pull  # (it quiets the libraries itself, once it needs them)
 
         print(json.dumps(pull(args.uri, Path(args.out), step=args.step, raw=args.raw, endpoint_url=args.endpoint_url,
                               region=args.region, cache=args.cache_dir and Path(args.cache_dir), workers=args.workers,

@@ -18,7 +18,6 @@ from distil import checkpoint as ckpt
 from distil.catalog import CheckpointInfo, list_checkpoints, select
 from distil.download import Item, download
 from distil.errors import UserError
-from distil.export import export_checkpoint
 from distil.storage import Storage, s3_errors, safe_join
 
 
@@ -88,6 +87,13 @@ def pull(uri: str, out: Path, step: str | int | None = None, raw: bool = False, 
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
+            # transformers and DeepSpeed only now: a refused pull answers in seconds, not after
+            # ~10 s of imports.
+            from distil.cli import quiet_libraries
+
+            quiet_libraries()
+            from distil.export import export_checkpoint
+
             export_checkpoint(folder, out)
     finally:
         if storage.is_s3 and not keep_cache and out.exists():
