@@ -1,5 +1,6 @@
 """The fused KL kernel on a GPU: correctness against fp64 and time against the eager and the
-compiled per-chunk math (bias and 1/T included), at the training shape (one chunk of a bert-base vocabulary).
+compiled per-chunk math (bias and 1/T included), at the training shape (one chunk of a
+bert-base vocabulary).
 
     python bench/kl_kernel_gpu.py [--rows 4397] [--vocab 30522]
 """
