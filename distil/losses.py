@@ -72,12 +72,16 @@ def _biased(x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return x.float() + b.float() if b is not None else x.float().clone()
 
 
-def _to_scaled_logits_(raw: torch.Tensor, b: torch.Tensor | None, inv_T: float) -> torch.Tensor:
-    """raw := (raw + b) * inv_T in place: logits / T in one pass (a GEMM with the bias in its
-    output, addmm, costs the same pass as a copy of the bias first)."""
-    if b is None:
+def _scaled_bias(b: torch.Tensor | None, inv_T: float, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if b is None else (b * inv_T).to(dtype)
+
+
+def _to_scaled_logits_(raw: torch.Tensor, b_T: torch.Tensor | None, inv_T: float) -> torch.Tensor:
+    """raw := raw * inv_T + b_T in place (b_T = bias / T, _scaled_bias): logits / T in one pass
+    (a GEMM with the bias in its output, addmm, costs the same pass as a copy of the bias first)."""
+    if b_T is None:
         return raw.mul_(inv_T)
-    return torch.add((b * inv_T).to(raw.dtype), raw, alpha=inv_T, out=raw)
+    return torch.add(b_T, raw, alpha=inv_T, out=raw)
 
 
 def _kl_rows_(s_T: torch.Tensor, t_T: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -105,10 +109,11 @@ def _kl_eager(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
     95 ms); on a GPU one block, i.e. one launch per pass."""
     n, v = s_raw.shape
     rows = max(1, 2**18 // v) if s_raw.device.type == "cpu" else n
+    s_bT, t_bT = _scaled_bias(s_b, inv_T, s_raw.dtype), _scaled_bias(t_b, inv_T, t_raw.dtype)
     total = s_raw.new_zeros((), dtype=torch.float32)
     for i in range(0, n, rows):
         j = slice(i, i + rows)
-        s_T, t_T = _to_scaled_logits_(s_raw[j], s_b, inv_T), _to_scaled_logits_(t_raw[j], t_b, inv_T)
+        s_T, t_T = _to_scaled_logits_(s_raw[j], s_bT, inv_T), _to_scaled_logits_(t_raw[j], t_bT, inv_T)
         total += _kl_rows_(s_T, t_T, coef, None if out is None else out[j])
     return total
 
@@ -130,7 +135,9 @@ def _kl_fused_math(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
 def _kl_triton(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
     from distil import kl_kernel
 
-    return kl_kernel.kl_chunk(_to_scaled_logits_(s_raw, s_b, inv_T), _to_scaled_logits_(t_raw, t_b, inv_T), coef, out)
+    s_T = _to_scaled_logits_(s_raw, _scaled_bias(s_b, inv_T, s_raw.dtype), inv_T)
+    t_T = _to_scaled_logits_(t_raw, _scaled_bias(t_b, inv_T, t_raw.dtype), inv_T)
+    return kl_kernel.kl_chunk(s_T, t_T, coef, out)
 
 
 KL_KERNELS = ("auto", "eager", "compiled", "triton")
