@@ -135,9 +135,7 @@ def _kl_fused_math(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
 def _kl_triton(s_raw, s_b, t_raw, t_b, inv_T, coef, out):
     from distil import kl_kernel
 
-    s_T = _to_scaled_logits_(s_raw, _scaled_bias(s_b, inv_T, s_raw.dtype), inv_T)
-    t_T = _to_scaled_logits_(t_raw, _scaled_bias(t_b, inv_T, t_raw.dtype), inv_T)
-    return kl_kernel.kl_chunk(s_T, t_T, coef, out)
+    return kl_kernel.kl_chunk(s_raw, t_raw, coef, out, s_b, t_b, inv_T)  # bias and 1/T inside the kernel
 
 
 KL_KERNELS = ("auto", "eager", "compiled", "triton")
@@ -160,11 +158,13 @@ def set_kl_kernel(name: str) -> None:
 
 def kl_kernel_in_use(device: torch.device) -> str:
     """The KL implementation chunks on this device run with ('auto' resolved)."""
-    from distil import kl_kernel
+    if _kl_kernel != "auto":
+        return _kl_kernel
+    if device.type != "cuda":
+        return "eager"
+    from distil import kl_kernel  # (imports Triton)
 
-    if _kl_kernel == "auto":
-        return "triton" if device.type == "cuda" and kl_kernel.available() else "eager"
-    return _kl_kernel
+    return "triton" if kl_kernel.available() else "eager"
 
 
 def _kl_impl(device: torch.device):

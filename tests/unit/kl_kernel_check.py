@@ -18,18 +18,25 @@ out = {"kernel": {}}
 for v in (300, 5000):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         g = torch.Generator().manual_seed(v)
-        rows = 6
-        s = (torch.randn(rows, v + 20, generator=g) * 4).to(dtype)[:, :v]
+        rows, inv_T = 6, 0.5
+        s = (torch.randn(rows, v + 20, generator=g) * 4).to(dtype)[:, :v]  # raw logits, strided rows
         t = (torch.randn(rows, v, generator=g) * 4).to(dtype)
+        s_b = torch.randn(v, generator=g).to(dtype)  # a model's bias: its dtype
+        t_b = torch.randn(v, generator=g)  # fp32, as under autocast
         buf = torch.full((rows, v + 20), 7.0, dtype=dtype)
         coef = torch.tensor(0.37)
-        kl = kl_kernel.kl_chunk(s, t, coef, buf[:, :v])
-        ls, lt = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
+        s_in, t_in = s.clone(), t.clone()
+        kl = kl_kernel.kl_chunk(s, t, coef, buf[:, :v], s_b, t_b, inv_T)
+        ls = torch.log_softmax((s.double() + s_b.double()) * inv_T, -1)
+        lt = torch.log_softmax((t.double() + t_b.double()) * inv_T, -1)
+        ls0, lt0 = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
         out["kernel"][f"{str(dtype).split('.')[1]}-{v}"] = {
             "kl": float(kl), "ref_kl": float((lt.exp() * (lt - ls)).sum()),
             "g_err": float((buf[:, :v].double() - 0.37 * (ls.exp() - lt.exp())).abs().max()),
             "padding_untouched": bool((buf[:, v:] == 7.0).all()),
-            "kl_without_grad": float(kl_kernel.kl_chunk(s, t, coef, None))}
+            "inputs_untouched": bool(torch.equal(s, s_in) and torch.equal(t, t_in)),
+            "kl_without_grad": float(kl_kernel.kl_chunk(s, t, coef, None, s_b, t_b, inv_T)),
+            "kl_no_bias": float(kl_kernel.kl_chunk(s, t, coef, None)), "ref_kl_no_bias": float((lt0.exp() * (lt0 - ls0)).sum())}
 
 case = _head_case(5)
 want = _fused_run(case)

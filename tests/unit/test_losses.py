@@ -250,10 +250,12 @@ def triton_results():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("v", [300, 5000])  # one block; several blocks with a ragged last one
 def test_triton_kl_kernel_matches_fp64(triton_results, dtype, v):
-    """KL sum and gradient coef * (p_s - p_t) against fp64, on strided rows (the padded GEMM's
-    output) and with the padding columns left untouched."""
+    """KL sum and gradient coef * (p_s - p_t) of softmax((raw + bias) / T) against fp64, on strided
+    rows (the padded GEMM's output), with the padding columns and the raw logits left untouched."""
     r = triton_results["kernel"][f"{dtype}-{v}"]
     assert abs(r["kl"] - r["ref_kl"]) <= 1e-5 * r["ref_kl"]
+    assert abs(r["kl_no_bias"] - r["ref_kl_no_bias"]) <= 1e-5 * r["ref_kl_no_bias"]
+    assert r["inputs_untouched"]
     # Within one rounding of g's dtype (|g| <= coef); in fp32, the exp of ~10-sized arguments.
     eps = {"float32": 0.0, "float16": torch.finfo(torch.float16).eps, "bfloat16": torch.finfo(torch.bfloat16).eps}[dtype]
     assert r["g_err"] <= max(1e-6, 0.37 * eps)
