@@ -52,14 +52,16 @@ def run_training(config_path: str | None, overrides: list[str]) -> dict:
     from distil.config import load_config
 
     cfg = load_config(config_path, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # >1 under torchrun
+    cfg.check_before_loading(world_size)
+    if cfg.storage.uri.startswith("s3://"):
+        raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
+                        fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
     quiet_libraries()
     from distil.export import export_checkpoint
     from distil.train import Trainer, init_distributed, prepare
 
-    if cfg.storage.uri.startswith("s3://"):
-        raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
-                        fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
-    prep = prepare(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # >1 under torchrun
+    prep = prepare(cfg, world_size)
     run_dir = Path(cfg.storage.uri).expanduser() / cfg.run_name()
     init_distributed(prep.device)
     trainer = Trainer(prep, run_dir)

@@ -204,6 +204,11 @@ class ScalingSection(_Strict):
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the latest checkpoint before giving up (-1: unlimited).")
 
 
+def looks_local(name: str) -> bool:
+    """Whether a model name means a folder: hub ids are "name" or "org/name"."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 class DistilConfig(_Strict):
     run: RunSection = Field(default_factory=RunSection, description="Run name and seed.")
     teacher: TeacherSection = Field(description="The model to distil.")
@@ -224,6 +229,22 @@ class DistilConfig(_Strict):
         if self.loss.needs_masks and self.masking.prob == 0:
             raise ValueError("masking.prob is 0 but the MLM term or the 'masked' recipe needs masked positions")
         return self
+
+    def check_before_loading(self, world_size: int) -> None:
+        """What is wrong with this config for `world_size` workers that shows without the teacher,
+        the data or torch: checked first, before seconds of imports (raises UserError)."""
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise UserError(f"global_batch_size {self.train.global_batch_size} is not a multiple of micro_batch_size x "
+                            f"workers = {per_step}", where="train.global_batch_size", fix=f"use a multiple of {per_step}")
+        self.check_teacher_folder()
+
+    def check_teacher_folder(self) -> None:
+        """A teacher named as a folder must exist (a hub id is checked when it is loaded)."""
+        name = self.teacher.name_or_path
+        if looks_local(name) and not Path(name).expanduser().exists():
+            raise UserError(f"teacher folder {name} does not exist", where="teacher.name_or_path",
+                            fix="point it at a folder saved with save_pretrained, or at a hub id such as bert-base-uncased")
 
     def run_name(self) -> str:
         """`run.name`, or a stable name derived from everything that defines the run."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -28,17 +27,10 @@ from distil.errors import UserError
 _LAYER_KEY = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..*)$")
 
 
-def _looks_local(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a folder.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def load_teacher_config(cfg: DistilConfig) -> PretrainedConfig:
     """Read only the teacher's config.json: enough to validate the run before loading weights."""
     name = cfg.teacher.name_or_path
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        raise UserError(f"teacher folder {name} does not exist", where="teacher.name_or_path",
-                        fix="point it at a folder saved with save_pretrained, or at a hub id such as bert-base-uncased")
+    cfg.check_teacher_folder()
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(name), revision=cfg.teacher.revision)
     except (OSError, ValueError) as e:

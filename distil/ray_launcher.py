@@ -119,6 +119,7 @@ def _worker(loop_config: dict) -> None:
 
 def launch(cfg: DistilConfig) -> dict:
     """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given)."""
+    cfg.check_before_loading(cfg.scaling.num_workers)  # (also for hub data, which only workers load)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -51,3 +51,23 @@ def test_bad_input_exits_2_with_one_message(case, tmp_path, teacher_dir):
 def test_missing_config_file(tmp_path):
     r = run_cli(tmp_path / "nope.yaml")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ray_launch_refuses_a_batch_the_workers_cannot_split_before_ray(tmp_path, teacher_dir):
+    """On the driver, before Ray starts, also when the data is a hub data set (which only the
+    workers load, so the data checks cannot run on the driver)."""
+    import sys
+
+    from distil.config import load_config
+    from distil.errors import UserError
+    from distil.ray_launcher import launch
+
+    cfg = base_config(teacher_dir, tmp_path, scaling={"num_workers": 3},
+                      train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 2})
+    cfg["data"]["sources"] = ["some-org/some-dataset"]
+    loaded = load_config(write_config(tmp_path / "c.yaml", cfg))
+    with pytest.raises(UserError) as e:
+        launch(loaded)
+    assert e.value.where == "train.global_batch_size" and "= 6" in str(e.value), str(e.value)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "runs").exists()
