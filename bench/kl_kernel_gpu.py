@@ -34,8 +34,8 @@ print(f"rows {a.rows} x vocab {a.vocab}: kl {float(kl):.6f} vs fp64 {ref_kl:.6f}
 del ls, lt
 
 # The fused loss hands each implementation the raw GEMM output (x @ W.T) and the bias. The eager
-# and compiled ones overwrite it (repeated calls keep it finite: (x + b) / T again and again tends
-# to 2b); the Triton kernel adds the bias and 1/T as it loads, and only reads it.
+# one overwrites it (repeated calls keep it finite: (x + b) / T again and again tends to 2b); the
+# Triton kernel adds the bias and 1/T as it loads.
 bias = torch.randn(a.vocab, device=dev).half()
 losses.set_kl_kernel("compiled")
 impls = (("eager", losses._kl_eager), ("compiled", losses._compiled_kl), ("triton", losses._kl_triton))

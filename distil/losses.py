@@ -169,7 +169,7 @@ def kl_kernel_in_use(device: torch.device) -> str:
 
 def _kl_impl(device: torch.device):
     """f(s_raw, s_bias, t_raw, t_bias, 1/T, coef, out) -> the chunk's KL sum; the raw logits
-    (x @ W.T, no bias) are scratch: overwritten."""
+    (x @ W.T, no bias) are scratch (the eager form overwrites them)."""
     return {"triton": _kl_triton, "compiled": _compiled_kl, "eager": _kl_eager}[kl_kernel_in_use(device)]
 
 
