@@ -63,17 +63,12 @@ def kill_driver(proc: subprocess.Popen) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
-def reference_and_killed_run(tmp_path, s3, bucket, cfg, kill_after: str) -> Path:
-    """An uninterrupted run under s3://bucket/ref, then the same config under runs/, its driver
-    killed once checkpoint `kill_after` is registered; returns that run's config path."""
-    ref_cfg = {**cfg, "storage": {**cfg["storage"], "uri": f"s3://{bucket}/ref"}}
-    rc, out = ray_job(write_config(tmp_path / "ref.yaml", ref_cfg))
-    assert rc == 0, out[-4000:]
-    path = write_config(tmp_path / "c.yaml", cfg)
+def killed_run(s3, bucket, path: Path, kill_after: str) -> None:
+    """The run of config `path` (storage under s3://bucket/runs), its driver killed once checkpoint
+    `kill_after` is registered."""
     proc = ray_job(path, wait=False)
     wait_registered(s3, bucket, "runs/t", kill_after, proc)
     kill_driver(proc)
-    return path
 
 
 def keys(s3, bucket, prefix=""):
@@ -81,8 +76,7 @@ def keys(s3, bucket, prefix=""):
     return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
 
-@pytest.fixture()
-def s3_run(tmp_path, teacher_dir, s3_endpoint):
+def _run_config(tmp_path, teacher_dir, s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
@@ -91,6 +85,32 @@ def s3_run(tmp_path, teacher_dir, s3_endpoint):
                       train={"max_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 4},
                       checkpoint={"every_steps": 4, "keep_last": 2})
     return s3, bucket, cfg
+
+
+@pytest.fixture()
+def s3_run(tmp_path, teacher_dir, s3_endpoint):
+    return _run_config(tmp_path, teacher_dir, s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def reference_20(tmp_path_factory, teacher_dir, s3_endpoint):
+    """One uninterrupted 20-step run (two workers), under s3://bucket/ref/t: what every interrupted
+    run of the same config must end equal to. (config, bucket); made once for the tests that
+    compare with it: a run is over a minute here."""
+    tmp = tmp_path_factory.mktemp("reference_20")
+    s3, bucket, cfg = _run_config(tmp, teacher_dir, s3_endpoint)
+    cfg["train"]["max_steps"] = 20
+    ref_cfg = {**cfg, "storage": {**cfg["storage"], "uri": f"s3://{bucket}/ref"}}
+    rc, out = ray_job(write_config(tmp / "ref.yaml", ref_cfg))
+    assert rc == 0, out[-4000:]
+    return cfg, bucket
+
+
+def _same_run_as(reference_20, s3_run, tmp_path) -> Path:
+    """The reference's config with this test's bucket (s3://bucket/runs), written to a file."""
+    _, bucket, own = s3_run
+    cfg = {**reference_20[0], "storage": own["storage"], "data": {**reference_20[0]["data"], "cache_dir": own["data"]["cache_dir"]}}
+    return write_config(tmp_path / "c.yaml", cfg)
 
 
 def wait_registered(s3, bucket, run_prefix: str, tag: str, proc, timeout=600) -> None:
@@ -162,16 +182,16 @@ def test_bad_bucket_fails_before_workers_start(tmp_path, s3_run):
     assert "Started a local Ray instance" not in out
 
 
-def test_driver_killed_then_rerun_resumes_bitwise(tmp_path, s3_run):
-    s3, bucket, cfg = s3_run
-    cfg["train"]["max_steps"] = 20
-    path = reference_and_killed_run(tmp_path, s3, bucket, cfg, "step_00000008")
+def test_driver_killed_then_rerun_resumes_bitwise(tmp_path, s3_run, reference_20):
+    s3, bucket, _ = s3_run
+    path = _same_run_as(reference_20, s3_run, tmp_path)
+    killed_run(s3, bucket, path, "step_00000008")
     done = [k for k in keys(s3, bucket, "runs/t/") if k.endswith("step_00000020/COMPLETE")]
     assert not done, "the driver must be killed before the run ends"
     rc, out = ray_job(path)
     assert rc == 0, out[-4000:]
     assert re.search(r"resumed from step_000000(08|12|16)", out), out[-4000:]
-    ref = _fp32_weights(s3, bucket, "ref/t/step_00000020", tmp_path / "ref" / "step_00000020")
+    ref = _fp32_weights(s3, reference_20[1], "ref/t/step_00000020", tmp_path / "ref" / "step_00000020")
     got = _fp32_weights(s3, bucket, "runs/t/step_00000020", tmp_path / "got" / "step_00000020")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
@@ -277,27 +297,27 @@ def test_two_node_cluster_and_ray_job_submit(tmp_path, s3_run):
         run("stop", "--force")
 
 
-def test_preempted_then_resumed_on_fewer_workers(tmp_path, s3_run):
+def test_preempted_then_resumed_on_fewer_workers(tmp_path, s3_run, reference_20):
     """Spot capacity comes back smaller: a 2-worker run is killed, the same command with one
     worker resumes from the latest registered checkpoint, its ZeRO-2 state re-partitioned, and
     trains every remaining global batch once (same token count as an uninterrupted run)."""
-    s3, bucket, cfg = s3_run
-    cfg["train"]["max_steps"] = 20
-    path = reference_and_killed_run(tmp_path, s3, bucket, cfg, "step_00000004")
+    s3, bucket, _ = s3_run
+    path = _same_run_as(reference_20, s3_run, tmp_path)
+    killed_run(s3, bucket, path, "step_00000004")
     rc, out = ray_job(path, "scaling.num_workers=1")
     assert rc == 0, out[-4000:]
     m = re.search(r"resumed from step_000000(04|08|12|16) .*written by 2 workers, ZeRO-2 state re-partitioned for 1", out)
     assert m, out[-4000:]
 
-    def read(prefix, name):
+    def read(bucket, prefix, name):
         return json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/step_00000020/{name}")["Body"].read())
 
-    got, ref = read("runs/t", "trainer_state.json"), read("ref/t", "trainer_state.json")
+    got, ref = read(bucket, "runs/t", "trainer_state.json"), read(reference_20[1], "ref/t", "trainer_state.json")
     assert got["world_size"] == 1 and got["step"] == 20
     assert (got["tokens"], got["sampler"]) == (ref["tokens"], ref["sampler"])
     # One rank's shard and RNG state now; the rest of the checkpoint as before.
-    assert sorted(read("runs/t", "COMPLETE")["files"]) == sorted(
-        k for k in read("ref/t", "COMPLETE")["files"] if "rank_1_" not in k and k != "rank_00001.pt")
+    assert sorted(read(bucket, "runs/t", "COMPLETE")["files"]) == sorted(
+        k for k in read(reference_20[1], "ref/t", "COMPLETE")["files"] if "rank_1_" not in k and k != "rank_00001.pt")
 
 
 class CuttableProxy:
