@@ -13,7 +13,7 @@ softmax, Milakov & Gimelshein 2018) for both rows and, rescaled the same way, su
 from which kl = A / Z_t - (m_t + log Z_t) + (m_s + log Z_s); pass 2 writes g. All arithmetic
 is fp32. One program per row; rows may be strided (the logits of a vocabulary-padded GEMM).
 Adding the bias and 1/T here rather than in the GEMM (addmm) or in a pass of their own saves a
-read-modify-write of both [rows x vocab] tensors: the biases (~120 KB each in fp32) stay in L2.
+read and a write of both [rows x vocab] tensors; the biases (~120 KB each in fp32) stay in L2.
 
 distil.losses imports this module only to run it, or to ask whether Triton is installed.
 Tests run this kernel under Triton's interpreter (TRITON_INTERPRET=1) on the CPU.
@@ -88,7 +88,6 @@ if triton is not None:  # (module level: a jit function finds the jit functions 
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=inside)
 
 
-
 def kl_chunk(s_raw: torch.Tensor, t_raw: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None,
              s_bias: torch.Tensor | None = None, t_bias: torch.Tensor | None = None, inv_T: float = 1.0) -> torch.Tensor:
     """Sum over rows of KL(p_t || p_s), p = softmax((raw + bias) * inv_T) (an fp32 scalar tensor);
@@ -107,6 +106,6 @@ def kl_chunk(s_raw: torch.Tensor, t_raw: torch.Tensor, coef: torch.Tensor, out: 
         sb = s_bias if s_bias is not None else kl  # likewise when there is no bias
         tb = t_bias if t_bias is not None else kl
         kl_rows[(rows,)](s_raw, t_raw, sb, tb, g, kl, coef.reshape(1).float(), float(inv_T), s_raw.stride(0),
-                           t_raw.stride(0), g.stride(0), n_cols=n_cols, BLOCK=4096 if n_cols > 2048 else 1024,
-                           WRITE_G=out is not None, S_BIAS=s_bias is not None, T_BIAS=t_bias is not None, num_warps=8)
+                         t_raw.stride(0), g.stride(0), n_cols=n_cols, BLOCK=4096 if n_cols > 2048 else 1024,
+                         WRITE_G=out is not None, S_BIAS=s_bias is not None, T_BIAS=t_bias is not None, num_warps=8)
     return kl.sum()
