@@ -233,11 +233,15 @@ class DistilConfig(_Strict):
     def check_before_loading(self, world_size: int) -> None:
         """What is wrong with this config for `world_size` workers that shows without the teacher,
         the data or torch: checked first, before seconds of imports (raises UserError)."""
+        self.check_batch_split(world_size)
+        self.check_teacher_folder()
+
+    def check_batch_split(self, world_size: int) -> None:
+        """The global batch must be whole micro-batches on every one of `world_size` workers."""
         per_step = self.train.micro_batch_size * world_size
         if self.train.global_batch_size % per_step:
             raise UserError(f"global_batch_size {self.train.global_batch_size} is not a multiple of micro_batch_size x "
                             f"workers = {per_step}", where="train.global_batch_size", fix=f"use a multiple of {per_step}")
-        self.check_teacher_folder()
 
     def check_teacher_folder(self) -> None:
         """A teacher named as a folder must exist (a hub id is checked when it is loaded)."""

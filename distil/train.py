@@ -81,7 +81,7 @@ def load_tokenizer(cfg: DistilConfig):
 def build_data(cfg: DistilConfig, tokenizer, world_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, held-out) sequences; refuses a corpus too small for one batch."""
     per_step = cfg.train.micro_batch_size * world_size
-    cfg.check_before_loading(world_size)
+    cfg.check_batch_split(world_size)  # (checked on the driver too; this is the worker's actual world size)
     docs = load_documents(cfg.data, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region})
     train, held_out = split_eval(tokenize(docs, tokenizer, cfg.data), cfg.data, cfg.run.seed)
     if len(train) < per_step:
