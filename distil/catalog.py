@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 
 from distil.checkpoint import COMPLETE, is_tag, step_of
 from distil.errors import UserError
+from distil.paths import check_relative
 from distil.storage import Storage
 
 
@@ -67,14 +68,23 @@ def _check(info: CheckpointInfo, storage: Storage) -> None:
     if COMPLETE not in info.objects:
         info.problem = "no COMPLETE marker: the save or its upload did not finish"
         return
+    links = [k for k, o in info.objects.items() if o.get("link")]
+    if links:
+        info.problem = f"{links[0]} is a symbolic link (never followed out of a checkpoint)"
+        return
     try:
         info.meta = json.loads(storage.read_bytes(info.objects[COMPLETE]["key"]))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         info.problem = "COMPLETE marker is not valid JSON"
         return
-    files = info.meta.get("files")
+    files = info.meta.get("files") if isinstance(info.meta, dict) else None
     if not isinstance(files, dict):
+        info.meta = {}
         info.problem = "COMPLETE marker has no file manifest (written by an older distil-run)"
+        return
+    unsafe = [k for k, v in files.items() if not _is_safe(k) or not isinstance(v, dict) or not isinstance(v.get("size"), int)]
+    if unsafe:
+        info.problem = f"manifest entry {unsafe[0]!r} is not a path inside the checkpoint with a size"
         return
     missing = [k for k in files if k not in info.objects]
     short = [k for k, v in files.items() if k in info.objects and info.objects[k]["size"] != v["size"]]
@@ -84,6 +94,14 @@ def _check(info: CheckpointInfo, storage: Storage) -> None:
         info.problem = f"{short[0]} is {info.objects[short[0]]['size']} bytes, the manifest says {files[short[0]]['size']} (truncated)"
     else:
         info.complete = True
+
+
+def _is_safe(key: str) -> bool:
+    try:
+        check_relative(key)
+    except UserError:
+        return False
+    return True
 
 
 def list_checkpoints(storage: Storage, objects: list[dict] | None = None) -> list[CheckpointInfo]:
@@ -114,8 +132,9 @@ def select(infos: list[CheckpointInfo], uri: str, step: str | int | None) -> Che
     complete = [c for c in infos if c.complete]
     if step in (None, "latest"):
         if not complete:
-            raise UserError(f"{uri} has no complete checkpoint ({len(infos)} incomplete)",
-                            fix="wait for the run to save one, or resume it")
+            newest = infos[-1]
+            raise UserError(f"{uri} has no complete checkpoint ({len(infos)} incomplete; the newest, {newest.tag}: "
+                            f"{newest.problem})", fix="wait for the run to save one, or resume it")
         return complete[-1]
     try:
         want = int(step)

@@ -18,6 +18,12 @@ before. `latest` is replaced atomically, and only after COMPLETE exists. The man
 copy of a checkpoint (in object storage, or pulled from it) be checked file by file: a Ray
 run's checkpoint is assembled in storage from every rank's own folder, so rank 0 cannot
 simply look at the files; each rank hashes the files it wrote and rank 0 gathers them.
+
+Nothing is used before `damage()` finds it intact (resume, export, pull, re-sharding): every
+file of the manifest present, a regular file (no symbolic link), of its size and sha256, and
+trainer_state.json at COMPLETE's step. Resume takes the newest intact checkpoint and names
+each damaged one it passes over (`find_resumable`). Pruning deletes COMPLETE first, so a
+checkpoint cut short while it is deleted is incomplete, never "complete but partial".
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+from distil.errors import UserError
+from distil.paths import check_relative, symlink_in
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -104,7 +115,10 @@ def load_rank_state(ckpt_dir: Path, rank: int) -> bool:
     path = ckpt_dir / f"rank_{rank:05d}.pt"
     if not path.is_file():
         return False
-    set_rng_state(torch.load(path, weights_only=False)["rng"])
+    # weights_only: a checkpoint is data, never code to run; numpy's RNG state is an array.
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    with torch.serialization.safe_globals([multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
+        set_rng_state(torch.load(path, weights_only=True)["rng"])
     return True
 
 
@@ -129,18 +143,84 @@ def rank_manifest(ckpt_dir: Path, rank: int) -> dict[str, dict]:
     return out
 
 
+HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL: threads hash files in parallel
+
+
 def verify(ckpt_dir: Path, manifest: dict[str, dict], hashes: bool = True) -> dict[str, str]:
-    """What is wrong with a copy of a checkpoint: {file: "missing" | "truncated..." | "altered"}, {} if nothing."""
-    problems = {}
+    """What is wrong with a copy of a checkpoint: {file: "missing" | "N bytes, expected M" |
+    "sha256 differs..." | "..."}, {} if nothing. Files are hashed on HASH_THREADS threads."""
+    problems, to_hash = {}, []
     for rel, want in sorted(manifest.items()):
+        try:
+            check_relative(rel, "manifest entry")
+            size, digest = int(want["size"]), str(want["sha256"])
+        except (UserError, KeyError, TypeError, ValueError):
+            problems[rel] = "not a valid manifest entry (a path inside the checkpoint with size and sha256)"
+            continue
         f = ckpt_dir / rel
-        if not f.is_file():
+        if symlink_in(ckpt_dir, rel) is not None:
+            problems[rel] = "is a symbolic link (never followed out of a checkpoint)"
+        elif not f.is_file():
             problems[rel] = "missing"
-        elif f.stat().st_size != want["size"]:
-            problems[rel] = f"{f.stat().st_size} bytes, expected {want['size']}"
-        elif hashes and sha256_file(f) != want["sha256"]:
-            problems[rel] = "sha256 differs from the manifest"
-    return problems
+        elif f.stat().st_size != size:
+            problems[rel] = f"{f.stat().st_size} bytes, expected {size}"
+        elif hashes:
+            to_hash.append((rel, f, digest))
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        for (rel, _, digest), actual in zip(to_hash, pool.map(lambda t: sha256_file(t[1]), to_hash)):
+            if actual != digest:
+                problems[rel] = "sha256 differs from the manifest"
+    return dict(sorted(problems.items()))
+
+
+def damage(ckpt_dir: Path, hashes: bool = True) -> str | None:
+    """What makes a checkpoint unusable, in a sentence, or None when it is intact: COMPLETE
+    readable with a manifest and the folder's step, every file as the manifest says, and
+    trainer_state.json at COMPLETE's step. Never raises for a damaged file."""
+    try:
+        complete = json.loads((ckpt_dir / COMPLETE).read_text())
+    except FileNotFoundError:
+        return "no COMPLETE marker: the save did not finish"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "COMPLETE is not valid JSON"
+    if not isinstance(complete, dict) or not isinstance(complete.get("files"), dict):
+        return "COMPLETE has no file manifest"
+    if _TAG.match(ckpt_dir.name) and complete.get("step") != step_of(ckpt_dir.name):
+        return f"COMPLETE says step {complete.get('step')!r}, the folder is {ckpt_dir.name}"
+    problems = verify(ckpt_dir, complete["files"], hashes=hashes)
+    if problems:
+        return describe(problems)
+    if TRAINER_STATE in complete["files"]:
+        try:
+            state = json.loads((ckpt_dir / TRAINER_STATE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return f"{TRAINER_STATE} is not valid JSON"
+        if not isinstance(state, dict) or state.get("step") != complete.get("step"):
+            return f"{TRAINER_STATE} says step {state.get('step') if isinstance(state, dict) else None!r}, COMPLETE {complete.get('step')!r}"
+    return None
+
+
+def find_resumable(root: Path, warn: Callable[[str], None] = print) -> str | None:
+    """The newest intact checkpoint under root (the `latest` pointer's first), None when root
+    has no complete checkpoint. Each damaged one passed over is named through `warn`; when
+    every complete checkpoint is damaged, a UserError says what to do."""
+    tags = complete_tags(root)
+    pointed = latest_tag(root)
+    order = ([pointed] if pointed else []) + [t for t in reversed(tags) if t != pointed]
+    damaged = []
+    for tag in order:
+        problem = damage(root / tag)
+        if problem is None:
+            if damaged:
+                warn(f"resuming from {tag}, the newest intact checkpoint")
+            return tag
+        damaged.append(tag)
+        warn(f"warning: checkpoint {root / tag} is damaged ({problem}); not resuming from it")
+    if damaged:
+        raise UserError(f"every checkpoint of the run in {root} is damaged ({', '.join(sorted(damaged))})", where="checkpoint",
+                        fix="restore them from a copy, or start the run over: pass --start-over (the damaged "
+                            "checkpoints are moved aside) or set a new run.name")
+    return None
 
 
 def drop_unlisted(ckpt_dir: Path, manifest: dict[str, dict]) -> list[str]:
@@ -154,10 +234,11 @@ def drop_unlisted(ckpt_dir: Path, manifest: dict[str, dict]) -> list[str]:
     return sorted(f.relative_to(ckpt_dir).as_posix() for f in stale)
 
 
-def clear_incomplete(ckpt_dir: Path) -> None:
-    """Before saving into ckpt_dir: remove what an earlier, unfinished save of that step left."""
-    if ckpt_dir.is_dir() and not is_complete(ckpt_dir):
-        shutil.rmtree(ckpt_dir)
+def clear_for_save(ckpt_dir: Path) -> None:
+    """Before saving into ckpt_dir: remove what an earlier save of that step left, unfinished,
+    or complete but damaged (a run that fell back to an older checkpoint saves that step again)."""
+    if ckpt_dir.is_dir():
+        prune(ckpt_dir.parent, ckpt_dir.name)
 
 
 def describe(problems: dict[str, str]) -> str:
@@ -165,7 +246,14 @@ def describe(problems: dict[str, str]) -> str:
 
 
 def read_complete(ckpt_dir: Path) -> dict:
+    """COMPLETE of a checkpoint that `damage()` found intact."""
     return json.loads((ckpt_dir / COMPLETE).read_text())
+
+
+def prune(root: Path, tag: str) -> None:
+    """Delete a checkpoint, COMPLETE first: cut short, it is an incomplete one, never used."""
+    (root / tag / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(root / tag, ignore_errors=True)
 
 
 def finalize(root: Path, tag: str, trainer_state: dict, config_yaml: str, keep_last: int,
@@ -181,7 +269,7 @@ def finalize(root: Path, tag: str, trainer_state: dict, config_yaml: str, keep_l
     _atomic_write(ckpt / COMPLETE, json.dumps(complete, indent=1))
     _atomic_write(root / LATEST, tag)
     for old in complete_tags(root)[:-keep_last]:
-        shutil.rmtree(root / old, ignore_errors=True)
+        prune(root, old)
     # Leftovers of saves that never completed, older than the newest complete one.
     for d in root.iterdir():
         if _TAG.match(d.name) and not is_complete(d) and d.name < tag:

@@ -47,24 +47,52 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_training(config_path: str | None, overrides: list[str]) -> dict:
-    """Validate, prepare, train one local worker (or this Ray worker), export the final model."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_storage_folder(uri: str) -> None:
+    """A local storage.uri must be a folder this process can write (or one it can create)."""
+    path = Path(uri).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{existing} is a file, not a folder", where="storage.uri", fix="name a folder for the runs")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {existing}", where="storage.uri", fix="choose a folder you can write to")
+
+
+def run_training(config_path: str | None, overrides: list[str], start_over: bool = False) -> dict:
+    """Validate, prepare, train one local worker (or one torchrun rank), export the final model."""
     from distil.config import load_config
 
     cfg = load_config(config_path, overrides)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # >1 under torchrun
+    rank = int(os.environ.get("RANK", "0"))
     cfg.check_before_loading(world_size)
     if cfg.storage.uri.startswith("s3://"):
         raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
                         fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
+    check_storage_folder(cfg.storage.uri)
+    from distil import continuity
+
+    run_dir = Path(cfg.storage.uri).expanduser() / cfg.run_name()
+    if start_over:  # every rank starts from nothing; rank 0 alone moves the old run aside
+        if rank == 0:
+            continuity.start_over(cfg, _stderr)
+        resume_tag, finished = None, None
+    else:
+        resume_tag, finished = continuity.local_resume_point(cfg, run_dir, rank, _stderr)
+    if finished:
+        if rank == 0:
+            print(finished, flush=True)
+        return {"step": cfg.train.max_steps, "stopped": False, "finished": True}
     quiet_libraries()
     from distil.export import export_checkpoint
-    from distil.train import Trainer, init_distributed, prepare
+    from distil.train import LocalCheckpointStore, Trainer, init_distributed, prepare
 
     prep = prepare(cfg, world_size)
-    run_dir = Path(cfg.storage.uri).expanduser() / cfg.run_name()
     init_distributed(prep.device)
-    trainer = Trainer(prep, run_dir)
+    trainer = Trainer(prep, run_dir, store=LocalCheckpointStore(resume_tag, found=True))
     if trainer.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -86,7 +114,7 @@ def run_training(config_path: str | None, overrides: list[str]) -> dict:
             import shutil
 
             shutil.rmtree(model_dir)
-        export_checkpoint(run_dir / "checkpoints" / ckpt.latest_tag(run_dir / "checkpoints"), model_dir)
+        export_checkpoint(run_dir / "checkpoints" / ckpt.latest_tag(run_dir / "checkpoints"), model_dir, hashed=True)
         result["model_dir"] = str(model_dir)
         _print_summary(result)
     return result
@@ -117,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--ray", action="store_true",
                            help="train on Ray (scaling.num_workers workers; RAY_ADDRESS or a local Ray instance)")
+            p.add_argument("--start-over", action="store_true",
+                           help="start the run from step 0: its existing folder (checkpoints, metrics, model) is moved "
+                                "aside to RUN.replaced-<UTC time>, never mixed with the new one")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
@@ -129,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             from distil.ray_launcher import launch
 
             cfg = load_config(args.config, args.overrides)
-            quiet_libraries()
-            launch(cfg)
+            launch(cfg, start_over=args.start_over)
         elif args.command == "train":
-            if run_training(args.config, args.overrides)["stopped"]:
+            if run_training(args.config, args.overrides, start_over=args.start_over)["stopped"]:
                 return EXIT_TERMINATED
         elif args.command == "config":
             from distil.config import load_config

@@ -14,13 +14,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distil.errors import UserError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a meaningful learning rate, temperature or epsilon.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Keys that may change when a run is resumed (the rest define the run: distil/continuity.py);
+# they are left out of the derived run name too, so that changing them continues the run.
+RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every", "train.progress_bar", "train.tensorboard",
+             "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "data.cache_dir", "data.num_proc",
+             "precision.device", "storage", "scaling")
+
+# Names of keys that hold credentials; such values are never accepted in a config (which is
+# saved with every checkpoint and the exported model) -- they come from the environment.
+SECRET_KEY = re.compile(r"(?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|(^|[_-])auth($|[_-]))")
 
 
 class RunSection(_Strict):
@@ -57,7 +69,8 @@ class DataSection(_Strict):
     )
     hub_config: str | None = Field(None, description="Configuration name of a hub data set (e.g. '20231101.en').")
     hub_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for a hub data set (e.g. {lang: pl} for cc100)."
+        default_factory=dict, description="Extra keyword arguments for a hub data set (e.g. {lang: pl} for cc100); "
+        "never a token: the hub token comes from HF_TOKEN or `hf auth login`."
     )
     text_field: str = Field("text", description="Column holding the text in jsonl/parquet/hub sources.")
     max_len: int = Field(128, ge=8, description="Sequence length in tokens, special tokens included.")
@@ -75,6 +88,15 @@ class DataSection(_Strict):
     eval_max_sequences: int = Field(512, ge=0, description="Upper bound on held-out sequences.")
     cache_dir: str | None = Field(None, description="Where tokenized data is cached; unset: the datasets default cache.")
     num_proc: int | None = Field(None, ge=1, description="Processes used for tokenization; unset: one.")
+
+    @field_validator("hub_kwargs")
+    @classmethod
+    def _no_secrets(cls, value: dict) -> dict:
+        for key in flat_keys(value):
+            if SECRET_KEY.search(key):
+                raise ValueError(f"key {key!r} looks like a credential; it would be saved with every checkpoint. "
+                                 "Remove it and set HF_TOKEN in the environment (or a Secret in the chart's extraEnv)")
+        return value
 
 
 class MaskingSection(_Strict):
@@ -139,12 +161,18 @@ class LossSection(_Strict):
 
 class OptimSection(_Strict):
     lr: float = Field(5e-4, gt=0.0, description="Peak learning rate of AdamW.")
-    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-6, gt=0.0, description="AdamW epsilon.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of max_steps with linear warmup from 0.")
     schedule: Literal["linear", "constant"] = Field("linear", description="After warmup: linear decay to 0, or constant.")
     grad_clip: float = Field(5.0, ge=0.0, description="Global gradient-norm clip; 0 disables clipping.")
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimSection":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)}: each must be in [0, 1) (e.g. [0.9, 0.98])")
+        return self
 
 
 class TrainSection(_Strict):
@@ -190,6 +218,16 @@ class StorageSection(_Strict):
     uri: str = Field("runs", description="Where runs are kept: a local folder or s3://bucket/prefix.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2); unset: AWS.")
     region: str | None = Field(None, description="S3 region; unset: from the AWS environment/profile.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        from distil.storage import endpoint_url_problem
+
+        problem = value is not None and endpoint_url_problem(value)
+        if problem:
+            raise ValueError(f"the URL {problem}")  # never the value itself: it may hold a password
+        return value
     max_attempts: int = Field(10, ge=1, le=30, description=(
         "Tries per S3 request of a Ray run (uploads, restores, Ray's own records) with exponential backoff "
         "capped at 20 s: 10 ride out an outage of about a minute; a longer one fails the upload and Ray "
@@ -254,14 +292,31 @@ class DistilConfig(_Strict):
         """`run.name`, or a stable name derived from everything that defines the run."""
         if self.run.name:
             return self.run.name
-        # Only what changes the result goes into the hash: logging cadence and scaling don't.
-        payload = self.model_dump(mode="json", exclude={"storage": True, "scaling": True, "train": {"progress_bar", "log_every", "tensorboard"}})
+        # Only what defines the run goes into the hash: what may change on a resume doesn't.
+        payload = self.model_dump(mode="json")
+        for key in RESUMABLE:
+            section, _, leaf = key.partition(".")
+            if leaf:
+                payload[section].pop(leaf, None)
+            else:
+                payload.pop(section, None)
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
         stem = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.teacher.name_or_path).name).strip("-").lower() or "teacher"
         return f"{stem[:40]}-{len(self.student.layers)}l-{digest}"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flat_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted names of every key in nested mappings (and mappings in lists)."""
+    out = []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    for k, v in items:
+        name = f"{prefix}{k}"
+        out.append(name)
+        out += flat_keys(v, f"{name}.")
+    return out
 
 
 def _format_validation_error(err: ValidationError, source: str) -> UserError:
@@ -302,7 +357,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise UserError(f"config file {p} does not exist", fix="pass --config with a path such as configs/demo.yaml")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"not UTF-8 text (byte {e.start} cannot be decoded)", where=source,
+                            fix="save the config as UTF-8") from None
         except yaml.YAMLError as e:
             raise UserError(f"not valid YAML: {e}", where=source) from None
         if not isinstance(data, dict):

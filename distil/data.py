@@ -78,8 +78,36 @@ def _load_files(files: list[Path], cfg: DataSection) -> datasets.Dataset:
     by_format: dict[str, list[str]] = {}
     for f in files:
         by_format.setdefault(_FORMATS[f.suffix], []).append(str(f))
-    parts = [datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=cfg.cache_dir) for fmt, paths in by_format.items()]
+    parts = []
+    for fmt, paths in by_format.items():
+        if fmt == "text":
+            _check_utf8(paths)
+        try:
+            parts.append(datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=cfg.cache_dir))
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = e.__cause__ or e.__context__
+            raise UserError(f"cannot read {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''} as {fmt}: "
+                            f"{type(cause).__name__ if cause else ''} {str(cause or e).splitlines()[0][:200]}",
+                            where="data.sources", fix=f"give {fmt} files in UTF-8") from None
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _check_utf8(paths: list[str], chunk: int = 1 << 22) -> None:
+    """Text files must be UTF-8: read in chunks (a file may be one huge line), decoded incrementally."""
+    import codecs
+
+    for path in paths:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            try:
+                while block := f.read(chunk):
+                    decoder.decode(block)
+                    offset += len(block)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 text (byte {offset + e.start} cannot be decoded; binary, or another "
+                                "encoding such as Latin-1)", where="data.sources",
+                                fix=f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8.txt") from None
 
 
 def _default_cache() -> str:

@@ -37,16 +37,18 @@ def fp32_state_dict(ckpt_dir: Path) -> dict:
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
-    """Write a HF model folder (safetensors, config, tokenizer) to out_dir; nothing partial on failure."""
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False) -> Path:
+    """Write a HF model folder (safetensors, config, tokenizer) to out_dir; nothing partial on
+    failure. `hashed`: the caller has just checked every file's sha256 (pull), sizes suffice."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    if not ckpt.is_complete(ckpt_dir):
-        raise UserError(f"{ckpt_dir} is not a complete checkpoint", fix="export a checkpoint listed as complete")
-    problems = ckpt.verify(ckpt_dir, ckpt.read_complete(ckpt_dir).get("files", {}), hashes=False)
-    if problems:
-        raise UserError(f"{ckpt_dir} is damaged: {ckpt.describe(problems)}", fix="export another checkpoint")
+    if not ckpt_dir.is_dir():
+        raise UserError(f"{ckpt_dir} is not a folder", fix="give a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
+    problem = ckpt.damage(ckpt_dir, hashes=not hashed)  # sizes and sha256 of every file against COMPLETE's manifest
+    if problem:
+        raise UserError(f"{ckpt_dir} cannot be exported: {problem}",
+                        fix="export another checkpoint (`distil checkpoints list` shows them)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty", fix="choose a new --out folder")
     config = AutoConfig.from_pretrained(ckpt_dir / HF_DIR)

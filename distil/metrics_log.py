@@ -25,9 +25,11 @@ def parse_rows(text: str) -> list[dict]:
     rows = []
     for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):  # anything else is not one of ours
+            rows.append(row)
     return rows
 
 

@@ -75,7 +75,12 @@ def load_teacher(cfg: DistilConfig, with_head: bool) -> nn.Module:
     """The teacher in fp32, eval mode, frozen. Without a head when no loss reads logits."""
     cls = AutoModelForMaskedLM if with_head else AutoModel
     name = os.path.expanduser(cfg.teacher.name_or_path)
-    model = cls.from_pretrained(name, revision=cfg.teacher.revision, dtype=torch.float32)
+    try:
+        model = cls.from_pretrained(name, revision=cfg.teacher.revision, dtype=torch.float32)
+    except Exception as e:  # truncated or damaged weights: safetensors, torch and OS errors alike
+        raise UserError(f"cannot load the teacher's weights from {name!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                        where="teacher.name_or_path", fix="download or save the teacher again (its weight files are damaged "
+                                                          "or incomplete)") from None
     model.eval().requires_grad_(False)
     return model
 

@@ -36,7 +36,11 @@ def load_model(path: str) -> MaskedLM:
     except OSError as e:
         raise UserError(f"cannot load a model from {path!r}: {str(e).splitlines()[0]}",
                         fix="give a model folder (from `distil checkpoints pull`) or a hub name") from None
-    model = (AutoModelForMaskedLM if has_mlm_head(config) else AutoModel).from_pretrained(path, dtype=torch.float32)
+    try:
+        model = (AutoModelForMaskedLM if has_mlm_head(config) else AutoModel).from_pretrained(path, dtype=torch.float32)
+    except Exception as e:  # truncated or damaged weights
+        raise UserError(f"cannot load the weights in {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                        fix="pull or export the model again") from None
     return MaskedLM(model.eval())
 
 
@@ -44,6 +48,8 @@ def _config_for(student: Path, teacher: str | None, data: list[str] | None, over
     saved = student / RUN_CONFIG
     if saved.is_file():
         cfg = load_config(saved, overrides)
+        if teacher is None:
+            _check_saved_teacher(cfg, saved)
     elif teacher is None or not data:
         raise UserError(f"{student} has no {RUN_CONFIG} (it was not pulled or exported by distil)",
                         fix="pass --teacher and --data")
@@ -61,6 +67,17 @@ def _config_for(student: Path, teacher: str | None, data: list[str] | None, over
     if data:
         updates["data"] = cfg.data.model_copy(update={"sources": list(data)})
     return cfg.model_copy(update=updates)
+
+
+def _check_saved_teacher(cfg: DistilConfig, saved: Path) -> None:
+    """The run's teacher is named as the run saw it: a relative folder is relative to where the
+    run was started, which is seldom where `distil eval` runs."""
+    from distil.config import looks_local
+
+    name = cfg.teacher.name_or_path
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"the run's teacher folder {name!r} (from {saved}) is not found from {Path.cwd()}",
+                        where="--teacher", fix="pass --teacher with the teacher's folder or hub id")
 
 
 def _sequences(cfg: DistilConfig, tokenizer, given_data: bool, max_sequences: int) -> list[list[int]]:

@@ -26,7 +26,7 @@ def load_rows(uri: str, endpoint_url: str | None = None, region: str | None = No
         key = candidates[-1].objects[METRICS]["key"]
     else:
         key = METRICS
-    return parse_rows(storage.read_bytes(key).decode())
+    return parse_rows(storage.read_bytes(key).decode("utf-8", "replace"))
 
 
 def series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:

@@ -18,7 +18,8 @@ from distil import checkpoint as ckpt
 from distil.catalog import CheckpointInfo, list_checkpoints, select
 from distil.download import Item, download
 from distil.errors import UserError
-from distil.storage import Storage, s3_errors, safe_join
+from distil.paths import regular_file, remove_tree, safe_join
+from distil.storage import Storage, s3_errors
 
 
 def default_cache() -> Path:
@@ -32,16 +33,26 @@ def _check_out(out: Path) -> None:
         raise UserError(f"cannot write into {out.parent}", where="--out", fix="choose a folder you can write to")
 
 
+def _check_cache(cache: Path, workers: int) -> None:
+    if workers < 1:
+        raise UserError(f"--workers {workers}: at least one download is needed", where="--workers", fix="give --workers 1 or more")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the cache folder {cache}: {e.strerror}", where="--cache-dir",
+                        fix="choose a folder you can write to") from None
+    if not os.access(cache, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into the cache folder {cache}", where="--cache-dir", fix="choose a folder you can write to")
+
+
 def _fetch(storage: Storage, info: CheckpointInfo, cache: Path, workers: int, progress: bool | None) -> Path:
     """The checkpoint folder on this machine, every file checked against the manifest."""
     files = info.meta["files"]
     if not storage.is_s3:
         local = Path(storage.uri).expanduser() / info.prefix
-        for rel in files:
-            safe_join(local, rel)
         _verify(local, files, storage.uri)
         return local
-    where = cache / storage.bucket / storage.key(info.prefix)
+    where = safe_join(cache, f"{storage.bucket}/{storage.key(info.prefix)}")
     def item(rel: str) -> Item:
         obj = info.objects[rel]  # its key as listed, not as re-joined
         return Item(storage.key(obj["key"]), safe_join(where, rel), obj["size"], obj["etag"])
@@ -59,6 +70,15 @@ def _fetch(storage: Storage, info: CheckpointInfo, cache: Path, workers: int, pr
     return where
 
 
+def _copy_checked(folder: Path, files: list[str], dest: Path) -> None:
+    """The checkpoint's own files (its manifest and COMPLETE), each a regular file: nothing
+    else in the folder, and nothing a symbolic link points to, is copied."""
+    for rel in files:
+        target = safe_join(dest, rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(regular_file(folder, rel), target, follow_symlinks=False)
+
+
 def _verify(folder: Path, files: dict, uri: str) -> None:
     bad = ckpt.verify(folder, files)
     if bad:
@@ -72,15 +92,17 @@ def pull(uri: str, out: Path, step: str | int | None = None, raw: bool = False, 
     out = Path(out).expanduser()
     _check_out(out)
     storage = Storage(uri, endpoint_url, region)
+    cache = Path(cache or default_cache()).expanduser()
+    if storage.is_s3:  # the flags first: nothing is asked of the store before they are right
+        _check_cache(cache, workers)
     info = select(list_checkpoints(storage), uri, step)
-    cache = Path(cache or default_cache())
     folder = _fetch(storage, info, cache, workers, progress)
     try:
         if raw:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             try:
-                shutil.copytree(folder, tmp / info.tag)
+                _copy_checked(folder, [*info.meta["files"], ckpt.COMPLETE], tmp / info.tag)
                 if out.exists():
                     out.rmdir()
                 (tmp / info.tag).rename(out)
@@ -94,8 +116,8 @@ def pull(uri: str, out: Path, step: str | int | None = None, raw: bool = False, 
             quiet_libraries()
             from distil.export import export_checkpoint
 
-            export_checkpoint(folder, out)
+            export_checkpoint(folder, out, hashed=True)
     finally:
         if storage.is_s3 and not keep_cache and out.exists():
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_tree(folder, cache)
     return {"out": str(out), "run": info.run or ".", "step": info.step, "raw": raw}

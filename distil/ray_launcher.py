@@ -12,6 +12,7 @@ node from that checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,16 +37,46 @@ class RayCheckpointStore:
                          checkpoint_dir_name=ckpt_dir.name, delete_local_checkpoint_after_upload=True)
 
     def restore(self, root: Path) -> str | None:
+        """The newest intact checkpoint of the run, fetched into root: Ray's latest registered
+        one, or, when that one is damaged in storage (sizes, sha256), the newest intact older
+        one in the run's folder; each damaged one is named. None intact: UserError."""
         import ray.train
 
         registered = ray.train.get_checkpoint()
         if registered is None:
             return None
+        rank0 = ray.train.get_context().get_world_rank() == 0
+        damaged = []
+        for tag, checkpoint in self._candidates(registered):
+            shutil.rmtree(root / tag, ignore_errors=True)
+            checkpoint.to_directory(str(root / tag))
+            problem = ckpt.damage(root / tag)
+            if problem is None:
+                if damaged and rank0:
+                    print(f"resuming from {tag}, the newest intact checkpoint", flush=True)
+                return tag
+            damaged.append(tag)
+            shutil.rmtree(root / tag, ignore_errors=True)
+            if rank0:
+                print(f"warning: checkpoint {checkpoint.path} is damaged ({problem}); not resuming from it", flush=True)
+        raise UserError(f"every checkpoint of run {self.cfg.run_name()} in {self.cfg.storage.uri} is damaged "
+                        f"({', '.join(damaged)})", where="checkpoint",
+                        fix="restore them from a copy, or start over: --start-over moves the run aside")
+
+    @staticmethod
+    def _candidates(registered):
+        """Ray's registered checkpoint, then the older step_N folders beside it, newest first."""
+        import ray.train
+        from pyarrow import fs as pafs
+
         tag = Path(registered.path).name  # report() named it after the step
-        registered.to_directory(str(root / tag))
-        if not ckpt.is_complete(root / tag):
-            raise RuntimeError(f"registered checkpoint {registered.path} has no COMPLETE marker")
-        return tag
+        yield tag, registered
+        parent = registered.path.rsplit("/", 1)[0]
+        infos = registered.filesystem.get_file_info(pafs.FileSelector(parent))
+        older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                        and ckpt.is_tag(i.base_name) and i.base_name < tag), reverse=True)
+        for name in older:
+            yield name, ray.train.Checkpoint(f"{parent}/{name}", filesystem=registered.filesystem)
 
     def publish(self, run_dir: Path) -> None:
         from pyarrow import fs as pafs
@@ -117,9 +148,24 @@ def _worker(loop_config: dict) -> None:
     trainer.train()
 
 
-def launch(cfg: DistilConfig) -> dict:
+def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given)."""
     cfg.check_before_loading(cfg.scaling.num_workers)  # (also for hub data, which only workers load)
+    from distil import continuity
+    from distil.cli import check_storage_folder, quiet_libraries
+
+    if not cfg.storage.uri.startswith("s3://"):
+        check_storage_folder(cfg.storage.uri)
+    preflight(cfg)
+    if start_over:
+        continuity.start_over(cfg, lambda m: print(m, flush=True))
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": False})})
+    else:
+        finished = continuity.stored_resume_point(cfg, lambda m: print(m, flush=True))
+        if finished:
+            print(finished, flush=True)
+            return {"checkpoint": None, "metrics": {}, "finished": True}
+    quiet_libraries()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -135,7 +181,6 @@ def launch(cfg: DistilConfig) -> dict:
         # Files are cheap to check here (and the tokenization cache is then warm for workers on
         # this node); a hub data set is left to the workers rather than downloaded to the head.
         build_data(cfg, load_tokenizer(cfg), s.num_workers)
-    preflight(cfg)
     storage_path, filesystem = _storage(cfg)
     if not ray.is_initialized():
         ray.init(log_to_driver=True, include_dashboard=False)

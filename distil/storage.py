@@ -8,26 +8,49 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from distil.errors import UserError
+from distil.paths import check_relative, safe_join, symlink_in
+
+__all__ = ["Storage", "check_endpoint_url", "s3_errors", "safe_join", "split_s3"]
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """s3://bucket/a/b -> ('bucket', 'a/b')."""
+    """s3://bucket/a/b -> ('bucket', 'a/b'); the prefix obeys the path rule (distil/paths.py)."""
     rest = uri[len("s3://"):]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise UserError(f"{uri!r} names no bucket", fix="write s3://BUCKET/PREFIX")
-    return bucket, prefix.strip("/")
+    check_relative(bucket, f"the bucket of {uri}")
+    prefix = prefix.strip("/")
+    if prefix:
+        check_relative(prefix, f"the prefix of {uri}")
+    return bucket, prefix
 
 
-def safe_join(root: Path, relative: str) -> Path:
-    """root/relative, refusing keys that would land outside root ('..', absolute paths)."""
-    rel = PurePosixPath(relative)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise UserError(f"object key {relative!r} would be written outside {root}", fix="remove or rename that object")
-    return root.joinpath(*rel.parts)
+def endpoint_url_problem(url: str) -> str | None:
+    """Why `url` cannot be an S3 endpoint, or None. The message never repeats the URL: it may
+    hold credentials (user:secret@host)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http:// or https:// URL with a host (e.g. http://minio:9000)"
+    if parts.username is not None or parts.password is not None:
+        return ("holds credentials (user:password@): they would be written into saved configs and logs; "
+                "give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY instead")
+    return None
+
+
+def check_endpoint_url(url: str | None, where: str = "--endpoint-url") -> None:
+    problem = url is not None and endpoint_url_problem(url)
+    if problem:
+        raise UserError(f"the S3 endpoint URL {problem}", where=where, fix="write it as http(s)://HOST[:PORT]")
 
 
 @contextlib.contextmanager
@@ -56,6 +79,7 @@ def s3_errors(uri: str, endpoint_url: str | None):
 
 class Storage:
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
+        check_endpoint_url(endpoint_url)
         self.uri = uri.rstrip("/")
         self.is_s3 = uri.startswith("s3://")
         self.endpoint_url, self.region = endpoint_url, region
@@ -74,19 +98,30 @@ class Storage:
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
     def list_objects(self) -> list[dict]:
-        """{"key" (relative to the prefix), "size", "mtime" (epoch s), "etag"} of every object under it."""
+        """{"key" (relative to the prefix), "size", "mtime" (epoch s), "etag", "link"} of every object
+        under it. Every key obeys the path rule (distil/paths.py): one that does not is refused,
+        named. `link`: a local file reached through a symbolic link (its target is never read)."""
         if not self.is_s3:
             root = Path(self.uri).expanduser()
             if not root.is_dir():
                 raise UserError(f"{self.uri} is not a folder", fix="give a run folder or its parent, or an s3:// URI")
-            return [{"key": f.relative_to(root).as_posix(), "size": f.stat().st_size, "mtime": f.stat().st_mtime, "etag": None}
-                    for f in sorted(root.rglob("*")) if f.is_file()]
+            out = []
+            for f in sorted(root.rglob("*")):
+                if f.is_file():
+                    rel = f.relative_to(root).as_posix()
+                    st = f.lstat()
+                    out.append({"key": rel, "size": st.st_size, "mtime": st.st_mtime, "etag": None,
+                                "link": symlink_in(root, rel) is not None})
+            return out
         out = []
         base = f"{self.prefix}/" if self.prefix else ""
         with s3_errors(self.uri, self.endpoint_url):
             for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                out += [{"key": o["Key"][len(base):], "size": o["Size"], "mtime": o["LastModified"].timestamp(), "etag": o["ETag"]}
+                out += [{"key": o["Key"][len(base):], "size": o["Size"], "mtime": o["LastModified"].timestamp(), "etag": o["ETag"],
+                         "link": False}
                         for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        for o in out:
+            check_relative(o["key"], f"object key under {self.uri}:")
         return out
 
     def list_keys(self) -> list[tuple[str, int]]:
@@ -95,7 +130,9 @@ class Storage:
 
     def read_bytes(self, relative: str) -> bytes:
         if not self.is_s3:
-            return safe_join(Path(self.uri).expanduser(), relative).read_bytes()
+            from distil.paths import regular_file
+
+            return regular_file(Path(self.uri).expanduser(), relative, "file").read_bytes()
         with s3_errors(self.uri, self.endpoint_url):
             return self.client().get_object(Bucket=self.bucket, Key=self.key(relative))["Body"].read()
 
@@ -116,3 +153,26 @@ class Storage:
                 client.download_file(self.bucket, self.key(rel), str(tmp))
             os.replace(tmp, target)
         return dest
+
+    def move(self, src: str, dst: str) -> int:
+        """Move everything under src to dst (both relative to the URI, both obeying the path
+        rule); returns the objects moved. Local: one rename. S3 has no rename: each object is
+        copied (server side, multipart for large ones), and the originals are deleted only once
+        every copy exists, so an interrupted move leaves the run where it was."""
+        check_relative(src, "run folder")
+        check_relative(dst, "destination folder")
+        if not self.is_s3:
+            root = Path(self.uri).expanduser()
+            if (root / dst).exists():
+                raise UserError(f"{root / dst} exists already", fix="try again in a second")
+            os.replace(root / src, root / dst)
+            return 1
+        moved = [key for key, _ in Storage(f"{self.uri}/{src}", self.endpoint_url, self.region).list_keys()]
+        with s3_errors(self.uri, self.endpoint_url):
+            client = self.client()
+            for rel in moved:
+                client.copy({"Bucket": self.bucket, "Key": self.key(f"{src}/{rel}")}, self.bucket, self.key(f"{dst}/{rel}"))
+            for i in range(0, len(moved), 1000):  # DeleteObjects takes 1000 keys a request
+                client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": self.key(f"{src}/{rel}")} for rel in moved[i:i + 1000]], "Quiet": True})
+        return len(moved)

@@ -72,7 +72,11 @@ class Prepared:
 def load_tokenizer(cfg: DistilConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher.name_or_path), revision=cfg.teacher.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(cfg.teacher.name_or_path), revision=cfg.teacher.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the teacher's tokenizer from {cfg.teacher.name_or_path!r}: {str(e).splitlines()[0][:300]}",
+                        where="teacher.name_or_path", fix="point it at a folder with the tokenizer files, or a reachable hub id") from None
     if tokenizer.mask_token_id is None:
         raise UserError("the teacher's tokenizer has no mask token", where="teacher.name_or_path")
     return tokenizer
@@ -161,7 +165,11 @@ def _free_port() -> int:
 
 
 class LocalCheckpointStore:
-    """Checkpoints stay in the run folder; resume from its newest complete one."""
+    """Checkpoints stay in the run folder; resume from its newest intact one (or the one the
+    caller found already: `resume_tag`, see continuity.local_resume_point)."""
+
+    def __init__(self, resume_tag: str | None = None, found: bool = False):
+        self.resume_tag, self.found = resume_tag, found or resume_tag is not None
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
         pass  # the checkpoint was written where it is kept
@@ -170,7 +178,7 @@ class LocalCheckpointStore:
         pass  # metrics.jsonl and TensorBoard events are written in the run folder itself
 
     def restore(self, root: Path) -> str | None:
-        return ckpt.latest_tag(root)
+        return self.resume_tag if self.found else ckpt.find_resumable(root)
 
     def preemption_notice(self) -> bool:
         return False  # a local run learns of preemption through SIGTERM
@@ -249,7 +257,7 @@ class Trainer:
         self._sync_tokens()
         tag = ckpt.tag_for(self.step)
         if self.rank == 0:
-            ckpt.clear_incomplete(self.ckpt_root / tag)
+            ckpt.clear_for_save(self.ckpt_root / tag)
         dist.barrier()
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=reshard.universal_info(), save_latest=False)
         ckpt.save_rank_state(self.ckpt_root / tag, self.rank)
@@ -281,11 +289,9 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
+        # The store's restore() found this checkpoint intact (every file's size and sha256).
         complete = ckpt.read_complete(self.ckpt_root / tag)
         manifest = complete["files"]
-        problems = ckpt.verify(self.ckpt_root / tag, manifest, hashes=False)
-        if problems:  # never resume from a damaged copy
-            raise RuntimeError(f"checkpoint {tag} is damaged: {ckpt.describe(problems)}")
         stale = ckpt.drop_unlisted(self.ckpt_root / tag, manifest)
         if stale and self.rank == 0:
             self.log(f"{tag}: ignored {len(stale)} file(s) its manifest does not list, left by an unfinished save: {stale[:3]}")

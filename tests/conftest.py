@@ -124,6 +124,25 @@ def base_config(teacher_dir: Path, tmp_path: Path, **sections) -> dict:
     return cfg
 
 
+def fake_checkpoint(root: Path, tag: str, files: dict[str, bytes], complete: bool = True, step: int | None = None) -> Path:
+    """A checkpoint folder root/tag holding `files`, with COMPLETE and its manifest (size and
+    sha256 of each) as `checkpoint.finalize` writes them; no model inside."""
+    import json
+
+    from distil import checkpoint as ckpt
+
+    d = root / tag
+    d.mkdir(parents=True)
+    for name, body in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(body)
+    if complete:
+        manifest = {n: {"size": len(b), "sha256": ckpt.sha256_file(d / n)} for n, b in files.items()}
+        step = ckpt.step_of(tag) if step is None else step
+        (d / ckpt.COMPLETE).write_text(json.dumps({"step": step, "world_size": 1, "tokens": 10, "files": manifest}))
+    return d
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     import yaml
 

@@ -12,6 +12,7 @@ from distil.errors import UserError
 from distil.metrics_log import MetricsLog, read_rows
 from distil.plot import series
 from distil.storage import Storage
+from tests.conftest import fake_checkpoint
 
 
 def test_split_reads_both_layouts():
@@ -22,23 +23,11 @@ def test_split_reads_both_layouts():
     assert _split("COMPLETE", "step_00000004") == ("", "", "COMPLETE")
 
 
-def _fake_checkpoint(root, tag, files, complete=True):
-    d = root / tag
-    d.mkdir(parents=True)
-    for name, body in files.items():
-        (d / name).parent.mkdir(parents=True, exist_ok=True)
-        (d / name).write_bytes(body)
-    if complete:
-        manifest = {n: {"size": len(b), "sha256": ckpt.sha256_file(d / n)} for n, b in files.items()}
-        (d / ckpt.COMPLETE).write_text(json.dumps({"step": ckpt.step_of(tag), "world_size": 1, "tokens": 10, "files": manifest}))
-    return d
-
-
 def test_completeness_and_selection(tmp_path):
     run = tmp_path / "runs" / "r" / "checkpoints"
-    _fake_checkpoint(run, "step_00000002", {"a.pt": b"12345", "hf/config.json": b"{}"})
-    d4 = _fake_checkpoint(run, "step_00000004", {"a.pt": b"12345"})
-    _fake_checkpoint(run, "step_00000006", {"a.pt": b"12345"}, complete=False)
+    fake_checkpoint(run, "step_00000002", {"a.pt": b"12345", "hf/config.json": b"{}"})
+    d4 = fake_checkpoint(run, "step_00000004", {"a.pt": b"12345"})
+    fake_checkpoint(run, "step_00000006", {"a.pt": b"12345"}, complete=False)
     infos = list_checkpoints(Storage(str(tmp_path / "runs")))
     assert [(c.run, c.step, c.complete) for c in infos] == [("r", 2, True), ("r", 4, True), ("r", 6, False)]
     assert "no COMPLETE" in infos[2].problem
@@ -54,17 +43,14 @@ def test_completeness_and_selection(tmp_path):
 
 def test_leftovers_of_an_unfinished_save_of_the_same_step(tmp_path):
     """A preempted 2-worker run uploaded part of step 6; the 1-worker rerun saved step 6 over it."""
-    d = _fake_checkpoint(tmp_path, "step_00000006", {"zero_pp_rank_0_mp_rank_00_optim_states.pt": b"new", "hf/a": b"x"})
+    d = fake_checkpoint(tmp_path, "step_00000006", {"zero_pp_rank_0_mp_rank_00_optim_states.pt": b"new", "hf/a": b"x"})
     for stale in ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001.pt"):
         (d / stale).write_bytes(b"old shard")
     info = list_checkpoints(Storage(str(tmp_path / "step_00000006")))[0]
     assert info.complete and info.size == len(b"new") + 1 + (d / ckpt.COMPLETE).stat().st_size  # the manifest's files
     assert ckpt.drop_unlisted(d, ckpt.read_complete(d)["files"]) == ["rank_00001.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert sorted(f.name for f in d.iterdir()) == ["COMPLETE", "hf", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-    ckpt.clear_incomplete(d)
-    assert d.is_dir()  # complete: kept
-    (d / ckpt.COMPLETE).unlink()
-    ckpt.clear_incomplete(d)
+    ckpt.clear_for_save(d)  # a save of step 6 again (after a fall-back from a damaged step 6) starts clean
     assert not d.exists()
 
 
