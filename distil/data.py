@@ -114,6 +114,46 @@ def _default_cache() -> str:
     return os.path.join(os.path.expanduser(os.environ.get("HF_HOME", "~/.cache/huggingface")), "distil")
 
 
+PIECE_CHARS = 1 << 16  # the longest string handed to the tokenizer
+CALL_CHARS = 1 << 22  # text per tokenizer call: its encodings take ~100x the text's size
+
+
+def _split_long(text: str) -> list[str]:
+    """`text` in pieces of at most PIECE_CHARS, cut before a space or newline where there is one
+    (the tokenizers split words at whitespace, so the ids are those of the whole text)."""
+    pieces, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        end = start + PIECE_CHARS
+        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens), in bounded memory: no string longer than
+    PIECE_CHARS and at most CALL_CHARS of text go to the tokenizer at once, so a corpus whose
+    "document" is a single 100 MB line does not need tens of GB for one giant encoding."""
+    owner, pieces = [], []
+    for i, text in enumerate(texts):
+        for piece in _split_long(text):
+            owner.append(i)
+            pieces.append(piece)
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    j = 0
+    while j < len(pieces):
+        k, size = j, 0
+        while k < len(pieces) and (k == j or size + len(pieces[k]) <= CALL_CHARS):
+            size += len(pieces[k])
+            k += 1
+        for doc, ids in zip(owner[j:k], tokenizer(pieces[j:k], add_special_tokens=False)["input_ids"]):
+            parts[doc].append(np.asarray(ids, dtype=np.int32))
+        j = k
+    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int32) for p in parts]
+
+
 def tokenize(docs: datasets.Dataset, tokenizer, cfg: DataSection) -> datasets.Dataset:
     """Token sequences with the tokenizer's own special tokens, at most max_len long.
 
@@ -126,21 +166,21 @@ def tokenize(docs: datasets.Dataset, tokenizer, cfg: DataSection) -> datasets.Da
     body = cfg.max_len - 2
 
     def pack(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        flat: list[int] = []
-        for doc in ids:
-            if doc:
-                flat.extend(doc)
-                flat.append(sep)
-        return {"input_ids": [[cls, *flat[i:i + body], sep] for i in range(0, len(flat) - body + 1, body)]}
+        docs = [d for d in token_ids(tokenizer, batch["text"]) if len(d)]
+        if not docs:
+            return {"input_ids": []}
+        flat = np.concatenate([part for d in docs for part in (d, np.array([sep], dtype=np.int32))])
+        rows = flat[:len(flat) // body * body].reshape(-1, body)
+        ends = np.full((len(rows), 1), cls, dtype=np.int64), np.full((len(rows), 1), sep, dtype=np.int64)
+        return {"input_ids": np.concatenate([ends[0], rows, ends[1]], axis=1)}
 
     def lines(batch):
         out = []
-        for doc in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
+        for doc in token_ids(tokenizer, batch["text"]):
             for i in range(0, len(doc), body):
-                seq = [cls, *doc[i:i + body], sep]
-                if len(seq) >= cfg.min_len:
-                    out.append(seq)
+                piece = doc[i:i + body]
+                if len(piece) + 2 >= cfg.min_len:
+                    out.append(np.concatenate([[cls], piece, [sep]]).astype(np.int64))
         return {"input_ids": out}
 
     fn = pack if cfg.packing == "pack" else lines

@@ -24,12 +24,33 @@ CONFIG_PATH = "/etc/distil/config.yaml"
 ENDED = {"Failed", "Complete"}  # jobDeploymentStatus values after which KubeRay does nothing more
 
 
+MAX_RAYJOB_NAME = 47  # KubeRay: a RayCluster name is at most 53 characters, and a RayJob's gets 6 more
+QUANTITY = re.compile(r"^[0-9.]+([eE][0-9]+|[numkMGTPE]i?)?$")
+
+
 def k8s_name(run: str) -> str:
-    """A DNS-1123 label from a run name."""
-    name = re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")[:63].rstrip("-")
-    if not name:
-        raise UserError(f"run name {run!r} gives no valid Kubernetes name", where="run.name", fix="use letters and digits")
+    """The RayJob name of a run: the run name in lowercase with '-' for other characters, a
+    DNS-1035 label of at most 47 characters as KubeRay requires. Never truncated: two runs
+    would then share one job."""
+    name = re.sub(r"[^a-z0-9-]+", "-", run.lower()).strip("-")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > MAX_RAYJOB_NAME:
+        raise UserError(f"run name {run!r} gives the RayJob name {name!r}, which is not a DNS-1035 label of at most "
+                        f"{MAX_RAYJOB_NAME} characters starting with a letter (KubeRay's rule)", where="run.name",
+                        fix=f"set run.name to a shorter name that starts with a letter, e.g. --set run.name={(name.lstrip('0123456789-') or 'run')[:30].rstrip('-')}")
     return name
+
+
+def check_submit_flags(workers: int, gpus_per_pod: int, cpu: str, memory: str, shm_size: str, backoff_limit: int,
+                       grace_period: int) -> None:
+    """What `distil k8s submit` would otherwise render into objects a cluster refuses."""
+    for flag, value, least in (("--workers", workers, 1), ("--gpus-per-pod", gpus_per_pod, 1), ("--backoff-limit", backoff_limit, 0),
+                               ("--grace-period", grace_period, 30)):
+        if value < least:
+            why = " (the workers need time to checkpoint after SIGTERM)" if flag == "--grace-period" else ""
+            raise UserError(f"{flag} {value}: must be at least {least}{why}", where=flag, fix=f"give {flag} {least} or more")
+    for flag, value in (("--cpu", cpu), ("--memory", memory), ("--shm-size", shm_size)):
+        if not QUANTITY.match(str(value)):
+            raise UserError(f"{flag} {value!r} is not a Kubernetes quantity", where=flag, fix="write e.g. 8, 500m, 48Gi")
 
 
 def clients(kubeconfig: str | None = None, context: str | None = None):
@@ -82,6 +103,8 @@ def manifests(cfg: DistilConfig, namespace: str, image: str, workers: int, gpus_
     if not cfg.storage.uri.startswith("s3://"):
         raise UserError(f"storage.uri is {cfg.storage.uri!r}: pods lose their disks on preemption", where="storage.uri",
                         fix="use object storage: s3://bucket/prefix (with storage.endpoint_url for MinIO/Ceph/R2)")
+    check_submit_flags(workers, gpus_per_pod, cpu, memory, shm_size, backoff_limit, grace_period)
+    cfg.check_batch_split(workers * gpus_per_pod)
     run = cfg.run_name()
     name = k8s_name(run)
     cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={

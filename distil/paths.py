@@ -25,8 +25,9 @@ def check_relative(key: str, what: str = "object key") -> PurePosixPath:
     bad = (not key or key.startswith("/") or "\\" in key or "\x00" in key
            or any(p in ("", ".", "..") for p in parts))
     if bad:
-        raise UserError(f"{what} {key!r} does not name a path inside its folder (absolute, '..', '.', "
-                        "an empty part or a backslash)", fix="remove or rename that object in storage; nothing was written")
+        raise UserError(f"{what} {key!r} would reach outside its folder, or name a file two ways (it is absolute, "
+                        "or holds '..', '.', an empty part or a backslash)",
+                        fix="remove or rename that object in storage; nothing was written")
     return PurePosixPath(key)
 
 

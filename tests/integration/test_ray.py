@@ -172,6 +172,35 @@ def test_two_workers_checkpoint_both_shards_to_s3(tmp_path, s3_run):
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "model").state_dict()
     merged = _fp32_weights(s3, bucket, "runs/t/step_00000012", tmp_path / "direct" / "step_00000012")
     assert all(torch.equal(model[k], v) for k, v in merged.items())
+    _finished_changed_and_damaged(tmp_path, s3, bucket, cfg)
+
+
+def _etags(s3, bucket, prefix):
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for p in pages for o in p.get("Contents", [])}
+
+
+def _finished_changed_and_damaged(tmp_path, s3, bucket, cfg):
+    """Issue 14 on the Ray path, on the finished 12-step run: asked again it changes nothing;
+    with another lr it is refused before Ray starts; with its newest checkpoint damaged in S3
+    and more steps, the workers name it and resume from the older intact one."""
+    path = write_config(tmp_path / "c.yaml", cfg)
+    before = _etags(s3, bucket, "runs/t/")
+    rc, out = ray_job(path)
+    assert rc == 0 and "already finished" in out and "Started a local Ray instance" not in out, out[-3000:]
+    rc, out = ray_job(path, "optim.lr=0.01")
+    assert rc == 2 and "optim.lr: 0.001 -> 0.01" in out and "Traceback" not in out, out[-3000:]
+    assert "Started a local Ray instance" not in out and _etags(s3, bucket, "runs/t/") == before
+    key = "runs/t/step_00000012/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[1000:1064] = bytes(b ^ 0xFF for b in body[1000:1064])
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    rc, out = ray_job(path, "train.max_steps=16")
+    assert rc == 0, out[-4000:]
+    assert "step_00000012 is damaged" in out and "zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256" in out, out[-4000:]
+    assert "resumed from step_00000008" in out, out[-4000:]
+    state = json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000016/trainer_state.json")["Body"].read())
+    assert state["step"] == 16
 
 
 def test_bad_bucket_fails_before_workers_start(tmp_path, s3_run):

@@ -151,3 +151,35 @@ def test_lookahead_makes_the_next_batch_on_another_thread():
     on_main = {key: main for key, _, main in made}
     assert on_main[(0, 0)] and not on_main[(0, 1)] and on_main[(5, 0)] and not on_main[(5, 1)]
     assert [k for k, _, _ in made if k == (0, 1)] == [(0, 1)]  # made once
+
+
+def test_a_huge_single_line_is_tokenized_in_bounded_pieces(wordpiece, tmp_path):
+    """A corpus whose document is one long line (a 110 MB one needed 18 GB): the tokenizer never
+    sees a string longer than PIECE_CHARS, and the ids are those of the whole line."""
+    import datasets
+
+    from distil import data as data_mod
+    from distil.config import DataSection
+    from tests.conftest import EN_TEXT
+
+    line = " ".join(EN_TEXT.read_text().split("\n")) * 3
+    assert len(line) > 3 * data_mod.PIECE_CHARS
+    seen = []
+
+    class Spy:
+        cls_token_id, sep_token_id = wordpiece.cls_token_id, wordpiece.sep_token_id
+
+        def __call__(self, texts, **kw):
+            seen.extend(len(t) for t in texts)
+            return wordpiece(texts, **kw)
+
+    whole = wordpiece(line, add_special_tokens=False)["input_ids"]
+    for packing in ("pack", "lines"):
+        seen.clear()
+        cfg = DataSection(sources=["x"], packing=packing, max_len=32, min_len=3, cache_dir=str(tmp_path))
+        seqs = data_mod.tokenize(datasets.Dataset.from_dict({"text": [line]}), Spy(), cfg)["input_ids"]
+        assert seen and max(seen) <= data_mod.PIECE_CHARS
+        body = [t for s in seqs for t in s[1:-1]]
+        sep = wordpiece.sep_token_id
+        expected = whole if packing == "lines" else (whole + [sep])[:len(body)]
+        assert body == expected[:len(body)] and len(body) >= len(whole) - 30

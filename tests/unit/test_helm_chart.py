@@ -156,12 +156,69 @@ GROUP = {"name": "gpu", "replicas": 2, "gpusPerPod": 1, "resources": {"limits": 
     ({"mode": "batch"}, "mode"),
     ({"workerGroups": [{**GROUP, "gpus": 1}]}, "gpus"),  # an unknown key: the strict schema refuses it
     ({"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),
+    # issue 14: what a cluster would refuse, and credentials by pattern anywhere
+    ({"fullnameOverride": "r" * 48}, "at most 47 characters"),
+    ({"fullnameOverride": "1run"}, "DNS-1035"),
+    ({"fullnameOverride": "run_1"}, "DNS-1035"),
+    ({"mode": "cluster", "fullnameOverride": "c" * 54}, "RayCluster name"),
+    ({"workerGroups": [GROUP, {**GROUP, "replicas": 1}]}, 'two groups are named "gpu"'),
+    ({"workerGroups": [{**GROUP, "resources": {"requests": {"cpu": "9"}, "limits": {"cpu": "8000m"}}}]},
+     "workerGroups[gpu].resources: requests.cpu 9 is above limits.cpu 8000m"),
+    ({"workerGroups": [{**GROUP, "resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "2000Mi"}}}]}, "requests.memory"),
+    ({"head": {"resources": {"requests": {"memory": "9Gi"}, "limits": {"memory": "8Gi"}}}}, "head.resources"),
+    ({"job": {"submitterResources": {"requests": {"cpu": 2}, "limits": {"cpu": "1"}}}}, "job.submitterResources"),
+    ({"workerGroups": [{**GROUP, "replicas": 3}]}, "global_batch_size 512 is not a multiple of micro_batch_size 16 x 3"),
+    ({"config": {"data": {"hub_kwargs": {"token": "hf_x"}}}}, "config.data.hub_kwargs.token"),
+    ({"config": {"data": {"hub_kwargs": {"storage_options": [{"HF_TOKEN": "hf_x"}]}}}}, "config.data.hub_kwargs.storage_options[0].HF_TOKEN"),
+    ({"config": {"storage": {"secretAccessKey": "x"}}}, "config.storage.secretAccessKey"),
+    ({"config": {"storage": {"endpoint_url": "http://ak:sk@minio:9000"}}}, "endpoint_url holds credentials"),
+    ({"job": {"extraArgs": ["data.hub_kwargs.api_key=x"]}}, "job.extraArgs[data.hub_kwargs.api_key]"),
+    ({"head": {"rayStartParams": {"redis-password": "x"}}}, "head.rayStartParams.redis-password"),
 ])
 def test_inconsistent_values_fail(tmp_path, values, message):
     f = tmp_path / "bad-values.yaml"
     f.write_text(yaml.safe_dump(values))
     r = helm("template", "rel", str(CHART), "-f", str(f))
     assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert "hf_x" not in r.stderr and ":sk@" not in r.stderr
+
+
+def test_the_chart_refuses_credentials_by_distils_own_pattern():
+    """One pattern for credential-like key names: the chart's copy is distil.config.SECRET_KEY."""
+    import re
+
+    from distil.config import SECRET_KEY
+
+    helpers = (CHART / "templates" / "_validate.tpl").read_text()
+    chart_pattern = re.search(r'define "distil-run.secretPattern" -}}\n(.*)\n', helpers).group(1)
+    assert chart_pattern == SECRET_KEY.pattern
+
+
+def test_large_integers_render_as_integers(tmp_path):
+    """Helm reads numbers as float64 and toYaml wrote 1209600 as 1.2096e+06: refused by the API
+    server (an integer field) and by distil (max_steps must be an integer)."""
+    from distil.config import DistilConfig
+
+    f = tmp_path / "big.yaml"
+    f.write_text(yaml.safe_dump({"config": {"train": {"max_steps": 1209600}, "zero": {"reduce_bucket_size": 500000000}},
+                                 "job": {"ttlSecondsAfterFinished": 1209600, "activeDeadlineSeconds": 2592000},
+                                 "terminationGracePeriodSeconds": 1000000,
+                                 "head": {"rayStartParams": {"object-store-memory": 10000000000, "num-cpus": 0.5}},
+                                 "workerGroups": [{**GROUP, "resources": {"limits": {"cpu": 8, "memory": 51539607552}}}]}))
+    r = helm("template", "rel", str(CHART), "-f", str(f))
+    assert r.returncode == 0, r.stderr
+    assert "e+0" not in r.stdout and "e+1" not in r.stdout
+    docs = by_kind([d for d in yaml.safe_load_all(r.stdout) if d])
+    validate(list(docs.values()))
+    cfg = DistilConfig.model_validate(yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"]))
+    assert cfg.train.max_steps == 1209600 and cfg.zero.reduce_bucket_size == 500000000
+    job = docs["RayJob"]["spec"]
+    assert job["ttlSecondsAfterFinished"] == 1209600 and job["activeDeadlineSeconds"] == 2592000
+    head = job["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["object-store-memory"] == "10000000000" and head["rayStartParams"]["num-cpus"] == "0.5"
+    worker = job["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] == 1000000
+    assert worker["containers"][0]["resources"]["limits"]["memory"] == 51539607552
 
 
 SECTIONS = {"image", "serviceAccount", "storage", "job", "head"}  # maps whose keys are the values

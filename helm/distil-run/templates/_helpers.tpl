@@ -65,6 +65,7 @@ app.kubernetes.io/part-of: distil-run
 {{- $_ := set $scaling "use_gpu" true }}
 {{- $_ := set $scaling "gpus_per_worker" 1 }}
 {{- $_ := set $config "scaling" $scaling }}
+{{- include "distil-run.intify" $config }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -102,9 +103,10 @@ app.kubernetes.io/part-of: distil-run
     {{- include "distil-run.env" $root | nindent 4 }}
   resources:
     {{- $res := deepCopy .resources }}
+    {{- include "distil-run.intify" $res }}
     {{- if .gpus }}
     {{- $limits := default dict $res.limits }}
-    {{- $_ := set $limits "nvidia.com/gpu" .gpus }}
+    {{- $_ := set $limits "nvidia.com/gpu" (int64 .gpus) }}
     {{- $_ := set $res "limits" $limits }}
     {{- end }}
     {{- toYaml $res | nindent 4 }}
@@ -115,7 +117,7 @@ app.kubernetes.io/part-of: distil-run
   lifecycle:
     preStop:
       exec:
-        command: ["python", "-m", "distil.preempt", "--timeout", "{{ sub $root.Values.terminationGracePeriodSeconds 15 }}"]
+        command: ["python", "-m", "distil.preempt", "--timeout", "{{ sub (int64 $root.Values.terminationGracePeriodSeconds) 15 }}"]
   {{- end }}
   volumeMounts:
     - name: distil-config
@@ -132,7 +134,7 @@ app.kubernetes.io/part-of: distil-run
 {{- $root := .root }}
 serviceAccountName: {{ include "distil-run.serviceAccountName" $root }}
 automountServiceAccountToken: {{ $root.Values.serviceAccount.automountToken }}
-terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
+terminationGracePeriodSeconds: {{ int64 $root.Values.terminationGracePeriodSeconds }}
 securityContext:
   {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
 {{- with $root.Values.imagePullSecrets }}
@@ -176,7 +178,9 @@ rayVersion: "2.60.0"
 headGroupSpec:
   rayStartParams:
     num-gpus: "0"
-    {{- range $k, $v := .Values.head.rayStartParams }}
+    {{- $params := deepCopy .Values.head.rayStartParams }}
+    {{- include "distil-run.intify" $params }}
+    {{- range $k, $v := $params }}
     {{ $k }}: {{ $v | quote }}
     {{- end }}
   template:
@@ -195,11 +199,11 @@ headGroupSpec:
 workerGroupSpecs:
   {{- range .Values.workerGroups }}
   - groupName: {{ .name }}
-    replicas: {{ .replicas }}
-    minReplicas: {{ .replicas }}
-    maxReplicas: {{ .replicas }}
+    replicas: {{ int64 .replicas }}
+    minReplicas: {{ int64 .replicas }}
+    maxReplicas: {{ int64 .replicas }}
     rayStartParams:
-      num-gpus: {{ .gpusPerPod | quote }}
+      num-gpus: {{ int64 .gpusPerPod | quote }}
     template:
       metadata:
         labels:

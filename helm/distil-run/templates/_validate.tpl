@@ -1,0 +1,138 @@
+{{/*
+Inconsistent or unsafe values fail `helm install` / `helm template` here, with what to change.
+Included by configmap.yaml (so every render checks) and NOTES.txt.
+*/}}
+
+{{/* Key names that hold credentials. The same pattern as distil.config.SECRET_KEY (a test
+compares them): such keys are refused in `config`, `job.extraArgs` and `head.rayStartParams`. */}}
+{{- define "distil-run.secretPattern" -}}
+(?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|(^|[_-])auth($|[_-]))
+{{- end }}
+
+{{/* Paths of credential-like keys in a nested map, one a line. Args: dict path, value. */}}
+{{- define "distil-run.secretKeys" -}}
+{{- $pattern := include "distil-run.secretPattern" nil }}
+{{- range $k, $v := .value }}
+{{- $path := printf "%s.%s" $.path $k }}
+{{- if regexMatch $pattern (toString $k) }}{{ $path }}{{ "\n" }}{{ end }}
+{{- if kindIs "map" $v }}{{ include "distil-run.secretKeys" (dict "path" $path "value" $v) }}{{ end }}
+{{- if kindIs "slice" $v }}
+{{- range $i, $e := $v }}
+{{- if kindIs "map" $e }}{{ include "distil-run.secretKeys" (dict "path" (printf "%s[%d]" $path $i) "value" $e) }}{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity ("8", "500m", "48Gi", "1e3", 8) as a plain number, for comparisons. */}}
+{{- define "distil-run.quantity" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9.]+" $q }}
+{{- $suffix := trimPrefix $num $q }}
+{{- $scale := dict "" 1.0 "n" 1e-9 "u" 1e-6 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- if hasKey $scale $suffix }}
+{{- mulf (float64 $num) (get $scale $suffix) }}
+{{- else if regexMatch "^[eE][0-9]+$" $suffix }}
+{{- mulf (float64 $num) (float64 (printf "1%s" $suffix)) }}
+{{- else }}
+{{- fail (printf "%q is not a Kubernetes quantity (e.g. 8, 500m, 48Gi)" $q) }}
+{{- end }}
+{{- end }}
+
+{{/* Requests above limits. Args: dict where, resources. */}}
+{{- define "distil-run.checkResources" -}}
+{{- $requests := default dict .resources.requests }}
+{{- $limits := default dict .resources.limits }}
+{{- range $k, $v := $requests }}
+{{- if hasKey $limits $k }}
+{{- if gt (float64 (include "distil-run.quantity" $v)) (float64 (include "distil-run.quantity" (get $limits $k))) }}
+{{- fail (printf "%s: requests.%s %v is above limits.%s %v: the API server refuses the pod; raise the limit or lower the request" $.where $k $v $k (get $limits $k)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "distil-run.validate" -}}
+{{- $workers := int (include "distil-run.numWorkers" .) }}
+{{- if lt $workers 1 }}
+{{- fail "workerGroups: no GPU worker (replicas x gpusPerPod is 0): add a group with replicas >= 1 and gpusPerPod >= 1" }}
+{{- end }}
+{{- /* Object names: KubeRay appends to them (RayJob -> RayCluster -> pods, services). */}}
+{{- $name := include "distil-run.fullname" . }}
+{{- $max := ternary 47 53 (eq .Values.mode "job") }}
+{{- $kind := ternary "RayJob" "RayCluster" (eq .Values.mode "job") }}
+{{- if or (gt (len $name) $max) (not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name)) }}
+{{- fail (printf "the %s name %q (release name + chart name) is not a DNS-1035 label of at most %d characters (lowercase letters, digits and '-', starting with a letter), as KubeRay requires: use a shorter release name or set fullnameOverride" $kind $name $max) }}
+{{- end }}
+{{- $groups := list }}
+{{- range .Values.workerGroups }}
+{{- if has .name $groups }}
+{{- fail (printf "workerGroups: two groups are named %q: give each a name of its own" .name) }}
+{{- end }}
+{{- $groups = append $groups .name }}
+{{- include "distil-run.checkResources" (dict "where" (printf "workerGroups[%s].resources" .name) "resources" .resources) }}
+{{- end }}
+{{- include "distil-run.checkResources" (dict "where" "head.resources" "resources" .Values.head.resources) }}
+{{- include "distil-run.checkResources" (dict "where" "job.submitterResources" "resources" .Values.job.submitterResources) }}
+{{- /* The run config against the cluster's shape. */}}
+{{- $scaling := default dict .Values.config.scaling }}
+{{- if and (hasKey $scaling "num_workers") (ne (int $scaling.num_workers) $workers) }}
+{{- fail (printf "config.scaling.num_workers is %v but the worker groups give %d GPUs (one worker each): remove config.scaling.num_workers (the chart sets it) or change workerGroups" $scaling.num_workers $workers) }}
+{{- end }}
+{{- if and (hasKey $scaling "use_gpu") (not $scaling.use_gpu) }}
+{{- fail "config.scaling.use_gpu is false but the chart runs GPU workers: remove config.scaling.use_gpu" }}
+{{- end }}
+{{- $train := default dict .Values.config.train }}
+{{- $micro := int (default 8 $train.micro_batch_size) }}
+{{- $global := int (default 8 $train.global_batch_size) }}
+{{- if mod $global (mul $micro $workers) }}
+{{- fail (printf "config.train.global_batch_size %d is not a multiple of micro_batch_size %d x %d GPU workers = %d: change the batch sizes or the worker groups" $global $micro $workers (mul $micro $workers)) }}
+{{- end }}
+{{- $storage := default dict .Values.config.storage }}
+{{- $uri := default "" $storage.uri }}
+{{- if not (hasPrefix "s3://" $uri) }}
+{{- fail (printf "config.storage.uri is %q: on Kubernetes checkpoints must go to object storage (s3://bucket/prefix, with endpoint_url for MinIO/Ceph/R2); pod disks are lost on preemption" $uri) }}
+{{- end }}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/]*@" (default "" $storage.endpoint_url) }}
+{{- fail "config.storage.endpoint_url holds credentials (user:password@): they would be written into the ConfigMap; put them in a Secret and set storage.credentialsSecret" }}
+{{- end }}
+{{- /* Credentials never go into values: by key name, anywhere. */}}
+{{- $secrets := include "distil-run.secretKeys" (dict "path" "config" "value" .Values.config) }}
+{{- $secrets = cat $secrets (include "distil-run.secretKeys" (dict "path" "head.rayStartParams" "value" .Values.head.rayStartParams)) }}
+{{- range .Values.job.extraArgs }}
+{{- if regexMatch (include "distil-run.secretPattern" nil) (first (splitList "=" .)) }}
+{{- $secrets = cat $secrets (printf "job.extraArgs[%s]" (first (splitList "=" .))) }}
+{{- end }}
+{{- end }}
+{{- if trim $secrets }}
+{{- fail (printf "%s: credentials never go into values (they end up in the ConfigMap, the RayJob and every checkpoint's config); put S3 keys in a Secret (storage.credentialsSecret) and other tokens in the pods' environment from a Secret" (join ", " (splitList " " (trim (regexReplaceAll "\\s+" $secrets " "))))) }}
+{{- end }}
+{{- $run := default dict .Values.config.run }}
+{{- if not (default "" $run.name) }}
+{{- fail "config.run.name is empty: set it, so that a resubmitted or resumed job finds its checkpoints" }}
+{{- end }}
+{{- end }}
+
+{{/* Whole numbers from a values file are float64 in Helm, and toYaml writes 1209600 as
+1.2096e+06 (which the API server and distil refuse as an integer): turn them back into
+integers, in place, through maps and lists. */}}
+{{- define "distil-run.intify" -}}
+{{- range $k, $v := . }}
+{{- if and (kindIs "float64" $v) (eq $v (float64 (int64 $v))) }}
+{{- $_ := set $ $k (int64 $v) }}
+{{- else if kindIs "map" $v }}
+{{- include "distil-run.intify" $v }}
+{{- else if kindIs "slice" $v }}
+{{- $out := list }}
+{{- range $v }}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) }}
+{{- $out = append $out (int64 .) }}
+{{- else }}
+{{- if kindIs "map" . }}{{ include "distil-run.intify" . }}{{ end }}
+{{- $out = append $out . }}
+{{- end }}
+{{- end }}
+{{- $_ := set $ $k $out }}
+{{- end }}
+{{- end }}
+{{- end }}
