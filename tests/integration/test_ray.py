@@ -191,6 +191,8 @@ def _finished_changed_and_damaged(tmp_path, s3, bucket, cfg):
     rc, out = ray_job(path, "optim.lr=0.01")
     assert rc == 2 and "optim.lr: 0.001 -> 0.01" in out and "Traceback" not in out, out[-3000:]
     assert "Started a local Ray instance" not in out and _etags(s3, bucket, "runs/t/") == before
+    rc, out = ray_job(path, "checkpoint.resume=false")
+    assert rc == 2 and "--start-over" in out and "Started a local Ray instance" not in out, out[-3000:]
     key = "runs/t/step_00000012/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     body[1000:1064] = bytes(b ^ 0xFF for b in body[1000:1064])

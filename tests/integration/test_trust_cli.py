@@ -258,3 +258,31 @@ def test_command_flags(tmp_path, trained):
     saved["teacher"]["name_or_path"] = "./models/teacher"
     (model / "distil_config.yaml").write_text(yaml.safe_dump(saved))
     refused(distil("eval", str(model), cwd=tmp_path), "./models/teacher", "--teacher")
+
+
+def test_start_over_on_s3_moves_every_object_aside(tmp_path, s3_endpoint):
+    """S3 has no rename: every object of the run is copied under RUN.replaced-<time>, then deleted."""
+    from distil import continuity
+    from distil.config import DistilConfig
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"over-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    objects = {f"runs/t/step_0000000{i}/f{j}": os.urandom(100 + j) for i in (4, 8) for j in range(3)}
+    objects |= {"runs/t/metrics.jsonl": b"{}\n", "runs/t2/keep": b"another run", "runs/t-old": b"a sibling file"}
+    for k, v in objects.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    cfg = DistilConfig.model_validate({"run": {"name": "t"}, "teacher": {"name_or_path": "x"}, "student": {"layers": [0]},
+                                       "data": {"sources": [str(EN_TEXT)]}, "train": {"max_steps": 1},
+                                       "storage": {"uri": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint}})
+    said: list[str] = []
+    continuity.start_over(cfg, said.append)
+    after = {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+             for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    moved = {k for k in after if k.startswith("runs/t.replaced-")}
+    prefix = next(iter(moved)).split("/")[1]
+    assert {k.replace(f"runs/{prefix}/", "runs/t/") for k in moved} == {k for k in objects if k.startswith("runs/t/")}
+    assert all(after[k] == objects[k.replace(f"runs/{prefix}/", "runs/t/")] for k in moved)
+    assert not any(k.startswith("runs/t/") for k in after)
+    assert after["runs/t2/keep"] == b"another run" and after["runs/t-old"] == b"a sibling file"
+    assert prefix in said[0]
