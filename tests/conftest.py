@@ -124,6 +124,20 @@ def base_config(teacher_dir: Path, tmp_path: Path, **sections) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, teacher_dir) -> tuple[dict, Path]:
+    """One finished local run of `base_config` (6 steps, checkpoints at 3 and 6), trained once for
+    the session through the real command line: (config, run folder). Read it; copy it to change it."""
+    import subprocess
+
+    tmp = tmp_path_factory.mktemp("trained-run")
+    cfg = base_config(teacher_dir, tmp)
+    r = subprocess.run([sys.executable, "-m", "distil.cli", "train", "--config", str(write_config(tmp / "c.yaml", cfg))],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return cfg, tmp / "runs" / "t"
+
+
 def fake_checkpoint(root: Path, tag: str, files: dict[str, bytes], complete: bool = True, step: int | None = None) -> Path:
     """A checkpoint folder root/tag holding `files`, with COMPLETE and its manifest (size and
     sha256 of each) as `checkpoint.finalize` writes them; no model inside."""

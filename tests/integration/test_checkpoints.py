@@ -15,7 +15,7 @@ import pytest
 import torch
 from boto3.s3.transfer import TransferConfig
 
-from tests.conftest import EN_TEXT, ROOT, base_config, write_config
+from tests.conftest import EN_TEXT, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,9 @@ def upload(s3, bucket: str, folder: Path, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, teacher_dir):
-    """One local run (checkpoints at steps 3 and 6), trained once for the whole module."""
-    tmp = tmp_path_factory.mktemp("ckpt-run")
-    cfg = base_config(teacher_dir, tmp)
-    r = distil("train", "--config", str(write_config(tmp / "c.yaml", cfg)))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return tmp / "runs" / "t"
+def run(trained_run):
+    """One local run (checkpoints at steps 3 and 6), trained once for the session."""
+    return trained_run[1]
 
 
 @pytest.fixture()

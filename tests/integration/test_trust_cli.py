@@ -101,14 +101,9 @@ def test_local_pull_copies_no_link_target(tmp_path):
 # -- damaged checkpoints: resume falls back, export refuses ------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, teacher_dir):
+def trained(trained_run):
     """A finished 6-step run (checkpoints at 3 and 6) and its exported weights."""
-    tmp = tmp_path_factory.mktemp("trusted")
-    cfg = base_config(teacher_dir, tmp)
-    path = write_config(tmp / "c.yaml", cfg)
-    r = distil("train", "--config", str(path))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    run = tmp / "runs" / "t"
+    cfg, run = trained_run
     return cfg, run, load_file(str(run / "model" / "model.safetensors"))
 
 
