@@ -223,6 +223,11 @@ def find_resumable(root: Path, warn: Callable[[str], None] = print) -> str | Non
     return None
 
 
+def unlisted_states(ckpt_dir: Path, manifest: dict[str, dict]) -> list[str]:
+    """DeepSpeed state files in ckpt_dir that the manifest does not name (DeepSpeed globs for them)."""
+    return sorted(f.name for f in ckpt_dir.glob("*_states.pt") if f.name not in manifest)
+
+
 def drop_unlisted(ckpt_dir: Path, manifest: dict[str, dict]) -> list[str]:
     """Delete files the manifest does not name; returns them. They are leftovers of an earlier
     save of the same step that never completed (e.g. a preempted run's upload, maybe by another

@@ -49,6 +49,10 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False) -> Pa
     if problem:
         raise UserError(f"{ckpt_dir} cannot be exported: {problem}",
                         fix="export another checkpoint (`distil checkpoints list` shows them)")
+    stale = ckpt.unlisted_states(ckpt_dir, ckpt.read_complete(ckpt_dir)["files"])
+    if stale:  # the merge would glob them in with the checkpoint's own shards
+        raise UserError(f"{ckpt_dir} holds DeepSpeed state files its manifest does not list ({', '.join(stale[:3])}): "
+                        "leftovers of an unfinished save", fix="delete them (or resume the run, which does), then export")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty", fix="choose a new --out folder")
     config = AutoConfig.from_pretrained(ckpt_dir / HF_DIR)

@@ -67,6 +67,7 @@ def _fetch(storage: Storage, info: CheckpointInfo, cache: Path, workers: int, pr
                 (where / rel).unlink(missing_ok=True)
             download(client, storage.bucket, items, workers=workers, progress=progress)
     _verify(where, files, storage.uri)
+    ckpt.drop_unlisted(where, files)  # our cache: an older pull of this step may have left other shards
     return where
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, base_config, write_config
-from tests.unit.test_catalog import _fake_checkpoint
+from tests.conftest import fake_checkpoint
 from tests.unit.test_helm_chart import crd_validator
 
 NS = "ml"
@@ -131,7 +131,7 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     core.create_namespaced_pod(NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
         "name": "distil-run-1-abcde-gpu-worker-0", "labels": {"ray.io/cluster": "distil-run-1-abcde"}},
         "spec": {"containers": [{"name": "ray-worker", "image": "img:1"}]}, "status": {"phase": "Running"}})
-    ckpt = _fake_checkpoint(tmp_path / "ckpt", "step_00000040", {"a.pt": b"12345"})
+    ckpt = fake_checkpoint(tmp_path / "ckpt", "step_00000040", {"a.pt": b"12345"})
     for f in ckpt.rglob("*"):
         s3.upload_file(str(f), bucket, f"runs/Distil_Run.1/step_00000040/{f.relative_to(ckpt).as_posix()}")
     st = k8s(kubeconfig, "status", "Distil_Run.1", "-n", NS, "--json")

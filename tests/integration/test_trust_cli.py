@@ -281,3 +281,14 @@ def test_start_over_on_s3_moves_every_object_aside(tmp_path, s3_endpoint):
     assert not any(k.startswith("runs/t/") for k in after)
     assert after["runs/t2/keep"] == b"another run" and after["runs/t-old"] == b"a sibling file"
     assert prefix in said[0]
+
+
+def test_export_refuses_shards_its_manifest_does_not_list(tmp_path, trained):
+    """DeepSpeed's merge globs *_optim_states.pt: a leftover shard of an unfinished save (another
+    worker count) would be merged in."""
+    _, run = _copy_run(trained, tmp_path)
+    ck = run / "checkpoints" / "step_00000006"
+    shutil.copy(ck / "zero_pp_rank_0_mp_rank_00_optim_states.pt", ck / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    r = distil("export", str(ck), "--out", str(tmp_path / "m"))
+    refused(r, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "manifest does not list")
+    assert not (tmp_path / "m").exists()

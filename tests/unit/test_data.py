@@ -76,6 +76,11 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path, wordpiece):
     assert as_set(tr) | as_set(ev) == as_set(seqs) and not as_set(tr) & as_set(ev)
     counts = token_counts(tr, len(wordpiece))
     assert counts.sum() == sum(len(r) for r in list(tr["input_ids"])) and counts[wordpiece.cls_token_id] == len(tr)
+    by_hand = np.zeros(len(wordpiece), dtype=np.int64)
+    for row in tr["input_ids"]:
+        np.add.at(by_hand, row, 1)
+    assert np.array_equal(counts, by_hand)
+    assert np.array_equal(token_counts(tr, len(wordpiece), rows_per_block=7), by_hand)  # summed over many blocks
     assert sequence_lengths(tr).tolist() == [len(r) for r in list(tr["input_ids"])]
 
 
