@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from distil.checkpoint import COMPLETE, is_tag, step_of
+from distil.checkpoint import COMPLETE, is_tag, step_of, tag_key
 from distil.errors import UserError
 from distil.paths import check_relative
 from distil.storage import Storage
@@ -115,7 +115,7 @@ def list_checkpoints(storage: Storage, objects: list[dict] | None = None) -> lis
         run, prefix, inner = split
         tag = uri_tag or PurePosixPath(prefix).name
         found.setdefault((run, prefix), CheckpointInfo(run=run, tag=tag, prefix=prefix)).objects[inner] = obj
-    infos = sorted(found.values(), key=lambda c: (c.run, c.step))
+    infos = sorted(found.values(), key=lambda c: (c.run, tag_key(c.tag)))
     for info in infos:
         _check(info, storage)
     return infos
@@ -140,7 +140,7 @@ def select(infos: list[CheckpointInfo], uri: str, step: str | int | None) -> Che
         want = int(step)
     except ValueError:
         raise UserError(f"--step {step!r} is not a number", fix="give --step N or --step latest") from None
-    for c in infos:
+    for c in reversed(infos):  # the newest save of that step (a step saved again is step_N.1)
         if c.step == want:
             if not c.complete:
                 raise UserError(f"checkpoint at step {want} is incomplete: {c.problem}",

@@ -47,7 +47,10 @@ from distil.paths import check_relative, symlink_in
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
-_TAG = re.compile(r"^step_(\d{8})$")
+# step_00000100, or step_00000100.1 for a second save of that step: a Ray run that fell back
+# from a damaged checkpoint trains that step again, and must not save into the folder Ray has
+# registered (Ray deletes a registered checkpoint by its path when it prunes it).
+_TAG = re.compile(r"^step_(\d{8})(?:\.([1-9]\d*))?$")
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|^rank_(\d+)\.pt$")
 
 
@@ -59,8 +62,14 @@ def step_of(tag: str) -> int:
     return int(_TAG.match(tag).group(1))
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+def tag_for(step: int, resave: int = 0) -> str:
+    return f"step_{step:08d}" + (f".{resave}" if resave else "")
+
+
+def tag_key(tag: str) -> tuple[int, int]:
+    """Order of checkpoints: by step, then by re-save."""
+    m = _TAG.match(tag)
+    return int(m.group(1)), int(m.group(2) or 0)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -77,7 +86,7 @@ def complete_tags(root: Path) -> list[str]:
     """Complete checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(d.name for d in root.iterdir() if _TAG.match(d.name) and is_complete(d))
+    return sorted((d.name for d in root.iterdir() if _TAG.match(d.name) and is_complete(d)), key=tag_key)
 
 
 def latest_tag(root: Path) -> str | None:
@@ -277,7 +286,7 @@ def finalize(root: Path, tag: str, trainer_state: dict, config_yaml: str, keep_l
         prune(root, old)
     # Leftovers of saves that never completed, older than the newest complete one.
     for d in root.iterdir():
-        if _TAG.match(d.name) and not is_complete(d) and d.name < tag:
+        if _TAG.match(d.name) and not is_complete(d) and tag_key(d.name) < tag_key(tag):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -29,6 +29,17 @@ class RayCheckpointStore:
     def __init__(self, cfg: DistilConfig):
         self.cfg = cfg
         self._target = None  # (storage path, pyarrow filesystem), made on the first publish
+        self.damaged: list[str] = []  # registered checkpoints passed over on restore
+
+    def checkpoint_name(self, tag: str) -> str:
+        """The folder for a checkpoint of `tag`'s step. A step trained again after a fall-back from
+        a damaged checkpoint gets `.1` (`.2`, ...): Ray has that folder registered and deletes it by
+        its path when it prunes the damaged one."""
+        step, n = ckpt.tag_key(tag)
+        while tag in self.damaged:
+            n += 1
+            tag = ckpt.tag_for(step, n)
+        return tag
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
         import ray.train
@@ -46,7 +57,7 @@ class RayCheckpointStore:
         if registered is None:
             return None
         rank0 = ray.train.get_context().get_world_rank() == 0
-        damaged = []
+        damaged = self.damaged = []
         for tag, checkpoint in self._candidates(registered):
             shutil.rmtree(root / tag, ignore_errors=True)
             checkpoint.to_directory(str(root / tag))
@@ -74,7 +85,8 @@ class RayCheckpointStore:
         parent = registered.path.rsplit("/", 1)[0]
         infos = registered.filesystem.get_file_info(pafs.FileSelector(parent))
         older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                        and ckpt.is_tag(i.base_name) and i.base_name < tag), reverse=True)
+                        and ckpt.is_tag(i.base_name) and ckpt.tag_key(i.base_name) < ckpt.tag_key(tag)),
+                       key=ckpt.tag_key, reverse=True)
         for name in older:
             yield name, ray.train.Checkpoint(f"{parent}/{name}", filesystem=registered.filesystem)
 

@@ -180,6 +180,9 @@ class LocalCheckpointStore:
     def restore(self, root: Path) -> str | None:
         return self.resume_tag if self.found else ckpt.find_resumable(root)
 
+    def checkpoint_name(self, tag: str) -> str:
+        return tag  # a step saved again replaces its folder (clear_for_save)
+
     def preemption_notice(self) -> bool:
         return False  # a local run learns of preemption through SIGTERM
 
@@ -255,7 +258,7 @@ class Trainer:
             return  # e.g. a pod drain's checkpoint, then the periodic one at the same step
         t0 = time.perf_counter()
         self._sync_tokens()
-        tag = ckpt.tag_for(self.step)
+        tag = self.store.checkpoint_name(ckpt.tag_for(self.step))
         if self.rank == 0:
             ckpt.clear_for_save(self.ckpt_root / tag)
         dist.barrier()

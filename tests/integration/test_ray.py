@@ -203,6 +203,12 @@ def _finished_changed_and_damaged(tmp_path, s3, bucket, cfg):
     assert "resumed from step_00000008" in out, out[-4000:]
     state = json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000016/trainer_state.json")["Body"].read())
     assert state["step"] == 16
+    # Step 12 was trained again and saved beside the damaged folder (which Ray then pruned, by its
+    # path): keep_last 2 leaves the second save of 12 and 16, whole.
+    folders = {k.split("/")[2] for k in keys(s3, bucket, "runs/t/") if k.split("/")[2].startswith("step_")}
+    assert folders == {"step_00000012.1", "step_00000016"}, folders
+    state = json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000012.1/trainer_state.json")["Body"].read())
+    assert state["step"] == 12
 
 
 def test_bad_bucket_fails_before_workers_start(tmp_path, s3_run):

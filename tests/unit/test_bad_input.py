@@ -71,3 +71,29 @@ def test_ray_launch_refuses_a_batch_the_workers_cannot_split_before_ray(tmp_path
     assert e.value.where == "train.global_batch_size" and "= 6" in str(e.value), str(e.value)
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "not writable"])
+def test_ray_launch_refuses_local_storage_it_cannot_write_before_ray(tmp_path, teacher_dir, monkeypatch, case):
+    """storage.uri that is a file, or a folder this process cannot write: refused on the driver
+    before Ray starts. (These machines run as root, which may write anywhere: 'not writable' is
+    what os.access answers for a user without the permission, simulated here.)"""
+    import os
+    import sys
+
+    from distil.config import load_config
+    from distil.errors import UserError
+    from distil.ray_launcher import launch
+
+    target = tmp_path / "store"
+    if case == "a file":
+        target.write_text("x")
+    else:
+        target.mkdir()
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(target) else real(p, mode, **kw))
+    cfg = load_config(write_config(tmp_path / "c.yaml", base_config(teacher_dir, tmp_path, storage={"uri": str(target)})))
+    with pytest.raises(UserError) as e:
+        launch(cfg)
+    assert e.value.where == "storage.uri" and str(target) in str(e.value)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

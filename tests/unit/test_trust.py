@@ -271,3 +271,23 @@ def test_any_override_gives_a_config_or_one_user_error(key, value):
     except UserError:
         return
     assert DistilConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_a_step_saved_again_sorts_after_the_first_save(tmp_path):
+    """step_N.1: a Ray run that fell back from a damaged step N saves N again beside it."""
+    from distil.catalog import list_checkpoints, select
+    from distil.ray_launcher import RayCheckpointStore
+    from distil.storage import Storage
+
+    root = tmp_path / "r"
+    for tag in ("step_00000008", "step_00000012", "step_00000012.1", "step_00000012.2", "step_00000016"):
+        fake_checkpoint(root, tag, {"a.pt": b"x"}, step=ckpt.tag_key(tag)[0])
+    assert ckpt.complete_tags(root)[-3:] == ["step_00000012.1", "step_00000012.2", "step_00000016"]
+    assert ckpt.damage(root / "step_00000012.1") is None
+    assert ckpt.tag_for(12, 2) == "step_00000012.2" and not ckpt.is_tag("step_00000012.0") and not ckpt.is_tag("step_12")
+    infos = list_checkpoints(Storage(str(root)))
+    assert [c.tag for c in infos][-2:] == ["step_00000012.2", "step_00000016"]
+    assert select(infos, "u", 12).tag == "step_00000012.2"
+    store = RayCheckpointStore(_demo())
+    store.damaged = ["step_00000012", "step_00000012.1"]
+    assert store.checkpoint_name("step_00000012") == "step_00000012.2" and store.checkpoint_name("step_00000016") == "step_00000016"

@@ -1,0 +1,278 @@
+"""Prepared token data: sequences written once, as shards, and read memory-mapped by every rank.
+
+    DATA/<fingerprint>/
+        train_00000.tokens      token ids back to back, little-endian (uint16 when the vocabulary
+                                fits, else uint32)
+        train_00000.offsets     int64, sequences + 1 entries: sequence i of the shard is
+                                tokens[offsets[i]:offsets[i + 1]]
+        train_00001.tokens ...  a new shard every `shard_tokens` tokens
+        eval_00000.tokens ...   the held-out split, the same way
+        counts.npy              how often each token id occurs in the training split (int64,
+                                vocabulary size): summed shard by shard, never a corpus-wide array
+        MANIFEST.json           written last: format, fingerprint, dtype, vocabulary size; per split
+                                its shards (sequences, tokens, size and sha256 of each file), the
+                                sequence count and the length histogram; what was prepared (the
+                                fingerprint's inputs) and the library versions
+
+The model is Megatron-LM's indexed dataset: a flat token file and an offsets index opened with
+`numpy.memmap`, so a rank reads sample i by its global index and the page cache holds only
+what it touched; a shard is a unit to fetch and verify. A folder without MANIFEST.json is never
+read: the writer fills `<fingerprint>.partial-<id>` and renames it to `<fingerprint>` only after
+the manifest is written, so a preparation killed at any moment leaves nothing that looks done.
+
+The fingerprint covers what the tokens depend on -- the source listing (names, sizes and
+mtimes or ETags), the tokenizer's own serialization and special tokens, and the data section
+without the keys that only say where or how fast (`cache_dir`, `num_proc`) -- so changed
+sources give a new folder, never a mix of old and new tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from distil.errors import UserError
+
+FORMAT = "distil-tokens/1"
+MANIFEST = "MANIFEST.json"
+COUNTS = "counts.npy"
+SPLITS = ("train", "eval")
+SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB of uint16 a shard
+_NOT_FINGERPRINTED = {"cache_dir", "num_proc"}  # where and how fast, not what
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What of a tokenizer decides the ids: its full serialization (vocabulary, merges,
+    normalizer, pre-tokenizer) and its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("the teacher's tokenizer is not a fast (Rust) tokenizer", where="teacher.name_or_path",
+                        fix="use a teacher with a tokenizer.json (every current BERT-family model has one)")
+    return {"sha256": hashlib.sha256(backend.to_str().encode()).hexdigest(), "vocab_size": len(tokenizer),
+            "special": {k: getattr(tokenizer, f"{k}_token_id") for k in ("cls", "sep", "pad", "mask", "unk")}}
+
+
+def fingerprint(data_section: dict, tokenizer: dict, sources: list[dict]) -> tuple[str, dict]:
+    """(fingerprint, the inputs it covers): `data_section` as dumped by pydantic, `tokenizer`
+    from tokenizer_identity, `sources` one {name, size, version (mtime or ETag)} a file."""
+    inputs = {"format": FORMAT, "data": {k: v for k, v in sorted(data_section.items()) if k not in _NOT_FINGERPRINTED},
+              "tokenizer": tokenizer, "sources": sorted(sources, key=lambda s: s["name"])}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return digest[:20], inputs
+
+
+def local_sources(files: list[Path]) -> list[dict]:
+    """The listing of local source files that a fingerprint covers."""
+    out = []
+    for f in files:
+        st = Path(f).stat()
+        out.append({"name": str(Path(f).resolve()), "size": st.st_size, "version": st.st_mtime_ns})
+    return out
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class _Shard:
+    def __init__(self, folder: Path, name: str, dtype: np.dtype):
+        self.folder, self.name, self.dtype = folder, name, dtype
+        self.file = open(folder / f"{name}.tokens", "wb")
+        self.offsets = [0]
+
+    @property
+    def tokens(self) -> int:
+        return self.offsets[-1]
+
+    def add(self, seq: np.ndarray) -> None:
+        self.file.write(seq.astype(self.dtype, copy=False).tobytes())
+        self.offsets.append(self.offsets[-1] + len(seq))
+
+    def close(self, counts: np.ndarray | None, block: int = 1 << 24) -> dict:
+        """Flush and describe the shard; add its token frequencies to `counts` (block by block)."""
+        self.file.close()
+        np.asarray(self.offsets, dtype="<i8").tofile(self.folder / f"{self.name}.offsets")
+        if counts is not None and self.tokens:
+            tokens = np.memmap(self.folder / f"{self.name}.tokens", dtype=self.dtype, mode="r")
+            for start in range(0, len(tokens), block):
+                counts += np.bincount(tokens[start:start + block], minlength=len(counts))[:len(counts)]
+            del tokens
+        files = {f"{self.name}.{kind}": None for kind in ("tokens", "offsets")}
+        for rel in files:
+            files[rel] = {"size": (self.folder / rel).stat().st_size, "sha256": _sha256(self.folder / rel)}
+        return {"name": self.name, "sequences": len(self.offsets) - 1, "tokens": self.tokens, "files": files}
+
+
+class TokenStoreWriter:
+    """Writes sequences into `folder` (a new folder named after the fingerprint), shard by
+    shard; `close()` writes the manifest and only then moves the folder into place.
+
+        with TokenStoreWriter(root / fp, vocab_size) as w:
+            for seq in sequences: w.add("train", seq)
+            w.close(info)
+    """
+
+    def __init__(self, folder: Path, vocab_size: int, shard_tokens: int = SHARD_TOKENS):
+        self.final = Path(folder)
+        if (self.final / MANIFEST).is_file():
+            raise FileExistsError(f"{self.final} is prepared already")
+        self.vocab_size, self.shard_tokens = vocab_size, shard_tokens
+        self.dtype = np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+        self.tmp = self.final.with_name(f"{self.final.name}.partial-{uuid.uuid4().hex[:12]}")
+        self.tmp.mkdir(parents=True)
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.open: dict[str, _Shard] = {}
+        self.done: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self.lengths: dict[str, np.ndarray] = {s: np.zeros(0, dtype=np.int64) for s in SPLITS}
+
+    def add(self, split: str, seq) -> None:
+        seq = np.asarray(seq)
+        if len(seq) and (seq.min() < 0 or seq.max() >= self.vocab_size):
+            raise ValueError(f"token id outside the vocabulary of {self.vocab_size}")
+        shard = self.open.get(split)
+        if shard is None:
+            shard = self.open[split] = _Shard(self.tmp, f"{split}_{len(self.done[split]):05d}", self.dtype)
+        shard.add(seq)
+        hist = self.lengths[split]
+        if len(seq) >= len(hist):
+            hist = self.lengths[split] = np.concatenate([hist, np.zeros(len(seq) + 1 - len(hist), dtype=np.int64)])
+        hist[len(seq)] += 1
+        if shard.tokens >= self.shard_tokens:
+            self._close_shard(split)
+
+    def _close_shard(self, split: str) -> None:
+        shard = self.open.pop(split)
+        self.done[split].append(shard.close(self.counts if split == "train" else None))
+
+    def close(self, info: dict) -> Path:
+        """Finish every shard, write counts.npy and MANIFEST.json (last), move into place."""
+        for split in list(self.open):
+            self._close_shard(split)
+        np.save(self.tmp / COUNTS, self.counts)
+        splits = {}
+        for split in SPLITS:
+            shards = self.done[split]
+            splits[split] = {"sequences": sum(s["sequences"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+                             "length_histogram": {str(n): int(c) for n, c in enumerate(self.lengths[split]) if c},
+                             "shards": shards}
+        manifest = {"format": FORMAT, "fingerprint": self.final.name, "dtype": self.dtype.str, "vocab_size": self.vocab_size,
+                    "splits": splits, "counts": {"size": (self.tmp / COUNTS).stat().st_size, "sha256": _sha256(self.tmp / COUNTS)},
+                    **info}
+        tmp_manifest = self.tmp / f".{MANIFEST}.tmp"
+        tmp_manifest.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp_manifest, self.tmp / MANIFEST)
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:  # another process prepared the same fingerprint first: theirs is as good
+            if not (self.final / MANIFEST).is_file():
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.final
+
+    def abort(self) -> None:
+        for shard in self.open.values():
+            shard.file.close()
+        self.open.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "TokenStoreWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is not None or self.tmp.exists():
+            self.abort()  # an exception, or close() never called: nothing is left that looks done
+
+
+class TokenSplit:
+    """One split of a prepared folder: sequences by global index, memory-mapped."""
+
+    def __init__(self, folder: Path, meta: dict, dtype: np.dtype):
+        self.meta = meta
+        self._tokens = [np.memmap(folder / f"{s['name']}.tokens", dtype=dtype, mode="r") if s["tokens"] else
+                        np.zeros(0, dtype=dtype) for s in meta["shards"]]
+        self._offsets = [np.fromfile(folder / f"{s['name']}.offsets", dtype="<i8") for s in meta["shards"]]
+        self._starts = np.cumsum([0] + [len(o) - 1 for o in self._offsets])  # first global index of each shard
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(o) for o in self._offsets]) if self._offsets else np.zeros(0, dtype=np.int64)
+
+    def sequence(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+        j = i - self._starts[shard]
+        off = self._offsets[shard]
+        return np.asarray(self._tokens[shard][off[j]:off[j + 1]], dtype=np.int64)
+
+    def rows(self, indices) -> list[list[int]]:
+        """The sequences at these global indices, as lists (what `data.collate` takes)."""
+        return [self.sequence(int(i)).tolist() for i in indices]
+
+
+class TokenStore:
+    """A prepared folder, its files checked against the manifest (sizes; sha256 with verify)."""
+
+    def __init__(self, folder: Path, expect: dict | None = None, verify: bool = True):
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise UserError(f"{folder} holds no prepared data (no {MANIFEST}: never prepared, or cut short)",
+                            fix="prepare it again (`distil prepare`)")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path} is not valid JSON", fix="delete the folder and prepare again") from None
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"{folder} was prepared in format {self.manifest.get('format')!r}, this distil-run reads {FORMAT!r}",
+                            fix="prepare it again")
+        if expect is not None and self.manifest.get("prepared") != expect:
+            raise UserError(f"{folder} was prepared from other sources, another tokenizer or another data section "
+                            f"(differs in: {', '.join(_differing(self.manifest.get('prepared') or {}, expect))})",
+                            fix="prepare again for this config; a folder is only ever read for the inputs it was made from")
+        self.folder, self.dtype = folder, np.dtype(self.manifest["dtype"])
+        problems = self.check(hashes=verify)
+        if problems:
+            raise UserError(f"prepared data in {folder} is damaged: " + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3]),
+                            fix="delete the folder and prepare again")
+        self.splits = {name: TokenSplit(folder, meta, self.dtype) for name, meta in self.manifest["splits"].items()}
+
+    def files(self) -> dict[str, dict]:
+        out = {COUNTS: self.manifest["counts"]}
+        for split in self.manifest["splits"].values():
+            for shard in split["shards"]:
+                out.update(shard["files"])
+        return out
+
+    def check(self, hashes: bool = True) -> dict[str, str]:
+        """{file: what is wrong} against the manifest; {} when every file is whole."""
+        problems = {}
+        for rel, want in sorted(self.files().items()):
+            f = self.folder / rel
+            if not f.is_file() or f.is_symlink():
+                problems[rel] = "missing"
+            elif f.stat().st_size != want["size"]:
+                problems[rel] = f"{f.stat().st_size} bytes, expected {want['size']}"
+            elif hashes and _sha256(f) != want["sha256"]:
+                problems[rel] = "sha256 differs from the manifest"
+        return problems
+
+    def counts(self) -> np.ndarray:
+        return np.load(self.folder / COUNTS)
+
+    def __getitem__(self, split: str) -> TokenSplit:
+        return self.splits[split]
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k)] or ["?"]

@@ -1,0 +1,124 @@
+"""The prepared-data format (distil/token_store.py): what is written is what is read, by global
+index across shards; counts and lengths equal an independent computation; a half-written,
+truncated, altered or foreign folder is never read; the fingerprint follows its inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from distil import token_store as ts
+from distil.config import DataSection
+from distil.data import load_documents, split_eval, tokenize
+from distil.errors import UserError
+from tests.conftest import EN_TEXT
+
+
+@pytest.fixture(scope="module")
+def sequences(wordpiece, tmp_path_factory):
+    cfg = DataSection(sources=[str(EN_TEXT)], packing="lines", max_len=32, min_len=4, eval_fraction=0.05,
+                      cache_dir=str(tmp_path_factory.mktemp("cache")))
+    train, held_out = split_eval(tokenize(load_documents(cfg), wordpiece, cfg), cfg, seed=0)
+    return list(train["input_ids"]), list(held_out["input_ids"])
+
+
+def _write(folder, seqs, vocab, shard_tokens=500, info=None):
+    train, held_out = seqs
+    with ts.TokenStoreWriter(folder, vocab, shard_tokens=shard_tokens) as w:
+        for s in train:
+            w.add("train", s)
+        for s in held_out:
+            w.add("eval", s)
+        return w.close(info or {"prepared": {"x": 1}})
+
+
+def test_round_trip_across_shards(tmp_path, sequences, wordpiece):
+    train, held_out = sequences
+    folder = _write(tmp_path / "fp", sequences, len(wordpiece))
+    store = ts.TokenStore(folder, expect={"x": 1})
+    assert len(store.manifest["splits"]["train"]["shards"]) > 3  # several shards at 500 tokens each
+    assert store.dtype == np.dtype("<u2")
+    assert len(store["train"]) == len(train) and len(store["eval"]) == len(held_out)
+    order = np.random.default_rng(0).permutation(len(train))
+    assert store["train"].rows(order) == [train[i] for i in order]
+    assert store["eval"].rows(range(len(held_out))) == held_out
+    assert store["train"].lengths().tolist() == [len(s) for s in train]
+    by_hand = np.zeros(len(wordpiece), dtype=np.int64)
+    for s in train:
+        np.add.at(by_hand, s, 1)
+    assert np.array_equal(store.counts(), by_hand)
+    hist = store.manifest["splits"]["train"]["length_histogram"]
+    assert {int(k): v for k, v in hist.items()} == {n: sum(len(s) == n for s in train) for n in {len(s) for s in train}}
+    assert store.manifest["splits"]["train"]["tokens"] == sum(map(len, train))
+    with pytest.raises(IndexError):
+        store["train"].sequence(len(train))
+
+
+def test_large_vocabularies_use_uint32(tmp_path):
+    seqs = ([[0, 70000, 5], [100000]], [[3]])
+    store = ts.TokenStore(_write(tmp_path / "fp", seqs, 120000))
+    assert store.dtype == np.dtype("<u4") and store["train"].rows([0, 1]) == seqs[0]
+    with ts.TokenStoreWriter(tmp_path / "other", 10) as w, pytest.raises(ValueError, match="outside the vocabulary"):
+        w.add("train", [3, 10])
+
+
+def test_a_preparation_cut_short_leaves_nothing_that_is_read(tmp_path, sequences, wordpiece):
+    folder = tmp_path / "fp"
+    with pytest.raises(RuntimeError):
+        with ts.TokenStoreWriter(folder, len(wordpiece), shard_tokens=500) as w:
+            for s in sequences[0][:100]:
+                w.add("train", s)
+            raise RuntimeError("killed")
+    assert not folder.exists() and not list(tmp_path.iterdir())
+    w = ts.TokenStoreWriter(folder, len(wordpiece), shard_tokens=500)  # as if SIGKILLed: no close, no cleanup
+    for s in sequences[0][:100]:
+        w.add("train", s)
+    assert not folder.exists()
+    with pytest.raises(UserError, match="no MANIFEST.json"):
+        ts.TokenStore(folder)
+    partial = next(tmp_path.glob("fp.partial-*"))
+    with pytest.raises(UserError, match="no MANIFEST.json"):
+        ts.TokenStore(partial)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "missing", "manifest not json", "foreign"])
+def test_damaged_or_foreign_folders_are_refused(tmp_path, sequences, wordpiece, damage):
+    folder = _write(tmp_path / "fp", sequences, len(wordpiece))
+    shard = folder / "train_00001.tokens"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-2])
+    elif damage == "flipped":
+        data = bytearray(shard.read_bytes())
+        data[10] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "missing":
+        shard.unlink()
+    elif damage == "manifest not json":
+        (folder / ts.MANIFEST).write_text("{")
+    with pytest.raises(UserError) as e:
+        ts.TokenStore(folder, expect={"x": 2} if damage == "foreign" else {"x": 1})
+    expected = {"truncated": "train_00001.tokens: ", "flipped": "train_00001.tokens: sha256", "missing": "train_00001.tokens: missing",
+                "manifest not json": "not valid JSON", "foreign": "prepared from other sources"}[damage]
+    assert expected in str(e.value)
+    if damage == "flipped":
+        assert ts.TokenStore(folder, expect={"x": 1}, verify=False)  # sizes only: what a rank checks at start
+
+
+def test_fingerprint_follows_what_the_tokens_depend_on(tmp_path, wordpiece, bytebpe):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("one\ntwo\n")
+    data = DataSection(sources=[str(corpus)]).model_dump(mode="json")
+    tok = ts.tokenizer_identity(wordpiece)
+    base, inputs = ts.fingerprint(data, tok, ts.local_sources([corpus]))
+    assert json.loads(json.dumps(inputs)) == inputs  # what the manifest records
+    assert ts.fingerprint({**data, "cache_dir": "/elsewhere", "num_proc": 8}, tok, ts.local_sources([corpus]))[0] == base
+    assert ts.fingerprint({**data, "max_len": 64}, tok, ts.local_sources([corpus]))[0] != base
+    assert ts.fingerprint(data, ts.tokenizer_identity(bytebpe), ts.local_sources([corpus]))[0] != base
+    corpus.write_text("one\ntwo\nthree\n")
+    assert ts.fingerprint(data, tok, ts.local_sources([corpus]))[0] != base  # the source changed
+    st = corpus.stat()
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert len({ts.fingerprint(data, tok, ts.local_sources([corpus]))[0], base}) == 2
