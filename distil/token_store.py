@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -191,14 +192,28 @@ class TokenStoreWriter:
 
 
 class TokenSplit:
-    """One split of a prepared folder: sequences by global index, memory-mapped."""
+    """One split of a prepared folder: sequences by global index, memory-mapped. A shard's
+    tokens are opened on first use, through `fetch` (which brings a remote shard into the local
+    cache and verifies it): a rank reads only the shards its samples are in."""
 
-    def __init__(self, folder: Path, meta: dict, dtype: np.dtype):
-        self.meta = meta
-        self._tokens = [np.memmap(folder / f"{s['name']}.tokens", dtype=dtype, mode="r") if s["tokens"] else
-                        np.zeros(0, dtype=dtype) for s in meta["shards"]]
-        self._offsets = [np.fromfile(folder / f"{s['name']}.offsets", dtype="<i8") for s in meta["shards"]]
+    def __init__(self, folder: Path, meta: dict, dtype: np.dtype, fetch=None):
+        self.meta, self.folder, self.dtype = meta, folder, dtype
+        self._fetch = fetch or (lambda rel: folder / rel)
+        self._tokens: list[np.ndarray | None] = [None] * len(meta["shards"])
+        self._lock = threading.Lock()
+        self._offsets = [np.fromfile(self._fetch(f"{s['name']}.offsets"), dtype="<i8") for s in meta["shards"]]
         self._starts = np.cumsum([0] + [len(o) - 1 for o in self._offsets])  # first global index of each shard
+
+    def _shard_tokens(self, k: int) -> np.ndarray:
+        tokens = self._tokens[k]
+        if tokens is None:
+            with self._lock:  # the batch thread and the step may both ask
+                if self._tokens[k] is None:
+                    shard = self.meta["shards"][k]
+                    self._tokens[k] = (np.memmap(self._fetch(f"{shard['name']}.tokens"), dtype=self.dtype, mode="r")
+                                       if shard["tokens"] else np.zeros(0, dtype=self.dtype))
+                tokens = self._tokens[k]
+        return tokens
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -212,7 +227,7 @@ class TokenSplit:
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
         j = i - self._starts[shard]
         off = self._offsets[shard]
-        return np.asarray(self._tokens[shard][off[j]:off[j + 1]], dtype=np.int64)
+        return np.asarray(self._shard_tokens(shard)[off[j]:off[j + 1]], dtype=np.int64)
 
     def rows(self, indices) -> list[list[int]]:
         """The sequences at these global indices, as lists (what `data.collate` takes)."""
@@ -220,9 +235,10 @@ class TokenSplit:
 
 
 class TokenStore:
-    """A prepared folder, its files checked against the manifest (sizes; sha256 with verify)."""
+    """A prepared folder, its files checked against the manifest (sizes; sha256 with verify).
+    `lazy`: token shards not present yet are left to `fetch` (a cache of a remote store)."""
 
-    def __init__(self, folder: Path, expect: dict | None = None, verify: bool = True):
+    def __init__(self, folder: Path, expect: dict | None = None, verify: bool = True, fetch=None):
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
@@ -240,11 +256,12 @@ class TokenStore:
                             f"(differs in: {', '.join(_differing(self.manifest.get('prepared') or {}, expect))})",
                             fix="prepare again for this config; a folder is only ever read for the inputs it was made from")
         self.folder, self.dtype = folder, np.dtype(self.manifest["dtype"])
-        problems = self.check(hashes=verify)
-        if problems:
-            raise UserError(f"prepared data in {folder} is damaged: " + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3]),
-                            fix="delete the folder and prepare again")
-        self.splits = {name: TokenSplit(folder, meta, self.dtype) for name, meta in self.manifest["splits"].items()}
+        if fetch is None:  # a local folder: everything is checked now
+            problems = self.check(hashes=verify)
+            if problems:
+                raise UserError(f"prepared data in {folder} is damaged: " + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3]),
+                                fix="delete the folder and prepare again")
+        self.splits = {name: TokenSplit(folder, meta, self.dtype, fetch) for name, meta in self.manifest["splits"].items()}
 
     def files(self) -> dict[str, dict]:
         out = {COUNTS: self.manifest["counts"]}
@@ -267,7 +284,7 @@ class TokenStore:
         return problems
 
     def counts(self) -> np.ndarray:
-        return np.load(self.folder / COUNTS)
+        return np.load(self.folder / COUNTS)  # (a remote store's cache fetches it on open)
 
     def __getitem__(self, split: str) -> TokenSplit:
         return self.splits[split]
@@ -276,3 +293,71 @@ class TokenStore:
 def _differing(a: dict, b: dict) -> list[str]:
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k)] or ["?"]
+
+
+# -- in object storage -------------------------------------------------------------------------
+
+def publish(folder: Path, storage) -> None:
+    """Upload a prepared folder to `storage` (a Storage at .../data/<fingerprint>): every file of
+    the manifest, then MANIFEST.json last, so a store is complete once its manifest is there."""
+    from boto3.s3.transfer import TransferConfig
+
+    from distil.storage import s3_errors
+
+    store = TokenStore(folder)
+    with s3_errors(storage.uri, storage.endpoint_url):
+        client = storage.client()
+        for rel in [*sorted(store.files()), MANIFEST]:  # the manifest last
+            client.upload_file(str(Path(folder) / rel), storage.bucket, storage.key(rel),
+                               Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20))
+
+
+def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
+    """A prepared store in S3 through a local cache (cache/<bucket>/<prefix>): the manifest,
+    counts and offsets now, each token shard when a sample in it is first read. Every file is
+    checked against the manifest's size and sha256 when it arrives; a damaged copy is fetched
+    once more, then refused."""
+    from distil.download import Item, download
+    from distil.paths import safe_join
+    from distil.storage import s3_errors
+
+    local = safe_join(Path(cache), f"{storage.bucket}/{storage.prefix}")
+    listing = {o["key"]: o for o in storage.list_objects()}
+    if MANIFEST not in listing:
+        raise UserError(f"{storage.uri} holds no prepared data (no {MANIFEST}: never prepared, or cut short)",
+                        fix="prepare it (`distil prepare`)")
+    local.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(storage.read_bytes(MANIFEST))
+    wanted = {COUNTS: manifest["counts"], **{rel: meta for split in manifest["splits"].values()
+                                               for shard in split["shards"] for rel, meta in shard["files"].items()}}
+    lock = threading.Lock()
+    with s3_errors(storage.uri, storage.endpoint_url):
+        client = storage.client(max_pool_connections=4)  # one for every fetch: boto3 clients are thread-safe
+
+    def fetch(rel: str) -> Path:
+        want, dest = wanted[rel], safe_join(local, rel)
+
+        def whole() -> bool:
+            return dest.is_file() and dest.stat().st_size == want["size"] and _sha256(dest) == want["sha256"]
+
+        for _ in range(2):  # a cached copy, or a fresh one, or one more fresh one
+            if whole():
+                return dest
+            dest.unlink(missing_ok=True)
+            obj = listing.get(rel)
+            if obj is None:
+                raise UserError(f"{storage.uri}/{rel} is missing", fix="prepare the data again")
+            with lock, s3_errors(storage.uri, storage.endpoint_url):
+                download(client, storage.bucket, [Item(storage.key(rel), dest, obj["size"], obj["etag"])],
+                         workers=4, progress=False)
+        if whole():
+            return dest
+        dest.unlink(missing_ok=True)
+        raise UserError(f"{storage.uri}/{rel} does not match its manifest (size or sha256), fetched twice",
+                        fix="prepare the data again (delete the prefix first)")
+
+    fetch(COUNTS)
+    tmp = local / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, local / MANIFEST)
+    return TokenStore(local, expect=expect, fetch=fetch)

@@ -122,3 +122,55 @@ def test_fingerprint_follows_what_the_tokens_depend_on(tmp_path, wordpiece, byte
     st = corpus.stat()
     os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert len({ts.fingerprint(data, tok, ts.local_sources([corpus]))[0], base}) == 2
+
+
+def test_in_s3_published_manifest_last_and_read_shard_by_shard(tmp_path, sequences, wordpiece, s3_endpoint):
+    """publish uploads the manifest last; a rank's cache fetches the manifest, counts and offsets,
+    then only the token shards its samples are in; a damaged object is fetched again, then refused."""
+    import boto3
+
+    from distil.storage import Storage
+
+    folder = _write(tmp_path / "fp", sequences, len(wordpiece), shard_tokens=4000)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="prep")
+    storage = Storage("s3://prep/data/fp", s3_endpoint)
+    uploads = []
+    real_client = storage.client
+
+    class Recording:
+        def __init__(self, client):
+            self.client = client
+
+        def upload_file(self, path, bucket, key, **kw):
+            uploads.append(key)
+            return self.client.upload_file(path, bucket, key, **kw)
+
+    storage.client = lambda **kw: Recording(real_client(**kw))
+    ts.publish(folder, storage)
+    storage.client = real_client
+    assert uploads[-1] == "data/fp/MANIFEST.json" and len(uploads) == len(list(folder.iterdir()))
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="prep")["Contents"]}
+    assert keys == {f"data/fp/{f.name}" for f in folder.iterdir()}
+    cache = tmp_path / "cache"
+    store = ts.open_remote(storage, cache, expect={"x": 1})
+    local = cache / "prep" / "data" / "fp"
+    assert not list(local.glob("*.tokens"))  # nothing read yet
+    train = sequences[0]
+    first = store.manifest["splits"]["train"]["shards"][0]["sequences"]
+    assert store["train"].rows([0, first - 1]) == [train[0], train[first - 1]]
+    assert sorted(p.name for p in local.glob("*.tokens")) == ["train_00000.tokens"]
+    assert np.array_equal(store.counts(), ts.TokenStore(folder).counts())
+    assert store["train"].rows(range(len(train))) == train
+    # a shard altered in storage: a fresh cache fetches it twice, then refuses
+    body = bytearray(s3.get_object(Bucket="prep", Key="data/fp/train_00002.tokens")["Body"].read())
+    body[0] ^= 0xFF
+    s3.put_object(Bucket="prep", Key="data/fp/train_00002.tokens", Body=bytes(body))
+    fresh = ts.open_remote(storage, tmp_path / "cache2", expect={"x": 1})
+    with pytest.raises(UserError, match="train_00002.tokens does not match its manifest"):
+        fresh["train"].rows(range(len(train)))
+    assert not (tmp_path / "cache2" / "prep" / "data" / "fp" / "train_00002.tokens").exists()
+    # a prefix without a manifest (an upload cut short) is never read
+    s3.delete_object(Bucket="prep", Key="data/fp/MANIFEST.json")
+    with pytest.raises(UserError, match="no MANIFEST.json"):
+        ts.open_remote(storage, tmp_path / "cache3")
