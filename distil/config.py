@@ -26,7 +26,9 @@ class _Strict(BaseModel):
 
 # Keys that may change when a run is resumed (the rest define the run: distil/continuity.py);
 # they are left out of the derived run name too, so that changing them continues the run.
-RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every", "train.progress_bar", "train.tensorboard",
+# run.name: the run is its folder; a folder copied or renamed (e.g. to try another worker
+# count from the same checkpoint) is the same run under another name.
+RESUMABLE = ("run.name", "train.max_steps", "train.log_every", "train.eval_every", "train.progress_bar", "train.tensorboard",
              "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "data.cache_dir", "data.num_proc",
              "precision.device", "storage", "scaling")
 

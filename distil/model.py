@@ -48,8 +48,27 @@ def max_positions(tconfig: PretrainedConfig) -> int:
     return n
 
 
+def check_teacher_weights(cfg: DistilConfig) -> None:
+    """A local teacher's safetensors files are whole: each one's header read, and its tensors
+    covering the file (a truncated download is refused here, before anything is written, not
+    when the weights are loaded)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(cfg.teacher.name_or_path).expanduser()
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:
+            raise UserError(f"the teacher's weight file {f} is damaged or incomplete: {str(e).splitlines()[0][:200]}",
+                            where="teacher.name_or_path", fix="download or save the teacher again") from None
+
+
 def validate_against_teacher(cfg: DistilConfig, tconfig: PretrainedConfig) -> None:
     """Checks that need the teacher's shape; raise UserError before anything is loaded or written."""
+    check_teacher_weights(cfg)
     n_layers = tconfig.num_hidden_layers
     bad = [i for i in cfg.student.layers if not 0 <= i < n_layers]
     if bad:
