@@ -46,6 +46,13 @@ class RunSection(_Strict):
     )
     seed: int = Field(0, ge=0, description="Seed for initialisation, shuffling, masking and dropout.")
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        if value == "data":
+            raise ValueError("'data' is where prepared data is kept beside the runs; choose another name")
+        return value
+
 
 class TeacherSection(_Strict):
     name_or_path: str = Field(description="Hugging Face hub id or local folder of the teacher model.")

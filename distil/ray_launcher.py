@@ -182,17 +182,15 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distil.data import is_hub_name
     from distil.model import load_teacher_config, validate_against_teacher
     from distil.train import build_data, check_precision, load_tokenizer
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
     s = cfg.scaling
     check_precision(cfg, gpu=s.use_gpu)
-    if not any(is_hub_name(src) for src in cfg.data.sources):
-        # Files are cheap to check here (and the tokenization cache is then warm for workers on
-        # this node); a hub data set is left to the workers rather than downloaded to the head.
-        build_data(cfg, load_tokenizer(cfg), s.num_workers)
+    # The data is prepared here, once, before any worker starts (distil/prepared.py): workers
+    # open the prepared shards and never tokenize.
+    build_data(cfg, load_tokenizer(cfg), s.num_workers, log=lambda m: print(m, flush=True))
     storage_path, filesystem = _storage(cfg)
     if not ray.is_initialized():
         ray.init(log_to_driver=True, include_dashboard=False)

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from distil import checkpoint as ckpt
 from distil import preempt, reshard, zero_foreach
 from distil.config import DistilConfig
-from distil.data import Lookahead, ResumableSampler, collate, sequence_lengths, load_documents, split_eval, token_counts, tokenize
+from distil.data import Lookahead, ResumableSampler, collate
 from distil.errors import UserError
 from distil.evaluate import agreement, embed
 from distil.export import save_hf_skeleton
@@ -32,6 +31,8 @@ from distil.losses import DistillationLoss, distillation_forward
 from distil.masking import Masker
 from distil.metrics_log import METRICS, MetricsLog
 from distil.model import MaskedLM, build_student, load_teacher, load_teacher_config, validate_against_teacher
+from distil.prepared import open_prepared
+from distil.token_store import TokenSplit, TokenStore
 
 EVAL_STEP = 2**31 - 1  # masking stream reserved for held-out evaluation
 
@@ -62,8 +63,8 @@ def resolve_precision(cfg: DistilConfig) -> tuple[torch.device, str]:
 class Prepared:
     cfg: DistilConfig
     tokenizer: object
-    train: datasets.Dataset
-    eval: datasets.Dataset
+    train: TokenSplit
+    eval: TokenSplit
     counts: np.ndarray | None
     device: torch.device
     dtype: str
@@ -82,16 +83,12 @@ def load_tokenizer(cfg: DistilConfig):
     return tokenizer
 
 
-def build_data(cfg: DistilConfig, tokenizer, world_size: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, held-out) sequences; refuses a corpus too small for one batch."""
+def build_data(cfg: DistilConfig, tokenizer, world_size: int, log=print) -> TokenStore:
+    """The run's prepared sequences (tokenized once, see distil/prepared.py); refuses a corpus
+    too small for one batch."""
     per_step = cfg.train.micro_batch_size * world_size
     cfg.check_batch_split(world_size)  # (checked on the driver too; this is the worker's actual world size)
-    docs = load_documents(cfg.data, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region})
-    train, held_out = split_eval(tokenize(docs, tokenizer, cfg.data), cfg.data, cfg.run.seed)
-    if len(train) < per_step:
-        raise UserError(f"the corpus gives {len(train)} training sequences, fewer than one batch of {per_step}",
-                        where="data.sources", fix="add text, lower data.min_len, or lower train.micro_batch_size")
-    return train, held_out
+    return open_prepared(cfg, tokenizer, per_step, log)
 
 
 def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:
@@ -99,9 +96,9 @@ def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:
     validate_against_teacher(cfg, load_teacher_config(cfg))
     device, dtype = resolve_precision(cfg)
     tokenizer = load_tokenizer(cfg)
-    train, held_out = build_data(cfg, tokenizer, world_size)
-    counts = token_counts(train, len(tokenizer)) if cfg.masking.smoothing is not None else None
-    return Prepared(cfg, tokenizer, train, held_out, counts, device, dtype)
+    store = build_data(cfg, tokenizer, world_size, log=print if int(os.environ.get("RANK", "0")) == 0 else (lambda _: None))
+    counts = store.counts() if cfg.masking.smoothing is not None else None
+    return Prepared(cfg, tokenizer, store["train"], store["eval"], counts, device, dtype)
 
 
 def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int, load_universal: bool = False) -> dict:
@@ -225,7 +222,7 @@ class Trainer:
         zero_foreach.install(self.engine.optimizer)  # ZeRO's per-tensor gradient scans as multi-tensor kernels
         self.masker = Masker(cfg.masking, prep.tokenizer, cfg.run.seed, prep.counts)
         self.loss = DistillationLoss(cfg.loss, cfg.student.layers)
-        lengths = sequence_lengths(prep.train) if cfg.data.packing == "lines" and cfg.data.group_by_length else None
+        lengths = prep.train.lengths() if cfg.data.packing == "lines" and cfg.data.group_by_length else None
         self.sampler = ResumableSampler(len(prep.train), cfg.run.seed, lengths)
         self.batches = Lookahead(self._make_batch)
         self.gas = self.engine.gradient_accumulation_steps()
@@ -324,7 +321,7 @@ class Trainer:
 
     def _make_batch(self, key: tuple[int, int], idx):
         step, micro = key
-        ids, attn = collate(self.prep.train[idx]["input_ids"], self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
+        ids, attn = collate(self.prep.train.rows(idx), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
         masked, labels = self.masker(ids, attn, step, micro, self.rank)  # a function of (seed, step, micro, rank)
         if self.device.type == "cuda":  # pinned here, off the step's thread; the step copies asynchronously
             masked, attn, labels = masked.pin_memory(), attn.pin_memory(), labels.pin_memory()
@@ -356,7 +353,7 @@ class Trainer:
         model = self.engine.module
         model.eval()
         shard = list(range(self.rank, len(held_out), self.world))
-        batches = [collate(held_out[shard[i:i + 32]]["input_ids"], self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
+        batches = [collate(held_out.rows(shard[i:i + 32]), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
                    for i in range(0, len(shard), 32)]
         sums, n = {k: 0.0 for k in [*self.loss.weights(), "loss"]}, 0  # same keys on every rank, even an idle one
         for b, (ids, attn) in enumerate(batches):
