@@ -58,7 +58,7 @@ def check_enough(n_train: int, per_step: int) -> None:
                         where="data.sources", fix="add text, lower data.min_len, or lower train.micro_batch_size")
 
 
-def _build(cfg: DistilConfig, tokenizer, folder: Path, per_step: int) -> Path:
+def _build(cfg: DistilConfig, tokenizer, folder: Path, per_step: int, info: dict) -> Path:
     """Tokenize the sources (distil.data) and write them as a prepared folder; a corpus too small
     for one batch of `per_step` sequences is refused before anything is written."""
     from distil.data import load_documents, split_eval, tokenize
@@ -71,7 +71,7 @@ def _build(cfg: DistilConfig, tokenizer, folder: Path, per_step: int) -> Path:
             for batch in seqs.iter(batch_size=4096):
                 for seq in batch["input_ids"]:
                     writer.add(split, seq)
-        return writer.close(_info(cfg, tokenizer)[1])
+        return writer.close(info)
 
 
 def _info(cfg: DistilConfig, tokenizer) -> tuple[str, dict]:
@@ -96,7 +96,10 @@ def open_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print) ->
         folder = Path(root).expanduser() / fp
         if not (folder / ts.MANIFEST).is_file():
             log(f"preparing the data once: {folder}")
-            _build(cfg, tokenizer, folder, per_step)
+            try:
+                _build(cfg, tokenizer, folder, per_step, info)
+            except FileExistsError:
+                pass  # another rank (torchrun) finished preparing it meanwhile
         store = ts.TokenStore(folder, expect=info["prepared"], verify=False)  # sizes: restarts cost seconds
         check_enough(len(store["train"]), per_step)
         return store
@@ -104,7 +107,7 @@ def open_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print) ->
     if ts.MANIFEST not in {o["key"] for o in storage.list_objects()}:
         log(f"preparing the data once: {storage.uri}")
         with tempfile.TemporaryDirectory(prefix="distil-prepare-") as tmp:
-            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step), storage)
+            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info), storage)
     cache = Path(cfg.data.cache_dir or os.path.expanduser("~/.cache/distil")) / "prepared"
     store = ts.open_remote(storage, cache, expect=info["prepared"])
     check_enough(len(store["train"]), per_step)

@@ -55,7 +55,10 @@ def tokenizer_identity(tokenizer) -> dict:
     if backend is None:
         raise UserError("the teacher's tokenizer is not a fast (Rust) tokenizer", where="teacher.name_or_path",
                         fix="use a teacher with a tokenizer.json (every current BERT-family model has one)")
-    return {"sha256": hashlib.sha256(backend.to_str().encode()).hexdigest(), "vocab_size": len(tokenizer),
+    # Truncation and padding are call-time settings that transformers writes into the backend as
+    # it tokenizes: not part of what the ids are.
+    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    return {"sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(), "vocab_size": len(tokenizer),
             "special": {k: getattr(tokenizer, f"{k}_token_id") for k in ("cls", "sep", "pad", "mask", "unk")}}
 
 

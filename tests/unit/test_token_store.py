@@ -174,3 +174,15 @@ def test_in_s3_published_manifest_last_and_read_shard_by_shard(tmp_path, sequenc
     s3.delete_object(Bucket="prep", Key="data/fp/MANIFEST.json")
     with pytest.raises(UserError, match="no MANIFEST.json"):
         ts.open_remote(storage, tmp_path / "cache3")
+
+
+def test_tokenizer_identity_ignores_call_time_settings(wordpiece):
+    """transformers writes truncation and padding into the backend as it tokenizes: the identity
+    (and so the fingerprint) must not change because the tokenizer was used."""
+    import copy
+
+    tok = copy.deepcopy(wordpiece)
+    before = ts.tokenizer_identity(tok)
+    tok(["a sentence to pad", "and another one"], truncation=True, max_length=8, padding="max_length")
+    assert tok.backend_tokenizer.truncation is not None  # the backend did change
+    assert ts.tokenizer_identity(tok) == before
