@@ -28,6 +28,7 @@ sources give a new folder, never a mix of old and new tokens.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -333,7 +334,6 @@ def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
     manifest = json.loads(storage.read_bytes(MANIFEST))
     wanted = {COUNTS: manifest["counts"], **{rel: meta for split in manifest["splits"].values()
                                                for shard in split["shards"] for rel, meta in shard["files"].items()}}
-    lock = threading.Lock()
     with s3_errors(storage.uri, storage.endpoint_url):
         client = storage.client(max_pool_connections=4)  # one for every fetch: boto3 clients are thread-safe
 
@@ -343,6 +343,13 @@ def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
         def whole() -> bool:
             return dest.is_file() and dest.stat().st_size == want["size"] and _sha256(dest) == want["sha256"]
 
+        # The ranks of a node share the cache: one of them fetches a file, the others wait for it
+        # (an exclusive lock on FILE.lock, which threads of one process also respect).
+        with open(dest.with_name(f"{dest.name}.lock"), "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            return _fetch_locked(rel, want, dest, whole)
+
+    def _fetch_locked(rel: str, want: dict, dest: Path, whole) -> Path:
         for _ in range(2):  # a cached copy, or a fresh one, or one more fresh one
             if whole():
                 return dest
@@ -350,7 +357,7 @@ def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
             obj = listing.get(rel)
             if obj is None:
                 raise UserError(f"{storage.uri}/{rel} is missing", fix="prepare the data again")
-            with lock, s3_errors(storage.uri, storage.endpoint_url):
+            with s3_errors(storage.uri, storage.endpoint_url):
                 download(client, storage.bucket, [Item(storage.key(rel), dest, obj["size"], obj["etag"])],
                          workers=4, progress=False)
         if whole():
@@ -360,7 +367,7 @@ def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
                         fix="prepare the data again (delete the prefix first)")
 
     fetch(COUNTS)
-    tmp = local / f".{MANIFEST}.tmp"
+    tmp = local / f".{MANIFEST}.tmp.{os.getpid()}.{threading.get_ident()}"  # ranks of a node share the cache
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, local / MANIFEST)
     return TokenStore(local, expect=expect, fetch=fetch)

@@ -186,3 +186,27 @@ def test_tokenizer_identity_ignores_call_time_settings(wordpiece):
     tok(["a sentence to pad", "and another one"], truncation=True, max_length=8, padding="max_length")
     assert tok.backend_tokenizer.truncation is not None  # the backend did change
     assert ts.tokenizer_identity(tok) == before
+
+
+def test_ranks_of_a_node_share_the_cache(tmp_path, sequences, wordpiece, s3_endpoint):
+    """Several processes open the same remote store through one cache at once: each file is
+    fetched under a lock, none is read half-written, every process reads every sequence."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    from distil.storage import Storage
+    from tests.conftest import ROOT
+
+    folder = _write(tmp_path / "fp", sequences, len(wordpiece), shard_tokens=2000)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="shared")
+    ts.publish(folder, Storage("s3://shared/data/fp", s3_endpoint))
+    code = ("import sys, json; from distil import token_store as ts; from distil.storage import Storage;"
+            f"s = ts.open_remote(Storage('s3://shared/data/fp', '{s3_endpoint}'), sys.argv[1]);"
+            "t = s['train']; print(json.dumps(t.rows(range(len(t)))))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert all(json.loads(o) == sequences[0] for o, _ in outs)
