@@ -51,16 +51,6 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_storage_folder(uri: str) -> None:
-    """A local storage.uri must be a folder this process can write (or one it can create)."""
-    path = Path(uri).expanduser()
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise UserError(f"{existing} is a file, not a folder", where="storage.uri", fix="name a folder for the runs")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into {existing}", where="storage.uri", fix="choose a folder you can write to")
-
-
 def run_training(config_path: str | None, overrides: list[str], start_over: bool = False) -> dict:
     """Validate, prepare, train one local worker (or one torchrun rank), export the final model."""
     from distil.config import load_config
@@ -72,8 +62,10 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
     if cfg.storage.uri.startswith("s3://"):
         raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
                         fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
-    check_storage_folder(cfg.storage.uri)
     from distil import continuity
+    from distil.storage import check_storage_folder
+
+    check_storage_folder(cfg.storage.uri)
 
     run_dir = Path(cfg.storage.uri).expanduser() / cfg.run_name()
     if start_over:  # every rank starts from nothing; rank 0 alone moves the old run aside

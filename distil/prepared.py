@@ -12,6 +12,7 @@ any worker starts, so the workers never tokenize.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -96,10 +97,8 @@ def open_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print) ->
         folder = Path(root).expanduser() / fp
         if not (folder / ts.MANIFEST).is_file():
             log(f"preparing the data once: {folder}")
-            try:
+            with contextlib.suppress(FileExistsError):  # another rank (torchrun) prepared it meanwhile
                 _build(cfg, tokenizer, folder, per_step, info)
-            except FileExistsError:
-                pass  # another rank (torchrun) finished preparing it meanwhile
         store = ts.TokenStore(folder, expect=info["prepared"], verify=False)  # sizes: restarts cost seconds
         check_enough(len(store["train"]), per_step)
         return store

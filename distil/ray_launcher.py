@@ -164,14 +164,14 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given)."""
     cfg.check_before_loading(cfg.scaling.num_workers)  # (also for hub data, which only workers load)
     from distil import continuity
-    from distil.cli import check_storage_folder, quiet_libraries
+    from distil.cli import quiet_libraries
+    from distil.storage import check_storage_folder
 
     if not cfg.storage.uri.startswith("s3://"):
         check_storage_folder(cfg.storage.uri)
     preflight(cfg)
     if start_over:
         continuity.start_over(cfg, lambda m: print(m, flush=True))
-        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": False})})
     else:
         finished = continuity.stored_resume_point(cfg, lambda m: print(m, flush=True))
         if finished:

@@ -13,7 +13,7 @@ from pathlib import Path
 from distil.errors import UserError
 from distil.paths import check_relative, safe_join, symlink_in
 
-__all__ = ["Storage", "check_endpoint_url", "s3_errors", "safe_join", "split_s3"]
+__all__ = ["Storage", "check_endpoint_url", "check_storage_folder", "s3_errors", "safe_join", "split_s3"]
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -75,6 +75,16 @@ def s3_errors(uri: str, endpoint_url: str | None):
         raise UserError(f"S3 refused {where}: {code}", where="storage", fix=hint) from None
     except BotoCoreError as e:
         raise UserError(f"S3 failure for {where}: {type(e).__name__}", where="storage", fix="check the endpoint and credentials") from None
+
+
+def check_storage_folder(uri: str) -> None:
+    """A local storage.uri must be a folder this process can write (or one it can create)."""
+    path = Path(uri).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{existing} is a file, not a folder", where="storage.uri", fix="name a folder for the runs")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {existing}", where="storage.uri", fix="choose a folder you can write to")
 
 
 class Storage:

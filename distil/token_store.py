@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distil.checkpoint import sha256_file, verify
 from distil.errors import UserError
 
 FORMAT = "distil-tokens/1"
@@ -81,11 +82,6 @@ def local_sources(files: list[Path]) -> list[dict]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class _Shard:
     def __init__(self, folder: Path, name: str, dtype: np.dtype):
         self.folder, self.name, self.dtype = folder, name, dtype
@@ -111,7 +107,7 @@ class _Shard:
             del tokens
         files = {f"{self.name}.{kind}": None for kind in ("tokens", "offsets")}
         for rel in files:
-            files[rel] = {"size": (self.folder / rel).stat().st_size, "sha256": _sha256(self.folder / rel)}
+            files[rel] = {"size": (self.folder / rel).stat().st_size, "sha256": sha256_file(self.folder / rel)}
         return {"name": self.name, "sequences": len(self.offsets) - 1, "tokens": self.tokens, "files": files}
 
 
@@ -168,7 +164,7 @@ class TokenStoreWriter:
                              "length_histogram": {str(n): int(c) for n, c in enumerate(self.lengths[split]) if c},
                              "shards": shards}
         manifest = {"format": FORMAT, "fingerprint": self.final.name, "dtype": self.dtype.str, "vocab_size": self.vocab_size,
-                    "splits": splits, "counts": {"size": (self.tmp / COUNTS).stat().st_size, "sha256": _sha256(self.tmp / COUNTS)},
+                    "splits": splits, "counts": {"size": (self.tmp / COUNTS).stat().st_size, "sha256": sha256_file(self.tmp / COUNTS)},
                     **info}
         tmp_manifest = self.tmp / f".{MANIFEST}.tmp"
         tmp_manifest.write_text(json.dumps(manifest, indent=1))
@@ -276,16 +272,7 @@ class TokenStore:
 
     def check(self, hashes: bool = True) -> dict[str, str]:
         """{file: what is wrong} against the manifest; {} when every file is whole."""
-        problems = {}
-        for rel, want in sorted(self.files().items()):
-            f = self.folder / rel
-            if not f.is_file() or f.is_symlink():
-                problems[rel] = "missing"
-            elif f.stat().st_size != want["size"]:
-                problems[rel] = f"{f.stat().st_size} bytes, expected {want['size']}"
-            elif hashes and _sha256(f) != want["sha256"]:
-                problems[rel] = "sha256 differs from the manifest"
-        return problems
+        return verify(self.folder, self.files(), hashes=hashes)
 
     def counts(self) -> np.ndarray:
         return np.load(self.folder / COUNTS)  # (a remote store's cache fetches it on open)
@@ -341,7 +328,7 @@ def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
         want, dest = wanted[rel], safe_join(local, rel)
 
         def whole() -> bool:
-            return dest.is_file() and dest.stat().st_size == want["size"] and _sha256(dest) == want["sha256"]
+            return dest.is_file() and dest.stat().st_size == want["size"] and sha256_file(dest) == want["sha256"]
 
         # The ranks of a node share the cache: one of them fetches a file, the others wait for it
         # (an exclusive lock on FILE.lock, which threads of one process also respect).

@@ -214,7 +214,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         # Found before the engine exists: a checkpoint from another worker count needs an
         # engine that loads DeepSpeed's universal layout.
-        self.resume_tag = self.store.restore(self.ckpt_root) if cfg.checkpoint.resume else None
+        # The store decides: checkpoint.resume was settled before the workers started (continuity),
+        # and a Ray worker group restarted after a lost worker must resume from its own run.
+        self.resume_tag = self.store.restore(self.ckpt_root)
         self.saved_world = ckpt.read_trainer_state(self.ckpt_root / self.resume_tag)["world_size"] if self.resume_tag else self.world
         ds_config = deepspeed_config(cfg, prep.dtype, self.world, load_universal=self.saved_world != self.world)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
