@@ -1,5 +1,5 @@
 """Peak memory of tokenizing a corpus whose only document is one long line (a dump without
-newlines): `distil.data.tokenize` in a fresh process, its peak RSS (ru_maxrss) and time.
+newlines): read (distil/corpus.py), tokenized and packed (distil/sequences.py) in a fresh process, its peak RSS (ru_maxrss) and time.
 
     .venv/bin/python bench/long_line.py --mb 110 --packing lines
     .venv/bin/python bench/long_line.py --mb 20 --packing lines --code /path/to/an/older/checkout
@@ -24,21 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, resource, sys, time
-import datasets
 from transformers import AutoTokenizer
-from distil.config import DataSection
-from distil.data import tokenize
+from distil import corpus
+from distil.sequences import Packer, token_ids, tokenizer_spec
 text_path, tok_path, packing, cache = sys.argv[1:5]
 tok = AutoTokenizer.from_pretrained(tok_path)
-line = open(text_path, encoding="utf-8").read()
-docs = datasets.Dataset.from_dict({"text": [line]})
-del line
+spec = tokenizer_spec(tok)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-seqs = tokenize(docs, tok, DataSection(sources=["x"], packing=packing, max_len=128, min_len=8, cache_dir=cache))
+packer, n = Packer(tok.cls_token_id, tok.sep_token_id, 128, packing, 8), 0
+for r in corpus.file_ranges(text_path, __import__("os").path.getsize(text_path), False, corpus.Reading()):
+    n += len(packer(*token_ids(spec, corpus.read(r, corpus.Reading())))[1])
 dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"sequences": len(seqs), "seconds": dt, "peak_rss_mib": peak / 1024, "rss_before_mib": base / 1024}))
+print(json.dumps({"sequences": n, "seconds": dt, "peak_rss_mib": peak / 1024, "rss_before_mib": base / 1024}))
 """
 
 

@@ -327,22 +327,21 @@ def measure_data_pipeline(seq: int) -> dict:
     the bert-base-uncased vocabulary (all-MiniLM-L6-v2's tokenizer)."""
     from pathlib import Path
 
-    import datasets
+    import numpy as np
     from transformers import AutoTokenizer
 
-    from distil.config import DataSection, MaskingSection
-    from distil.data import collate, tokenize
+    from distil.config import MaskingSection
+    from distil.data import collate
     from distil.masking import Masker
+    from distil.sequences import Packer, token_ids, tokenizer_spec
 
     root = Path(__file__).resolve().parents[1]
     tok = AutoTokenizer.from_pretrained(root / "models" / "all-MiniLM-L6-v2")
     lines = [x for x in (root / "data" / "brown" / "brown_sample.txt").read_text().splitlines() if x.strip()]
-    docs = datasets.Dataset.from_dict({"text": lines})
     torch.set_num_threads(1)
-    datasets.disable_caching()
     t0 = time.perf_counter()
-    seqs = tokenize(docs, tok, DataSection(sources=["bench"], max_len=seq, packing="pack"))
-    rows = list(seqs["input_ids"])
+    flat, lens = Packer(tok.cls_token_id, tok.sep_token_id, seq, "pack", 8)(*token_ids(tokenizer_spec(tok), lines))
+    rows = [r.tolist() for r in np.split(flat, np.cumsum(lens)[:-1])]
     t_tok = time.perf_counter() - t0
     n_tokens = sum(len(r) for r in rows)
     masker = Masker(MaskingSection(prob=0.15, whole_word=True), tok, 0)

@@ -3,6 +3,7 @@
     distil train --config configs/demo.yaml [--set loss.temperature=3 ...]   one local worker
     distil train --ray --config ...              Ray Train workers (what jobs/distill.py runs)
     distil export CHECKPOINT_DIR --out DIR
+    distil prepare --config ...                  tokenize the run's data once (training does it on first use)
     distil config --config FILE [--set ...]      print the resolved config
     distil checkpoints list URI                  runs and checkpoints in a folder or s3://bucket/prefix
     distil checkpoints pull URI --out DIR        a checkpoint -> a Hugging Face model folder
@@ -140,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--start-over", action="store_true",
                            help="start the run from step 0: its existing folder (checkpoints, metrics, model) is moved "
                                 "aside to RUN.replaced-<UTC time>, never mixed with the new one")
+    p = sub.add_parser("prepare", help="tokenize the run's data once into STORAGE/data/<fingerprint>/ (training does it on "
+                                       "first use; this does it ahead, e.g. on a CPU cluster)")
+    p.add_argument("--config", "-c", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set data.max_len=256 (repeatable)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ray", action="store_true", help="read and tokenize as Ray Data tasks over the Ray cluster in "
+                                                          "RAY_ADDRESS, or a local Ray instance (default for sources over 64 MB)")
+    where.add_argument("--in-process", action="store_true", help="read and tokenize in this process")
+    p.add_argument("--workers", type=int, help="with Ray: at most this many tasks at once (default: every CPU)")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
@@ -156,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             if run_training(args.config, args.overrides, start_over=args.start_over)["stopped"]:
                 return EXIT_TERMINATED
+        elif args.command == "prepare":
+            _prepare(args)
         elif args.command == "config":
             from distil.config import load_config
 
@@ -172,6 +185,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distil: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _prepare(args) -> None:
+    from distil.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be 1 or more", where="--workers")
+    quiet_libraries()
+    from distil.model import load_teacher_config, validate_against_teacher
+    from distil.prepared import open_prepared
+    from distil.train import load_tokenizer
+
+    validate_against_teacher(cfg, load_teacher_config(cfg))
+    per_step = cfg.train.micro_batch_size * max(1, cfg.scaling.num_workers)
+    store = open_prepared(cfg, load_tokenizer(cfg), per_step, log=lambda m: print(m, flush=True),
+                          use_ray=True if args.ray else False if args.in_process else None, workers=args.workers)
+    m = store.manifest["splits"]
+    print(f"prepared data {store.manifest['fingerprint']}: {m['train']['sequences']:,} training sequences "
+          f"({m['train']['tokens']:,} tokens), {m['eval']['sequences']:,} held-out, in {store.folder}", flush=True)
 
 
 def _storage_args(p) -> None:

@@ -29,7 +29,7 @@ class _Strict(BaseModel):
 # run.name: the run is its folder; a folder copied or renamed (e.g. to try another worker
 # count from the same checkpoint) is the same run under another name.
 RESUMABLE = ("run.name", "train.max_steps", "train.log_every", "train.eval_every", "train.progress_bar", "train.tensorboard",
-             "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "data.cache_dir", "data.num_proc",
+             "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.resume", "data.cache_dir",
              "precision.device", "storage", "scaling")
 
 # Names of keys that hold credentials; such values are never accepted in a config (which is
@@ -95,8 +95,7 @@ class DataSection(_Strict):
     )
     eval_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Fraction of sequences held out for evaluation.")
     eval_max_sequences: int = Field(512, ge=0, description="Upper bound on held-out sequences.")
-    cache_dir: str | None = Field(None, description="Where tokenized data is cached; unset: the datasets default cache.")
-    num_proc: int | None = Field(None, ge=1, description="Processes used for tokenization; unset: one.")
+    cache_dir: str | None = Field(None, description="Where a rank caches prepared data read from S3 (and hub data sets are downloaded); unset: ~/.cache/distil.")
 
     @field_validator("hub_kwargs")
     @classmethod

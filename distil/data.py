@@ -1,8 +1,7 @@
-"""Training text -> token sequences -> resumable batches.
+"""Prepared sequences -> resumable batches.
 
-Sources are local files or folders (.txt: one document per line; .jsonl/.json/.parquet:
-a text column), s3:// prefixes (downloaded once into the cache), or hub data-set names.
-`datasets` caches the tokenized result, keyed by the source files and the tokenizer.
+The text was read, tokenized and packed once (distil/prepared.py); here are the sampler over
+the prepared sequences and the batches made from them.
 
 The sampler is a seeded permutation per epoch; its position counts *global* samples, so a
 resumed run -- with the same or another number of workers -- continues exactly where the
@@ -12,206 +11,9 @@ last checkpoint left off.
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
-
-from distil.config import DataSection
-from distil.errors import UserError
-
-_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def _local_files(source: str) -> list[Path]:
-    p = Path(source).expanduser()
-    files = sorted(f for f in p.rglob("*") if f.suffix in _FORMATS and f.is_file()) if p.is_dir() else [p]
-    if p.is_dir() and not files:
-        raise UserError(f"folder {p} holds no {'/'.join(_FORMATS)} files", where="data.sources")
-    for f in files:
-        if f.suffix not in _FORMATS:
-            raise UserError(f"{f}: unknown file type {f.suffix!r}", where="data.sources",
-                            fix=f"use one of {', '.join(_FORMATS)}")
-    return files
-
-
-def is_hub_name(source: str) -> bool:
-    return not source.startswith(("s3://", ".", "/", "~")) and not Path(source).exists() and source.count("/") <= 1
-
-
-def load_documents(cfg: DataSection, storage_options: dict | None = None) -> datasets.Dataset:
-    """All sources as one Dataset with a single 'text' column, in a deterministic order."""
-    parts = []
-    for source in cfg.sources:
-        if is_hub_name(source):
-            try:
-                ds = datasets.load_dataset(source, cfg.hub_config, split="train", cache_dir=cfg.cache_dir, **cfg.hub_kwargs)
-            except Exception as e:  # the hub raises many types; all mean "cannot get this data set"
-                raise UserError(f"cannot load data set {source!r}: {str(e).splitlines()[0]}", where="data.sources",
-                                fix="give an existing local path, an s3:// URI, or a reachable hub data set") from None
-        else:
-            if source.startswith("s3://"):
-                from distil.storage import Storage
-
-                local = Storage(source, **(storage_options or {})).download_tree(Path(cfg.cache_dir or _default_cache()) / "s3")
-                files = _local_files(str(local))
-            elif not Path(source).expanduser().exists():
-                raise UserError(f"{source} does not exist", where="data.sources", fix="correct the path")
-            else:
-                files = _local_files(source)
-            ds = _load_files(files, cfg)
-        if cfg.text_field not in ds.column_names:
-            raise UserError(f"{source} has no column {cfg.text_field!r} (columns: {ds.column_names})",
-                            where="data.text_field", fix="set data.text_field to the column holding the text")
-        parts.append(ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text") if cfg.text_field != "text" else ds.select_columns(["text"]))
-    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
-    if cfg.max_documents is not None:
-        ds = ds.select(range(min(cfg.max_documents, len(ds))))
-    return ds
-
-
-def _load_files(files: list[Path], cfg: DataSection) -> datasets.Dataset:
-    by_format: dict[str, list[str]] = {}
-    for f in files:
-        by_format.setdefault(_FORMATS[f.suffix], []).append(str(f))
-    parts = []
-    for fmt, paths in by_format.items():
-        if fmt == "text":
-            _check_utf8(paths)
-        try:
-            parts.append(datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=cfg.cache_dir))
-        except datasets.exceptions.DatasetGenerationError as e:
-            cause = e.__cause__ or e.__context__
-            raise UserError(f"cannot read {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''} as {fmt}: "
-                            f"{type(cause).__name__ if cause else ''} {str(cause or e).splitlines()[0][:200]}",
-                            where="data.sources", fix=f"give {fmt} files in UTF-8") from None
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-
-def _check_utf8(paths: list[str], chunk: int = 1 << 22) -> None:
-    """Text files must be UTF-8: read in chunks (a file may be one huge line), decoded incrementally."""
-    import codecs
-
-    for path in paths:
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with open(path, "rb") as f:
-            try:
-                while block := f.read(chunk):
-                    decoder.decode(block)
-                    offset += len(block)
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not UTF-8 text (byte {offset + e.start} cannot be decoded; binary, or another "
-                                "encoding such as Latin-1)", where="data.sources",
-                                fix=f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8.txt") from None
-
-
-def _default_cache() -> str:
-    return os.path.join(os.path.expanduser(os.environ.get("HF_HOME", "~/.cache/huggingface")), "distil")
-
-
-PIECE_CHARS = 1 << 16  # the longest string handed to the tokenizer
-CALL_CHARS = 1 << 22  # text per tokenizer call: its encodings take ~100x the text's size
-
-
-def _split_long(text: str) -> list[str]:
-    """`text` in pieces of at most PIECE_CHARS, cut before a space or newline where there is one
-    (the tokenizers split words at whitespace, so the ids are those of the whole text)."""
-    pieces, start = [], 0
-    while len(text) - start > PIECE_CHARS:
-        end = start + PIECE_CHARS
-        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
-        cut = cut if cut > start else end
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def token_ids(tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text (no special tokens), in bounded memory: no string longer than
-    PIECE_CHARS and at most CALL_CHARS of text go to the tokenizer at once, so a corpus whose
-    "document" is a single 100 MB line does not need tens of GB for one giant encoding."""
-    owner, pieces = [], []
-    for i, text in enumerate(texts):
-        for piece in _split_long(text):
-            owner.append(i)
-            pieces.append(piece)
-    parts: list[list[np.ndarray]] = [[] for _ in texts]
-    j = 0
-    while j < len(pieces):
-        k, size = j, 0
-        while k < len(pieces) and (k == j or size + len(pieces[k]) <= CALL_CHARS):
-            size += len(pieces[k])
-            k += 1
-        for doc, ids in zip(owner[j:k], tokenizer(pieces[j:k], add_special_tokens=False)["input_ids"]):
-            parts[doc].append(np.asarray(ids, dtype=np.int32))
-        j = k
-    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int32) for p in parts]
-
-
-def tokenize(docs: datasets.Dataset, tokenizer, cfg: DataSection) -> datasets.Dataset:
-    """Token sequences with the tokenizer's own special tokens, at most max_len long.
-
-    'pack': documents joined by the separator token and cut into full-length sequences.
-    'lines': each document its own sequence, split when too long, dropped when < min_len.
-    """
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls is None or sep is None:
-        raise UserError("the teacher's tokenizer has no CLS/SEP (or <s>/</s>) tokens", where="teacher.name_or_path")
-    body = cfg.max_len - 2
-
-    def pack(batch):
-        docs = [d for d in token_ids(tokenizer, batch["text"]) if len(d)]
-        if not docs:
-            return {"input_ids": []}
-        flat = np.concatenate([part for d in docs for part in (d, np.array([sep], dtype=np.int32))])
-        rows = flat[:len(flat) // body * body].reshape(-1, body)
-        ends = np.full((len(rows), 1), cls, dtype=np.int64), np.full((len(rows), 1), sep, dtype=np.int64)
-        return {"input_ids": np.concatenate([ends[0], rows, ends[1]], axis=1)}
-
-    def lines(batch):
-        out = []
-        for doc in token_ids(tokenizer, batch["text"]):
-            for i in range(0, len(doc), body):
-                piece = doc[i:i + body]
-                if len(piece) + 2 >= cfg.min_len:
-                    out.append(np.concatenate([[cls], piece, [sep]]).astype(np.int64))
-        return {"input_ids": out}
-
-    fn = pack if cfg.packing == "pack" else lines
-    return docs.map(fn, batched=True, batch_size=1000, remove_columns=docs.column_names, num_proc=cfg.num_proc,
-                    desc=f"tokenize ({cfg.packing})", new_fingerprint=None)
-
-
-def split_eval(seqs: datasets.Dataset, cfg: DataSection, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """A seeded held-out split: (train, eval)."""
-    n = len(seqs)
-    n_eval = min(cfg.eval_max_sequences, int(round(cfg.eval_fraction * n)))
-    if cfg.eval_fraction > 0 and n >= 2:
-        n_eval = max(n_eval, 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    # flatten_indices: later code reads the Arrow table directly (lengths, token counts).
-    return seqs.select(np.sort(perm[n_eval:])).flatten_indices(), seqs.select(np.sort(perm[:n_eval])).flatten_indices()
-
-
-def token_counts(seqs: datasets.Dataset, vocab_size: int, rows_per_block: int = 1 << 16) -> np.ndarray:
-    """Occurrences of every token id in the sequences (for masking.smoothing), summed block by
-    block of `rows_per_block` sequences: memory is one block's tokens, never the corpus' (a
-    whole-corpus int64 array was ~23 GB a rank for 3.5 B tokens)."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for chunk in seqs.data.column("input_ids").chunks:
-        for start in range(0, len(chunk), rows_per_block):
-            flat = pc.list_flatten(chunk.slice(start, rows_per_block)).to_numpy(zero_copy_only=False)
-            block = np.bincount(flat, minlength=vocab_size)
-            if len(block) > vocab_size:
-                raise ValueError(f"token id {len(block) - 1} is outside the vocabulary of {vocab_size}")
-            counts += block
-    return counts
 
 
 def collate(rows: list[list[int]], pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,10 +26,6 @@ def collate(rows: list[list[int]], pad_id: int, max_len: int) -> tuple[torch.Ten
         ids[i, :len(r)] = torch.as_tensor(r)
         mask[i, :len(r)] = 1
     return ids, mask
-
-
-def sequence_lengths(seqs: datasets.Dataset) -> np.ndarray:
-    return pc.list_value_length(seqs.data.column("input_ids")).to_numpy(zero_copy_only=False)
 
 
 class ResumableSampler:

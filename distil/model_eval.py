@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distil.config import DistilConfig, load_config
-from distil.data import collate, load_documents, tokenize
+from distil.data import collate
 from distil.errors import UserError
 from distil.evaluate import agreement, embed
 from distil.export import RUN_CONFIG
@@ -81,13 +81,10 @@ def _check_saved_teacher(cfg: DistilConfig, saved: Path) -> None:
 
 
 def _sequences(cfg: DistilConfig, tokenizer, given_data: bool, max_sequences: int) -> list[list[int]]:
-    from distil.data import split_eval
+    from distil.prepared import held_out_of, sequences_of
 
-    docs = load_documents(cfg.data, {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region})
-    seqs = tokenize(docs, tokenizer, cfg.data)
-    if not given_data:  # the run's held-out split: sequences the student never trained on
-        seqs = split_eval(seqs, cfg.data, cfg.run.seed)[1]
-    rows = list(seqs["input_ids"])[:max_sequences]
+    # --data: that text; else the run's held-out split, which the student never trained on
+    rows = sequences_of(cfg, tokenizer, max_sequences) if given_data else held_out_of(cfg, tokenizer, max_sequences)
     if not rows:
         raise UserError("no evaluation sequences", where="--data" if given_data else f"data.sources of {RUN_CONFIG}",
                         fix="give more text with --data" if given_data else "pass --data with held-out text")

@@ -18,6 +18,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from distil import token_store as ts
 from distil.config import DistilConfig
 from distil.errors import UserError
@@ -33,9 +35,10 @@ def _storage_options(cfg: DistilConfig) -> dict:
 
 
 def source_listing(cfg: DistilConfig) -> list[dict]:
-    """What the fingerprint covers of the sources: every file's name, size and mtime (local) or
-    ETag (S3); a hub data set by its name, configuration and arguments."""
-    from distil.data import _local_files, is_hub_name
+    """What the fingerprint covers of the sources, in the order they are read: every file's
+    name, size and mtime (local) or ETag (S3); a hub data set by its name, configuration and
+    arguments (pin a `revision` in data.hub_kwargs to fingerprint a hub data set exactly)."""
+    from distil.corpus import FORMATS, is_hub_name, local_files
     from distil.storage import Storage
 
     out = []
@@ -45,11 +48,13 @@ def source_listing(cfg: DistilConfig) -> list[dict]:
                         "version": json.dumps([cfg.data.hub_config, cfg.data.hub_kwargs], sort_keys=True, default=str)})
         elif source.startswith("s3://"):
             storage = Storage(source, **_storage_options(cfg))
-            out += [{"name": f"{storage.uri}/{o['key']}", "size": o["size"], "version": o["etag"]} for o in storage.list_objects()]
-        elif not Path(source).expanduser().exists():
-            raise UserError(f"{source} does not exist", where="data.sources", fix="correct the path")
+            objects = [o for o in storage.list_objects() if Path(o["key"]).suffix in FORMATS]
+            if not objects:
+                raise UserError(f"{source} holds no {'/'.join(FORMATS)} objects", where="data.sources",
+                                fix="check the prefix (and the endpoint and credentials)")
+            out += [{"name": f"{storage.uri}/{o['key']}", "size": o["size"], "version": o["etag"]} for o in objects]
         else:
-            out += ts.local_sources(_local_files(source))
+            out += ts.local_sources(local_files(source))
     return out
 
 
@@ -59,54 +64,199 @@ def check_enough(n_train: int, per_step: int) -> None:
                         where="data.sources", fix="add text, lower data.min_len, or lower train.micro_batch_size")
 
 
-def _build(cfg: DistilConfig, tokenizer, folder: Path, per_step: int, info: dict) -> Path:
-    """Tokenize the sources (distil.data) and write them as a prepared folder; a corpus too small
-    for one batch of `per_step` sequences is refused before anything is written."""
-    from distil.data import load_documents, split_eval, tokenize
+RAY_ABOVE_BYTES = 64 << 20  # smaller corpora are prepared in-process: starting Ray costs more than it saves
 
-    docs = load_documents(cfg.data, _storage_options(cfg))
-    train, held_out = split_eval(tokenize(docs, tokenizer, cfg.data), cfg.data, cfg.run.seed)
-    check_enough(len(train), per_step)
+
+def _build(cfg: DistilConfig, tokenizer, folder: Path, per_step: int, info: dict, listing: list[dict],
+           use_ray: bool, workers: int | None = None, log=print) -> Path:
+    """Read, tokenize, pack and split the sources (distil/corpus.py, distil/sequences.py) and
+    write them as a prepared folder. With `use_ray` the reading and tokenizing run as Ray Data
+    tasks over the cluster's CPUs (at most `workers` at once); this process only packs, splits
+    and writes, which is cheap. A corpus too small for one batch is refused, nothing written."""
+    from distil.corpus import Reading, plan
+    from distil.sequences import HeldOut, Packer, tokenizer_spec
+
+    d = cfg.data
+    reading = Reading(d.text_field, cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.max_attempts)
+    spec = tokenizer_spec(tokenizer)
+    segments = plan(d, reading, listing)
+    if use_ray:
+        from distil.prepare_ray import documents
+    else:
+        documents = local_documents
+    packer = Packer(tokenizer.cls_token_id, tokenizer.sep_token_id, d.max_len, d.packing, d.min_len)
+    held_out = HeldOut(d.eval_fraction, d.eval_max_sequences, cfg.run.seed)
+    progress = _Progress(log)
     with ts.TokenStoreWriter(folder, len(tokenizer)) as writer:
-        for split, seqs in (("train", train), ("eval", held_out)):
-            for batch in seqs.iter(batch_size=4096):
-                for seq in batch["input_ids"]:
-                    writer.add(split, seq)
-        return writer.close(info)
+        docs_left = d.max_documents
+        for flat, lens in documents(segments, spec, reading, workers):
+            if docs_left is not None:  # the first max_documents documents of the corpus
+                lens = lens[:docs_left]
+                flat, docs_left = flat[:int(lens.sum())], docs_left - len(lens)
+            writer.add_many("train", *held_out.feed(*packer(flat, lens)))
+            progress(len(lens), len(flat))
+            if docs_left == 0:
+                break
+        (rest, rest_lens), (eval_flat, eval_lens) = held_out.finish()
+        writer.add_many("train", rest, rest_lens)
+        writer.add_many("eval", eval_flat, eval_lens)
+        if progress.documents == 0:
+            raise UserError("the sources hold no text (every file is empty or whitespace)", where="data.sources",
+                            fix="check data.sources (and data.text_field for jsonl/parquet)")
+        check_enough(held_out.n - len(eval_lens), per_step)
+        out = writer.close(info)
+    progress.done()
+    return out
 
 
-def _info(cfg: DistilConfig, tokenizer) -> tuple[str, dict]:
-    import datasets
+def local_documents(segments, spec: str, reading, workers=None):
+    """Each range or hub batch read and tokenized in this process, in order: (flat ids, lens)."""
+    from distil.corpus import HubSet, read
+    from distil.sequences import token_ids
+
+    for segment in segments:
+        if isinstance(segment, HubSet):
+            for batch in segment.dataset.iter(batch_size=4096):
+                yield token_ids(spec, [t for t in batch[reading.text_field] if t and t.strip()])
+        else:
+            for r in segment:
+                yield token_ids(spec, read(r, reading))
+
+
+class _Progress:
+    """A line every 30 s while preparing, and one at the end: pods have no terminal for a bar."""
+
+    def __init__(self, log, every: float = 30.0):
+        import time
+
+        self.log, self.every, self.clock = log, every, time.monotonic
+        self.start = self.last = self.clock()
+        self.documents = self.tokens = 0
+
+    def __call__(self, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log(f"  prepared {self.documents:,} documents, {self.tokens:,} tokens "
+                     f"({self.tokens / (now - self.start):,.0f} tokens/s)")
+
+    def done(self) -> None:
+        took = max(self.clock() - self.start, 1e-9)
+        self.log(f"  prepared {self.documents:,} documents, {self.tokens:,} tokens in {took:.1f} s "
+                 f"({self.tokens / took:,.0f} tokens/s)")
+
+
+def _info(cfg: DistilConfig, tokenizer, listing: list[dict]) -> tuple[str, dict]:
     import tokenizers
-    import transformers
+
+    import distil
 
     fp, inputs = ts.fingerprint({**cfg.data.model_dump(mode="json"), "seed": cfg.run.seed},
-                                ts.tokenizer_identity(tokenizer), source_listing(cfg))
-    return fp, {"prepared": inputs, "versions": {"datasets": datasets.__version__, "tokenizers": tokenizers.__version__,
-                                                 "transformers": transformers.__version__}}
+                                ts.tokenizer_identity(tokenizer), listing)
+    return fp, {"prepared": inputs, "versions": {"distil-run": getattr(distil, "__version__", "?"),
+                                                 "tokenizers": tokenizers.__version__}}
 
 
-def open_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print) -> ts.TokenStore:
-    """The run's prepared data, prepared now if storage has none for this fingerprint; at least
-    `per_step` training sequences (one global micro-batch) or a UserError."""
+def _rows(flat: np.ndarray, lens: np.ndarray) -> list[list[int]]:
+    return [s.tolist() for s in np.split(flat, np.cumsum(lens)[:-1])] if len(lens) else []
+
+
+def _stream(cfg: DistilConfig, tokenizer, listing: list[dict]):
+    """This process's sequence stream of the sources: (packer output) per range."""
+    from distil.corpus import Reading, plan
+    from distil.sequences import Packer, tokenizer_spec
+
+    d = cfg.data
+    reading = Reading(d.text_field, cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.max_attempts)
+    packer = Packer(tokenizer.cls_token_id, tokenizer.sep_token_id, d.max_len, d.packing, d.min_len)
+    for flat, lens in local_documents(plan(d, reading, listing), tokenizer_spec(tokenizer), reading):
+        yield packer(flat, lens)
+
+
+def sequences_of(cfg: DistilConfig, tokenizer, limit: int) -> list[list[int]]:
+    """The first `limit` sequences of `cfg.data`'s sources, read and tokenized in this process
+    the way preparation does it, no held-out split and nothing written (`distil eval --data`)."""
+    rows: list[list[int]] = []
+    for flat, lens in _stream(cfg, tokenizer, source_listing(cfg)):
+        rows += _rows(flat, lens)
+        if len(rows) >= limit:
+            break
+    return rows[:limit]
+
+
+def held_out_of(cfg: DistilConfig, tokenizer, limit: int) -> list[list[int]]:
+    """A run's held-out sequences (at most `limit`): read from its prepared data when storage
+    has it, else computed in this process exactly as preparation would -- nothing written."""
+    from distil.sequences import HeldOut
+
+    listing = source_listing(cfg)
+    fp, info = _info(cfg, tokenizer, listing)
+    if _is_prepared(cfg, fp):
+        held = open_prepared(cfg, tokenizer, log=lambda _: None)["eval"]
+        return held.rows(range(min(len(held), limit)))
+    split = HeldOut(cfg.data.eval_fraction, cfg.data.eval_max_sequences, cfg.run.seed)
+    for flat, lens in _stream(cfg, tokenizer, listing):
+        split.feed(flat, lens)
+    return _rows(*split.finish()[1])[:limit]
+
+
+def _is_prepared(cfg: DistilConfig, fp: str) -> bool:
     from distil.storage import Storage
 
-    fp, info = _info(cfg, tokenizer)
+    root = data_root(cfg)
+    if not root.startswith("s3://"):
+        return (Path(root).expanduser() / fp / ts.MANIFEST).is_file()
+    return ts.MANIFEST in {o["key"] for o in Storage(f"{root}/{fp}", **_storage_options(cfg)).list_objects()}
+
+
+def _use_ray(listing: list[dict]) -> bool:
+    import sys
+
+    if os.environ.get("RAY_ADDRESS"):  # a cluster to use (`ray job submit` sets it)
+        return True
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return True
+    return sum(e["size"] for e in listing) > RAY_ABOVE_BYTES
+
+
+def open_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print, use_ray: bool | None = None,
+                  workers: int | None = None) -> ts.TokenStore:
+    """The run's prepared data, prepared now if storage has none for this fingerprint; at least
+    `per_step` training sequences (one global micro-batch) or a UserError. `use_ray`: prepare with
+    Ray Data (unset: when Ray is running here or RAY_ADDRESS names a cluster, or the sources hold
+    more than RAY_ABOVE_BYTES)."""
+    from distil.storage import Storage
+
+    listing = source_listing(cfg)
+    fp, info = _info(cfg, tokenizer, listing)
+    ray_now = _use_ray(listing) if use_ray is None else use_ray
     root = data_root(cfg)
     if not root.startswith("s3://"):
         folder = Path(root).expanduser() / fp
-        if not (folder / ts.MANIFEST).is_file():
+        if not _is_prepared(cfg, fp):
             log(f"preparing the data once: {folder}")
-            with contextlib.suppress(FileExistsError):  # another rank (torchrun) prepared it meanwhile
-                _build(cfg, tokenizer, folder, per_step, info)
+            made = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]  # to remove on failure
+            try:
+                with contextlib.suppress(FileExistsError):  # another rank (torchrun) prepared it meanwhile
+                    _build(cfg, tokenizer, folder, per_step, info, listing, ray_now, workers, log)
+            except BaseException:
+                for p in made:  # bad input writes nothing, not even empty folders
+                    with contextlib.suppress(OSError):
+                        p.rmdir()
+                raise
         store = ts.TokenStore(folder, expect=info["prepared"], verify=False)  # sizes: restarts cost seconds
         check_enough(len(store["train"]), per_step)
         return store
     storage = Storage(f"{root}/{fp}", **_storage_options(cfg))
-    if ts.MANIFEST not in {o["key"] for o in storage.list_objects()}:
+    if not _is_prepared(cfg, fp):
         log(f"preparing the data once: {storage.uri}")
         with tempfile.TemporaryDirectory(prefix="distil-prepare-") as tmp:
-            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info), storage)
+            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info, listing, ray_now, workers, log), storage)
     cache = Path(cfg.data.cache_dir or os.path.expanduser("~/.cache/distil")) / "prepared"
     store = ts.open_remote(storage, cache, expect=info["prepared"])
     check_enough(len(store["train"]), per_step)

@@ -188,12 +188,12 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     validate_against_teacher(cfg, load_teacher_config(cfg))
     s = cfg.scaling
     check_precision(cfg, gpu=s.use_gpu)
-    # The data is prepared here, once, before any worker starts (distil/prepared.py): workers
-    # open the prepared shards and never tokenize.
-    build_data(cfg, load_tokenizer(cfg), s.num_workers, log=lambda m: print(m, flush=True))
-    storage_path, filesystem = _storage(cfg)
     if not ray.is_initialized():
         ray.init(log_to_driver=True, include_dashboard=False)
+    # The data is prepared once, before any worker starts, by Ray Data tasks over the cluster's
+    # CPUs (distil/prepared.py): workers open the prepared shards and never tokenize.
+    build_data(cfg, load_tokenizer(cfg), s.num_workers, log=lambda m: print(m, flush=True), use_ray=True)
+    storage_path, filesystem = _storage(cfg)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         _worker,

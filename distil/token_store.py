@@ -22,7 +22,7 @@ the manifest is written, so a preparation killed at any moment leaves nothing th
 
 The fingerprint covers what the tokens depend on -- the source listing (names, sizes and
 mtimes or ETags), the tokenizer's own serialization and special tokens, and the data section
-without the keys that only say where or how fast (`cache_dir`, `num_proc`) -- so changed
+without `cache_dir`, which only says where -- so changed
 sources give a new folder, never a mix of old and new tokens.
 """
 
@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import threading
 import uuid
 from pathlib import Path
@@ -42,24 +43,20 @@ import numpy as np
 from distil.checkpoint import sha256_file, verify
 from distil.errors import UserError
 
-FORMAT = "distil-tokens/1"
+FORMAT = "distil-tokens/2"  # 2: packing carries across batches; bottom-k held-out split
 MANIFEST = "MANIFEST.json"
 COUNTS = "counts.npy"
 SPLITS = ("train", "eval")
-SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 128 MiB of uint16 a shard
-_NOT_FINGERPRINTED = {"cache_dir", "num_proc"}  # where and how fast, not what
+SHARD_TOKENS = 1 << 24  # 16 Mi tokens, 32 MiB of uint16: a first batch fetches a few of them, whatever the corpus
+_NOT_FINGERPRINTED = {"cache_dir"}  # where, not what
 
 
 def tokenizer_identity(tokenizer) -> dict:
     """What of a tokenizer decides the ids: its full serialization (vocabulary, merges,
-    normalizer, pre-tokenizer) and its special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise UserError("the teacher's tokenizer is not a fast (Rust) tokenizer", where="teacher.name_or_path",
-                        fix="use a teacher with a tokenizer.json (every current BERT-family model has one)")
-    # Truncation and padding are call-time settings that transformers writes into the backend as
-    # it tokenizes: not part of what the ids are.
-    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    normalizer, pre-tokenizer; without call-time truncation and padding) and its special tokens."""
+    from distil.sequences import tokenizer_spec
+
+    spec = json.loads(tokenizer_spec(tokenizer))
     return {"sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(), "vocab_size": len(tokenizer),
             "special": {k: getattr(tokenizer, f"{k}_token_id") for k in ("cls", "sep", "pad", "mask", "unk")}}
 
@@ -92,9 +89,9 @@ class _Shard:
     def tokens(self) -> int:
         return self.offsets[-1]
 
-    def add(self, seq: np.ndarray) -> None:
-        self.file.write(seq.astype(self.dtype, copy=False).tobytes())
-        self.offsets.append(self.offsets[-1] + len(seq))
+    def add(self, flat: np.ndarray, lens: np.ndarray) -> None:
+        self.file.write(flat.astype(self.dtype, copy=False).tobytes())
+        self.offsets.extend((self.offsets[-1] + np.cumsum(lens)).tolist())
 
     def close(self, counts: np.ndarray | None, block: int = 1 << 24) -> dict:
         """Flush and describe the shard; add its token frequencies to `counts` (block by block)."""
@@ -109,6 +106,28 @@ class _Shard:
         for rel in files:
             files[rel] = {"size": (self.folder / rel).stat().st_size, "sha256": sha256_file(self.folder / rel)}
         return {"name": self.name, "sequences": len(self.offsets) - 1, "tokens": self.tokens, "files": files}
+
+
+WRITER = ".writer"  # in a .partial- folder: which process fills it
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Delete the .partial- folders of `final` whose writer was a process of this host that is
+    gone (a preparation killed, e.g. with SIGKILL or a pod's OOM); another host's, or a living
+    process's (another torchrun rank), are left alone."""
+    for partial in final.parent.glob(f"{final.name}.partial-*") if final.parent.is_dir() else ():
+        try:
+            writer = json.loads((partial / WRITER).read_text())
+        except (OSError, ValueError):
+            continue
+        if writer.get("host") != socket.gethostname():
+            continue
+        try:
+            os.kill(int(writer["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (PermissionError, KeyError, ValueError, TypeError):
+            continue
 
 
 class TokenStoreWriter:
@@ -127,7 +146,9 @@ class TokenStoreWriter:
         self.vocab_size, self.shard_tokens = vocab_size, shard_tokens
         self.dtype = np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
         self.tmp = self.final.with_name(f"{self.final.name}.partial-{uuid.uuid4().hex[:12]}")
+        _remove_abandoned(self.final)
         self.tmp.mkdir(parents=True)
+        (self.tmp / WRITER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         self.counts = np.zeros(vocab_size, dtype=np.int64)
         self.open: dict[str, _Shard] = {}
         self.done: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -135,18 +156,31 @@ class TokenStoreWriter:
 
     def add(self, split: str, seq) -> None:
         seq = np.asarray(seq)
-        if len(seq) and (seq.min() < 0 or seq.max() >= self.vocab_size):
+        self.add_many(split, seq, np.array([len(seq)]))
+
+    def add_many(self, split: str, flat: np.ndarray, lens: np.ndarray) -> None:
+        """Sequences back to back: `flat` token ids, `lens` each sequence's length. A shard is
+        closed once it holds `shard_tokens` tokens (after the sequence that crosses the line)."""
+        flat, lens = np.asarray(flat), np.asarray(lens, dtype=np.int64)
+        if int(lens.sum()) != len(flat):
+            raise ValueError(f"{len(flat)} tokens, but the lengths add up to {int(lens.sum())}")
+        if len(flat) and (flat.min() < 0 or flat.max() >= self.vocab_size):
             raise ValueError(f"token id outside the vocabulary of {self.vocab_size}")
-        shard = self.open.get(split)
-        if shard is None:
-            shard = self.open[split] = _Shard(self.tmp, f"{split}_{len(self.done[split]):05d}", self.dtype)
-        shard.add(seq)
-        hist = self.lengths[split]
-        if len(seq) >= len(hist):
-            hist = self.lengths[split] = np.concatenate([hist, np.zeros(len(seq) + 1 - len(hist), dtype=np.int64)])
-        hist[len(seq)] += 1
-        if shard.tokens >= self.shard_tokens:
-            self._close_shard(split)
+        if len(lens):
+            hist = self.lengths[split]
+            if lens.max() >= len(hist):
+                hist = self.lengths[split] = np.concatenate([hist, np.zeros(int(lens.max()) + 1 - len(hist), dtype=np.int64)])
+            hist += np.bincount(lens, minlength=len(hist))
+        while len(lens):
+            shard = self.open.get(split)
+            if shard is None:
+                shard = self.open[split] = _Shard(self.tmp, f"{split}_{len(self.done[split]):05d}", self.dtype)
+            ends = np.cumsum(lens)
+            k = min(int(np.searchsorted(ends, self.shard_tokens - shard.tokens, side="left")) + 1, len(lens))
+            shard.add(flat[:ends[k - 1]], lens[:k])
+            flat, lens = flat[ends[k - 1]:], lens[k:]
+            if shard.tokens >= self.shard_tokens:
+                self._close_shard(split)
 
     def _close_shard(self, split: str) -> None:
         shard = self.open.pop(split)
@@ -169,6 +203,7 @@ class TokenStoreWriter:
         tmp_manifest = self.tmp / f".{MANIFEST}.tmp"
         tmp_manifest.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp_manifest, self.tmp / MANIFEST)
+        (self.tmp / WRITER).unlink()
         try:
             os.rename(self.tmp, self.final)
         except OSError:  # another process prepared the same fingerprint first: theirs is as good

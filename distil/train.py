@@ -83,12 +83,12 @@ def load_tokenizer(cfg: DistilConfig):
     return tokenizer
 
 
-def build_data(cfg: DistilConfig, tokenizer, world_size: int, log=print) -> TokenStore:
+def build_data(cfg: DistilConfig, tokenizer, world_size: int, log=print, use_ray: bool | None = None) -> TokenStore:
     """The run's prepared sequences (tokenized once, see distil/prepared.py); refuses a corpus
     too small for one batch."""
     per_step = cfg.train.micro_batch_size * world_size
     cfg.check_batch_split(world_size)  # (checked on the driver too; this is the worker's actual world size)
-    return open_prepared(cfg, tokenizer, per_step, log)
+    return open_prepared(cfg, tokenizer, per_step, log, use_ray=use_ray)
 
 
 def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:

@@ -227,11 +227,12 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
 
     # The same batch, masked the same way, scored by transformers itself.
     cfg = load_config(run / "model" / "distil_config.yaml")
-    from distil.data import load_documents, split_eval, tokenize
+    from distil.token_store import TokenStore
 
     tok = AutoTokenizer.from_pretrained(run / "model")
-    held_out = split_eval(tokenize(load_documents(cfg.data), tok, cfg.data), cfg.data, cfg.run.seed)[1]
-    ids, attn = collate(list(held_out["input_ids"])[:16], tok.pad_token_id, cfg.data.max_len)
+    (prepared_data,) = (Path(cfg.storage.uri) / "data").iterdir()  # what the run trained on, and held out
+    held_out = TokenStore(prepared_data)["eval"]
+    ids, attn = collate(held_out.rows(range(16)), tok.pad_token_id, cfg.data.max_len)
     masked, labels = Masker(cfg.masking.model_copy(update={"smoothing": None}), tok, cfg.run.seed)(ids, attn, EVAL_STEP, 0)
     with torch.no_grad():
         for who, path in (("student", run / "model"), ("teacher", teacher_dir)):

@@ -1,87 +1,133 @@
-"""Loading, tokenization, packing, held-out split and the resumable sampler."""
+"""Reading sources (distil/corpus.py), tokenizing, packing and the held-out split
+(distil/sequences.py), each against an independent computation; and the resumable sampler."""
 
 import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from distil.config import DataSection
-from distil.data import ResumableSampler, load_documents, sequence_lengths, split_eval, token_counts, tokenize
+from distil import corpus
+from distil.corpus import Reading
+from distil.data import ResumableSampler
 from distil.errors import UserError
+from distil.sequences import HeldOut, Packer, token_ids, tokenizer_spec
 from tests.conftest import EN_TEXT
 
 
-def section(tmp_path, **kw):
-    return DataSection(**{"sources": [str(EN_TEXT)], "cache_dir": str(tmp_path / "cache"), **kw})
+def _docs(path, **kw):
+    """Every document of a source, read range by range as preparation reads it."""
+    reading = Reading(**kw)
+    listing = [{"name": str(f), "size": f.stat().st_size} for f in corpus.local_files(str(path))]
+    return [t for segment in corpus.plan(None, reading, listing) for r in segment for t in corpus.read(r, reading)]
 
 
-def test_pack_joins_documents_and_cuts_full_sequences(tmp_path, wordpiece):
-    cfg = section(tmp_path, max_len=32, max_documents=50)
-    docs = load_documents(cfg)
-    seqs = tokenize(docs, wordpiece, cfg)
-    rows = list(seqs["input_ids"])
-    assert all(len(r) == 32 and r[0] == wordpiece.cls_token_id and r[-1] == wordpiece.sep_token_id for r in rows)
-    stream = []
-    for d in wordpiece(list(docs["text"]), add_special_tokens=False)["input_ids"]:
-        stream += d + [wordpiece.sep_token_id]
-    body = [t for r in rows for t in r[1:-1]]
-    assert body == stream[: len(body)] and len(stream) - len(body) < 30
+@settings(max_examples=60, deadline=None)
+@given(lines=st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=30),
+       crlf=st.booleans(), range_bytes=st.integers(1, 40))
+def test_ranges_read_every_line_once(tmp_path_factory, lines, crlf, range_bytes):
+    """Cut into ranges of any size -- through multi-byte characters, at newlines -- a file reads
+    as its lines, each once, in order; \r\n ends a line like \n."""
+    lines = [x.replace("\n", " ").replace("\r", " ") for x in lines]
+    f = tmp_path_factory.mktemp("ranges") / "c.txt"
+    f.write_bytes(("\r\n" if crlf else "\n").join(lines).encode())
+    ranges = corpus.file_ranges(str(f), f.stat().st_size, False, Reading(), range_bytes=range_bytes)
+    got = [t for r in ranges for t in corpus.read(r, Reading())]
+    assert got == [x for x in lines if x.strip()]
 
 
-def test_lines_split_long_documents_and_drop_short(tmp_path, wordpiece):
-    cfg = section(tmp_path, max_len=16, packing="lines", min_len=6, max_documents=40)
-    docs = load_documents(cfg)
-    rows = list(tokenize(docs, wordpiece, cfg)["input_ids"])
-    expected = []
-    for d in wordpiece(list(docs["text"]), add_special_tokens=False)["input_ids"]:
-        for i in range(0, len(d), 14):
-            seq = [wordpiece.cls_token_id, *d[i:i + 14], wordpiece.sep_token_id]
-            if len(seq) >= 6:
-                expected.append(seq)
-    assert rows == expected
-    assert all(6 <= len(r) <= 16 for r in rows)
+def test_tokenizing_equals_the_tokenizer_of_each_text(wordpiece, bytebpe):
+    texts = [x for x in EN_TEXT.read_text().splitlines() if x.strip()][:200] + ["word " * 40000]  # one > PIECE_CHARS
+    for tok in (wordpiece, bytebpe):
+        flat, lens = token_ids(tokenizer_spec(tok), texts)
+        expected = tok(texts, add_special_tokens=False)["input_ids"]
+        assert lens.tolist() == [len(e) for e in expected]
+        assert flat.tolist() == [t for e in expected for t in e]
 
 
-def test_jsonl_parquet_and_folders(tmp_path, wordpiece):
+def _by_hand_pack(docs, cls, sep, body):
+    stream = [t for d in docs if d for t in [*d, sep]]
+    return [[cls, *stream[i:i + body], sep] for i in range(0, len(stream) - body + 1, body)]
+
+
+def _by_hand_lines(docs, cls, sep, body, min_len):
+    return [[cls, *d[i:i + body], sep] for d in docs for i in range(0, len(d), body) if len(d[i:i + body]) + 2 >= min_len]
+
+
+def _run(packer, docs, cut):
+    """The packer fed the documents in batches cut at `cut`: sequences as lists."""
+    out = []
+    for a, b in zip([0, *cut], [*cut, len(docs)]):
+        part = docs[a:b]
+        flat = np.array([t for d in part for t in d], dtype=np.int32)
+        seqs, lens = packer(flat, np.array([len(d) for d in part], dtype=np.int64))
+        out += [x.tolist() for x in np.split(seqs, np.cumsum(lens)[:-1])] if len(lens) else []
+    return out
+
+
+@pytest.mark.parametrize("cut", [[], [1], [3, 4, 50], list(range(1, 120, 7))])
+def test_packing_equals_a_by_hand_packing_however_the_batches_are_cut(wordpiece, cut):
+    lines = [x for x in EN_TEXT.read_text().splitlines()][:120] + [""]
+    docs = wordpiece(lines, add_special_tokens=False)["input_ids"]
+    cls, sep = wordpiece.cls_token_id, wordpiece.sep_token_id
+    assert _run(Packer(cls, sep, 32, "pack", 12), docs, cut) == _by_hand_pack(docs, cls, sep, 30)
+    assert _run(Packer(cls, sep, 16, "lines", 6), docs, cut) == _by_hand_lines(docs, cls, sep, 14, 6)
+
+
+def test_jsonl_json_parquet_and_folders(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     d = tmp_path / "corpus"
     (d / "sub").mkdir(parents=True)
-    (d / "a.jsonl").write_text("\n".join(json.dumps({"body": f"json line {i}"}) for i in range(3)))
-    pq.write_table(pa.table({"body": ["parquet one", "parquet two"]}), d / "sub" / "b.parquet")
-    docs = load_documents(section(tmp_path, sources=[str(d)], text_field="body"))
-    assert sorted(list(docs["text"])) == sorted([f"json line {i}" for i in range(3)] + ["parquet one", "parquet two"])
-    with pytest.raises(UserError, match="data.text_field"):
-        load_documents(section(tmp_path, sources=[str(d)], text_field="missing"))
+    (d / "a.jsonl").write_text("\n".join(json.dumps({"body": f"json line {i}"}) for i in range(3)) + "\n\n")
+    (d / "b.json").write_text(json.dumps([{"body": "array one"}, {"body": ""}, {"body": "array two"}]))
+    pq.write_table(pa.table({"body": ["parquet one", None, "parquet two", "parquet three"]}), d / "sub" / "c.parquet",
+                   row_group_size=2)
+    assert _docs(d, text_field="body") == [*(f"json line {i}" for i in range(3)), "array one", "array two",
+                                            "parquet one", "parquet two", "parquet three"]
+    with pytest.raises(UserError, match="without a 'missing' field"):
+        _docs(d / "a.jsonl", text_field="missing")
+    with pytest.raises(UserError, match="no column 'missing'"):
+        _docs(d / "sub", text_field="missing")
 
 
-def test_missing_source_and_empty_lines(tmp_path):
+def test_missing_source_empty_lines_and_bad_bytes(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        load_documents(section(tmp_path, sources=[str(tmp_path / "nope.txt")]))
+        corpus.local_files(str(tmp_path / "nope.txt"))
     f = tmp_path / "blank.txt"
     f.write_text("\n  \nreal text\n\n")
-    assert list(load_documents(section(tmp_path, sources=[str(f)]))["text"]) == ["real text"]
+    assert _docs(f) == ["real text"]
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes(b"fine line\ncaf\xe9\n")
+    with pytest.raises(UserError, match=r"latin.txt is not UTF-8 text \(byte 13 "):
+        _docs(bad)
 
 
-def test_split_is_seeded_disjoint_and_complete(tmp_path, wordpiece):
-    cfg = section(tmp_path, max_len=32, eval_fraction=0.1, eval_max_sequences=1000)
-    seqs = tokenize(load_documents(cfg), wordpiece, cfg)
-    tr, ev = split_eval(seqs, cfg, seed=1)
-    tr2, ev2 = split_eval(seqs, cfg, seed=1)
-    _, ev3 = split_eval(seqs, cfg, seed=2)
-    assert list(ev["input_ids"]) == list(ev2["input_ids"]) and list(ev["input_ids"]) != list(ev3["input_ids"])
-    assert len(tr) + len(ev) == len(seqs) and len(ev) == round(0.1 * len(seqs))
-    as_set = lambda d: {tuple(r) for r in list(d["input_ids"])}
-    assert as_set(tr) | as_set(ev) == as_set(seqs) and not as_set(tr) & as_set(ev)
-    counts = token_counts(tr, len(wordpiece))
-    assert counts.sum() == sum(len(r) for r in list(tr["input_ids"])) and counts[wordpiece.cls_token_id] == len(tr)
-    by_hand = np.zeros(len(wordpiece), dtype=np.int64)
-    for row in tr["input_ids"]:
-        np.add.at(by_hand, row, 1)
-    assert np.array_equal(counts, by_hand)
-    assert np.array_equal(token_counts(tr, len(wordpiece), rows_per_block=7), by_hand)  # summed over many blocks
-    assert sequence_lengths(tr).tolist() == [len(r) for r in list(tr["input_ids"])]
+def _split(seqs, fraction, cap, seed, cut):
+    h = HeldOut(fraction, cap, seed)
+    train = []
+    for a, b in zip([0, *cut], [*cut, len(seqs)]):
+        flat, lens = h.feed(np.arange(a, b, dtype=np.int32), np.ones(b - a, dtype=np.int64))
+        train += flat.tolist()
+    (rest, _), (held, _) = h.finish()
+    return train + rest.tolist(), held.tolist()
+
+
+@pytest.mark.parametrize("cut", [[], [5], list(range(3, 1000, 11))])
+def test_held_out_is_the_bottom_k_of_seeded_draws_however_the_batches_are_cut(cut):
+    """Sequence i (here: the token i) is held out when its draw is among the n_eval smallest of
+    one seeded stream of draws -- the same set whatever the batches."""
+    n, fraction, cap = 1000, 0.05, 30
+    train, held = _split(list(range(n)), fraction, cap, 7, cut)
+    u = np.random.default_rng([7, 0x5E1D]).random(n)
+    assert held == sorted(np.argsort(u, kind="stable")[:min(cap, round(fraction * n))].tolist())
+    assert sorted(train + held) == list(range(n)) and not set(train) & set(held)
+    assert _split(list(range(n)), fraction, cap, 8, cut)[1] != held  # the seed decides
+    assert _split(list(range(n)), 0.01, cap, 7, cut)[1] == sorted(np.argsort(u, kind="stable")[:10].tolist())
+    assert _split(list(range(2)), 0.01, cap, 7, cut=[])[1] != []  # at least one when there are two
+    assert _split(list(range(n)), 0.0, cap, 7, cut)[1] == []
 
 
 def _take(sampler, world, local, steps):
@@ -158,33 +204,22 @@ def test_lookahead_makes_the_next_batch_on_another_thread():
     assert [k for k, _, _ in made if k == (0, 1)] == [(0, 1)]  # made once
 
 
-def test_a_huge_single_line_is_tokenized_in_bounded_pieces(wordpiece, tmp_path):
+def test_a_huge_single_line_is_tokenized_in_bounded_pieces(wordpiece, monkeypatch):
     """A corpus whose document is one long line (a 110 MB one needed 18 GB): the tokenizer never
     sees a string longer than PIECE_CHARS, and the ids are those of the whole line."""
-    import datasets
-
-    from distil import data as data_mod
-    from distil.config import DataSection
-    from tests.conftest import EN_TEXT
+    from distil import sequences
 
     line = " ".join(EN_TEXT.read_text().split("\n")) * 3
-    assert len(line) > 3 * data_mod.PIECE_CHARS
-    seen = []
+    assert len(line) > 3 * sequences.PIECE_CHARS
+    spec = tokenizer_spec(wordpiece)
+    real, seen = sequences._tokenizer(spec), []
 
     class Spy:
-        cls_token_id, sep_token_id = wordpiece.cls_token_id, wordpiece.sep_token_id
-
-        def __call__(self, texts, **kw):
+        def encode_batch_fast(self, texts, **kw):
             seen.extend(len(t) for t in texts)
-            return wordpiece(texts, **kw)
+            return real.encode_batch_fast(texts, **kw)
 
-    whole = wordpiece(line, add_special_tokens=False)["input_ids"]
-    for packing in ("pack", "lines"):
-        seen.clear()
-        cfg = DataSection(sources=["x"], packing=packing, max_len=32, min_len=3, cache_dir=str(tmp_path))
-        seqs = data_mod.tokenize(datasets.Dataset.from_dict({"text": [line]}), Spy(), cfg)["input_ids"]
-        assert seen and max(seen) <= data_mod.PIECE_CHARS
-        body = [t for s in seqs for t in s[1:-1]]
-        sep = wordpiece.sep_token_id
-        expected = whole if packing == "lines" else (whole + [sep])[:len(body)]
-        assert body == expected[:len(body)] and len(body) >= len(whole) - 30
+    monkeypatch.setattr(sequences, "_tokenizer", lambda _: Spy())
+    flat, lens = token_ids(spec, [line])
+    assert seen and max(seen) <= sequences.PIECE_CHARS
+    assert flat.tolist() == wordpiece(line, add_special_tokens=False)["input_ids"] and lens.tolist() == [len(flat)]

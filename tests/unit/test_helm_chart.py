@@ -136,6 +136,24 @@ def test_job_fields_that_matter():
     assert cfg.storage.endpoint_url == "http://minio.distil-system.svc:9000"
 
 
+def test_data_workers_are_a_cpu_group_the_autoscaler_removes_when_idle():
+    """The CPU pods that tokenize the corpus: no GPU, never a training worker's preStop drain,
+    scaled to zero once idle; the GPU groups keep their fixed size; the default adds none."""
+    spec = by_kind(render("-f", str(CHART / "ci" / "data-workers-values.yaml")))["RayJob"]["spec"]["rayClusterSpec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    data, gpu = groups["data"], groups["gpu"]
+    assert (data["replicas"], data["minReplicas"], data["maxReplicas"]) == (4, 0, 4)
+    assert gpu["minReplicas"] == gpu["maxReplicas"] == gpu["replicas"]
+    assert data["rayStartParams"] == {"num-gpus": "0"}
+    pod = data["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "cpu-spot"}
+    c = pod["containers"][0]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"] and "lifecycle" not in c
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] == 60
+    default = by_kind(render("-f", str(CHART / "ci" / "default-values.yaml")))["RayJob"]["spec"]["rayClusterSpec"]
+    assert "enableInTreeAutoscaling" not in default and [g["groupName"] for g in default["workerGroupSpecs"]] == ["gpu"]
+
+
 def test_cluster_mode_renders_a_raycluster_and_no_job():
     docs = by_kind(render("-f", str(CHART / "ci" / "cluster-values.yaml")))
     assert "RayJob" not in docs and "RayCluster" in docs
@@ -221,7 +239,7 @@ def test_large_integers_render_as_integers(tmp_path):
     assert worker["containers"][0]["resources"]["limits"]["memory"] == 51539607552
 
 
-SECTIONS = {"image", "serviceAccount", "storage", "job", "head"}  # maps whose keys are the values
+SECTIONS = {"image", "serviceAccount", "storage", "job", "head", "dataWorkers"}  # maps whose keys are the values
 
 
 def test_every_value_is_documented():

@@ -11,7 +11,6 @@ import pytest
 from distil import prepared
 from distil import token_store as ts
 from distil.config import DistilConfig
-from distil.data import load_documents, split_eval, tokenize
 from distil.errors import UserError
 from tests.conftest import EN_TEXT, base_config
 
@@ -32,14 +31,18 @@ def test_prepared_once_then_opened(setup, monkeypatch, tmp_path):
     assert said and "preparing the data once" in said[0]
     folders = list((tmp_path / "runs" / "data").iterdir())
     assert [f.name for f in folders] == [store.folder.name] and (store.folder / ts.MANIFEST).is_file()
-    # the same sequences, in the same order, as the tokenization path gives
-    train, held_out = split_eval(tokenize(load_documents(cfg.data), tok, cfg.data), cfg.data, cfg.run.seed)
-    assert store["train"].rows(range(len(train))) == list(train["input_ids"])
-    assert store["eval"].rows(range(len(held_out))) == list(held_out["input_ids"])
+    # every sequence of a by-hand packing of the corpus, each once, in train or held out
+    docs = tok([x for x in corpus.read_text().splitlines() if x.strip()], add_special_tokens=False)["input_ids"]
+    stream = [t for d in docs if d for t in [*d, tok.sep_token_id]]
+    expected = [[tok.cls_token_id, *stream[i:i + 30], tok.sep_token_id] for i in range(0, len(stream) - 29, 30)]
+    train, held_out = (store[s].rows(range(len(store[s]))) for s in ("train", "eval"))
+    assert sorted(train + held_out) == sorted(expected)
+    assert len(held_out) == min(cfg.data.eval_max_sequences, round(cfg.data.eval_fraction * len(expected)))
     # a later start (another rank, a restart, another run of the same data) never tokenizes
     monkeypatch.setattr(prepared, "_build", lambda *a, **k: pytest.fail("tokenized again"))
+    said.clear()
     again = prepared.open_prepared(cfg, tok, per_step=8, log=said.append)
-    assert again.folder == store.folder and len(said) == 1
+    assert again.folder == store.folder and said == []
     other_run = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "other"}),
                                        "train": cfg.train.model_copy(update={"max_steps": 99})})
     assert prepared.open_prepared(other_run, tok, per_step=8).folder == store.folder
@@ -70,3 +73,36 @@ def test_too_small_a_corpus_writes_nothing(setup, tmp_path):
     with pytest.raises(UserError, match="fewer than one batch of 100000"):
         prepared.open_prepared(cfg, tok, per_step=100000, log=lambda _: None)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture()
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_ray, monkeypatch):
+    """Ray Data tasks on a local Ray instance (the corpus cut into many ranges, read and
+    tokenized in parallel, two kinds of files) write the same shards, byte for byte, as this
+    process does alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distil import corpus as corpus_mod
+    from tests.conftest import PL_TEXT
+
+    cfg, corpus, tok = setup
+    folder = corpus.parent / "sources"
+    folder.mkdir()
+    shutil.move(corpus, folder / "a.txt")
+    pq.write_table(pa.table({"text": PL_TEXT.read_text().splitlines()}), folder / "b.parquet", row_group_size=50)
+    monkeypatch.setattr(corpus_mod, "RANGE_BYTES", 4096)  # ~25 ranges of the text file, 6 row groups
+    made = {}
+    for use_ray in (False, True):
+        run = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [str(folder)]}),
+                                     "storage": cfg.storage.model_copy(update={"uri": str(tmp_path / f"ray_{use_ray}")})})
+        store = prepared.open_prepared(run, tok, per_step=8, log=lambda _: None, use_ray=use_ray, workers=2)
+        made[use_ray] = (store.folder.name, store.files())
+    assert made[True] == made[False]

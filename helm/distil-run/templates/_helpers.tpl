@@ -175,6 +175,14 @@ volumes:
 {{/* spec of a RayCluster (also RayJob.spec.rayClusterSpec). */}}
 {{- define "distil-run.rayClusterSpec" -}}
 rayVersion: "2.60.0"
+{{- if gt (int64 .Values.dataWorkers.replicas) 0 }}
+# The autoscaler only ever removes the idle data-preparation pods: the GPU groups have
+# minReplicas = maxReplicas.
+enableInTreeAutoscaling: true
+autoscalerOptions:
+  idleTimeoutSeconds: {{ int64 .Values.dataWorkers.idleTimeoutSeconds }}
+  upscalingMode: Conservative
+{{- end }}
 headGroupSpec:
   rayStartParams:
     num-gpus: "0"
@@ -214,5 +222,27 @@ workerGroupSpecs:
         {{- include "distil-run.podFields" (dict "root" $ "shm" .shmSize "sched" .) | nindent 8 }}
         containers:
           {{- include "distil-run.container" (dict "root" $ "name" "ray-worker" "resources" .resources "gpus" .gpusPerPod) | nindent 10 }}
+  {{- end }}
+  {{- with .Values.dataWorkers }}
+  {{- if gt (int64 .replicas) 0 }}
+  # CPU pods for the data preparation's Ray Data tasks (training workers need a GPU, so they
+  # never land here); removed by the autoscaler once idle.
+  - groupName: data
+    replicas: {{ int64 .replicas }}
+    minReplicas: 0
+    maxReplicas: {{ int64 .replicas }}
+    rayStartParams:
+      num-gpus: "0"
+    template:
+      metadata:
+        labels:
+          {{- include "distil-run.labels" $ | nindent 10 }}
+          app.kubernetes.io/component: ray-data-worker
+          distil-run/worker-group: data
+      spec:
+        {{- include "distil-run.podFields" (dict "root" $ "shm" "1Gi" "sched" .) | nindent 8 }}
+        containers:
+          {{- include "distil-run.container" (dict "root" $ "name" "ray-worker" "resources" .resources "gpus" 0) | nindent 10 }}
+  {{- end }}
   {{- end }}
 {{- end }}

@@ -1,0 +1,90 @@
+"""Reading and tokenizing a corpus as Ray Data tasks over every CPU of the Ray cluster.
+
+Each file range (distil/corpus.py) is one task: it reads its bytes (from local disk or S3),
+decodes, tokenizes with the teacher's tokenizer rebuilt from its serialization, and returns
+the documents' token ids as an Arrow list column. Ray Data runs the tasks on any node with a
+free CPU and hands the results back *in order* (`preserve_order`), so the driver -- which only
+packs, splits and writes (distil/prepared.py) -- sees the same stream as one process would.
+A hub data set goes in with `from_huggingface` and is tokenized by the same function.
+
+Why tasks and not an actor pool: an actor claims its CPU for the whole run, and a pool that
+claims every CPU starves Ray Data's read tasks (on 2 CPUs the pipeline hung); here reading
+and tokenizing are one task, so there is nothing to starve.
+
+Local source files exist only on this node: their tasks are pinned to it. Put a corpus that
+should be read by the whole cluster in S3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from distil.corpus import HubSet, Range, Reading, read
+from distil.errors import UserError
+from distil.sequences import token_ids
+
+_IDS = pa.schema([("ids", pa.list_(pa.int32()))])
+
+
+def _table(flat: np.ndarray, lens: np.ndarray) -> pa.Table:
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))], schema=_IDS)
+
+
+def _read_and_tokenize(batch: dict, spec: str, reading: Reading) -> pa.Table:
+    """One task: the ranges of this batch (one, by batch_size) read and tokenized."""
+    flats, lens = [], []
+    for item in batch.column("range").to_pylist():
+        f, n = token_ids(spec, read(Range(**item), reading))
+        flats.append(f)
+        lens.append(n)
+    return _table(np.concatenate(flats), np.concatenate(lens))
+
+
+def _tokenize_texts(batch: pa.Table, spec: str, field: str) -> pa.Table:
+    texts = [t for t in batch.column(field).to_pylist() if t and t.strip()]
+    return _table(*token_ids(spec, texts))
+
+
+def _user_error(e: BaseException) -> UserError | None:
+    """A UserError raised in a task (a file that is not UTF-8, a missing column), out of Ray's wrapping."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        e = getattr(e, "cause", None) if getattr(e, "cause", None) is not None else (e.__cause__ or e.__context__)
+    return None
+
+
+def documents(segments, spec: str, reading: Reading, workers: int | None = None):
+    """(flat int32 ids, each document's length) per range or hub block, in corpus order."""
+    import dataclasses
+
+    import ray
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the driver packs the stream in corpus order
+    ctx.enable_progress_bars = False  # pods have no terminal; distil/prepared.py logs progress
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    compute = ray.data.TaskPoolStrategy(size=workers)
+    for segment in segments:
+        if isinstance(segment, HubSet):
+            ds = ray.data.from_huggingface(segment.dataset).map_batches(
+                _tokenize_texts, fn_kwargs={"spec": spec, "field": reading.text_field}, batch_size=4096,
+                batch_format="pyarrow", compute=compute)
+        else:
+            items = [{"range": dataclasses.asdict(r)} for r in segment]
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                _read_and_tokenize, fn_kwargs={"spec": spec, "reading": reading}, batch_size=1,
+                batch_format="pyarrow", compute=compute, label_selector=None if all(r.s3 for r in segment) else here)
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                ids = block.column("ids").combine_chunks()
+                offsets = ids.offsets.to_numpy()
+                flat = ids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+                yield flat.astype(np.int32, copy=False), np.diff(offsets).astype(np.int64)
+        except Exception as e:
+            raise _user_error(e) or e
