@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -96,6 +95,36 @@ def prepare(work: Path, corpus: Path, how: list[str]) -> dict:
             "tokens_per_s": int(m[2].replace(",", "")) / float(m[3]), "wall_s": time.perf_counter() - t0, "storage": str(storage)}
 
 
+BASELINE = r"""
+import sys, time
+from transformers import AutoTokenizer
+from distil.config import load_config
+from distil.prepared import open_prepared
+cfg = load_config(sys.argv[1], [])
+tok = AutoTokenizer.from_pretrained(cfg.teacher.name_or_path)
+t0 = time.perf_counter()
+store = open_prepared(cfg, tok, 16, log=lambda _: None)
+took = time.perf_counter() - t0
+print(sum(int(s["tokens"]) for s in store.manifest["splits"].values()), took)
+"""
+
+
+def baseline(work: Path, corpus: Path, code: str) -> dict:
+    """The preparation of another checkout (`--baseline-code`, e.g. the one before Ray Data) in
+    one process: tokens/s of its whole preparation."""
+    storage = work / "prep-baseline"
+    shutil.rmtree(storage, ignore_errors=True)
+    cfg = config(work, corpus, {"uri": str(storage)})
+    r = subprocess.run([PY, "-c", BASELINE, str(cfg)], capture_output=True, text=True, cwd=code,
+                       env=_env(PYTHONPATH=code, HF_HOME=str(work / "hf-baseline")))
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    tokens, took = r.stdout.split()[-2:]
+    shutil.rmtree(work / "hf-baseline", ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
+    return {"how": f"baseline {code}", "tokens": int(tokens), "seconds": float(took), "tokens_per_s": int(tokens) / float(took)}
+
+
 def first_step(work: Path, corpus: Path, endpoint: str, prefix: str, name: str, steps: int) -> dict:
     """Seconds from `jobs/distill.py` starting to its first metrics row (the step after the
     run's latest checkpoint), with an empty data cache (new pods)."""
@@ -154,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.2, 1.0], help="corpus sizes in GB")
     ap.add_argument("--work", default="/tmp/distil-data-scale", help="corpora, prepared data and caches")
     ap.add_argument("--only", choices=["prepare", "first-step", "rss"], action="append", help="run only these parts")
+    ap.add_argument("--baseline-code", help="a checkout whose preparation to time as well (one process, smallest size)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -168,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                       ["--in-process"])]
             r1, r2 = res["prepare"][0]["tokens_per_s"], res["prepare"][1]["tokens_per_s"]
             res["ray_2_over_1"] = r2 / r1
+            if args.baseline_code and gb == min(args.sizes):
+                res["prepare"].append(baseline(work, corpus, args.baseline_code))
         if "rss" in parts:
             res["rank"] = rank_rss(work, corpus, res["prepare"][2]["storage"])
         if "first-step" in parts:

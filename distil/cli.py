@@ -195,16 +195,17 @@ def _prepare(args) -> None:
         raise UserError(f"--workers {args.workers}: must be 1 or more", where="--workers")
     quiet_libraries()
     from distil.model import load_teacher_config, validate_against_teacher
-    from distil.prepared import open_prepared
+    from distil.prepared import data_root, ensure_prepared
     from distil.train import load_tokenizer
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
     per_step = cfg.train.micro_batch_size * max(1, cfg.scaling.num_workers)
-    store = open_prepared(cfg, load_tokenizer(cfg), per_step, log=lambda m: print(m, flush=True),
-                          use_ray=True if args.ray else False if args.in_process else None, workers=args.workers)
-    m = store.manifest["splits"]
-    print(f"prepared data {store.manifest['fingerprint']}: {m['train']['sequences']:,} training sequences "
-          f"({m['train']['tokens']:,} tokens), {m['eval']['sequences']:,} held-out, in {store.folder}", flush=True)
+    manifest = ensure_prepared(cfg, load_tokenizer(cfg), per_step, log=lambda m: print(m, flush=True),
+                               use_ray=True if args.ray else False if args.in_process else None, workers=args.workers)
+    m = manifest["splits"]
+    print(f"prepared data {manifest['fingerprint']}: {m['train']['sequences']:,} training sequences "
+          f"({m['train']['tokens']:,} tokens), {m['eval']['sequences']:,} held-out, in {data_root(cfg)}/{manifest['fingerprint']}",
+          flush=True)
 
 
 def _storage_args(p) -> None:

@@ -281,6 +281,7 @@ class DistilConfig(_Strict):
         the data or torch: checked first, before seconds of imports (raises UserError)."""
         self.check_batch_split(world_size)
         self.check_teacher_folder()
+        self.check_data_sources()
 
     def check_batch_split(self, world_size: int) -> None:
         """The global batch must be whole micro-batches on every one of `world_size` workers."""
@@ -295,6 +296,14 @@ class DistilConfig(_Strict):
         if looks_local(name) and not Path(name).expanduser().exists():
             raise UserError(f"teacher folder {name} does not exist", where="teacher.name_or_path",
                             fix="point it at a folder saved with save_pretrained, or at a hub id such as bert-base-uncased")
+
+    def check_data_sources(self) -> None:
+        """Local data sources must exist (an s3:// prefix or a hub data set is checked when it is listed)."""
+        from distil.corpus import is_hub_name
+
+        for source in self.data.sources:
+            if not source.startswith("s3://") and not is_hub_name(source) and not Path(source).expanduser().exists():
+                raise UserError(f"{source} does not exist", where="data.sources", fix="correct the path")
 
     def run_name(self) -> str:
         """`run.name`, or a stable name derived from everything that defines the run."""

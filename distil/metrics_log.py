@@ -77,6 +77,15 @@ class MetricsLog:
             tmp.replace(self.path)
         self._tb(purge_step=step + 1)
 
+    def first_eval(self) -> dict[str, float]:
+        """The held-out metrics of step 0 from this run's history ({} on other ranks, or none)."""
+        if not (self.enabled and self.path.is_file()):
+            return {}
+        for row in read_rows(self.path):
+            if row.get("step") == 0 and any(k.startswith("eval/") for k in row):
+                return {k: v for k, v in row.items() if k != "step"}
+        return {}
+
     def snapshot_into(self, ckpt_dir: Path) -> None:
         """A copy in the checkpoint, so that a run in object storage keeps its history."""
         if self.enabled and self.path.is_file():

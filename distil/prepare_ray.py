@@ -60,11 +60,23 @@ def _user_error(e: BaseException) -> UserError | None:
 
 def documents(segments, spec: str, reading: Reading, workers: int | None = None):
     """(flat int32 ids, each document's length) per range or hub block, in corpus order."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:  # (`distil prepare`, or `distil train` on a large corpus): ours, shut down when done
+        ray.init(include_dashboard=False, log_to_driver=True)
+    try:
+        yield from _blocks(segments, spec, reading, workers)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _blocks(segments, spec: str, reading: Reading, workers: int | None):
     import dataclasses
 
     import ray
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the driver packs the stream in corpus order
     ctx.enable_progress_bars = False  # pods have no terminal; distil/prepared.py logs progress

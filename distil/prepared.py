@@ -148,13 +148,16 @@ class _Progress:
                  f"({self.tokens / took:,.0f} tokens/s)")
 
 
+def _data_section(cfg: DistilConfig) -> dict:
+    return {**cfg.data.model_dump(mode="json"), "seed": cfg.run.seed}
+
+
 def _info(cfg: DistilConfig, tokenizer, listing: list[dict]) -> tuple[str, dict]:
     import tokenizers
 
     import distil
 
-    fp, inputs = ts.fingerprint({**cfg.data.model_dump(mode="json"), "seed": cfg.run.seed},
-                                ts.tokenizer_identity(tokenizer), listing)
+    fp, inputs = ts.fingerprint(_data_section(cfg), ts.tokenizer_identity(tokenizer), listing)
     return fp, {"prepared": inputs, "versions": {"distil-run": getattr(distil, "__version__", "?"),
                                                  "tokenizers": tokenizers.__version__}}
 
@@ -225,39 +228,83 @@ def _use_ray(listing: list[dict]) -> bool:
 
 
 def open_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print, use_ray: bool | None = None,
-                  workers: int | None = None) -> ts.TokenStore:
+                  workers: int | None = None, fingerprint: str | None = None) -> ts.TokenStore:
     """The run's prepared data, prepared now if storage has none for this fingerprint; at least
     `per_step` training sequences (one global micro-batch) or a UserError. `use_ray`: prepare with
     Ray Data (unset: when Ray is running here or RAY_ADDRESS names a cluster, or the sources hold
-    more than RAY_ABOVE_BYTES)."""
-    from distil.storage import Storage
+    more than RAY_ABOVE_BYTES). With `fingerprint` (a Ray worker: the driver prepared it) the
+    sources are not listed again -- another node may not even see a local source -- and the
+    data must be there, made by this tokenizer from this data section."""
+    if fingerprint is not None:
+        expect = {k: v for k, v in ts.fingerprint(_data_section(cfg), ts.tokenizer_identity(tokenizer), [])[1].items()
+                  if k != "sources"}
+        return _open(cfg, fingerprint, expect, per_step)
+    manifest = ensure_prepared(cfg, tokenizer, per_step, log, use_ray, workers)
+    return _open(cfg, manifest["fingerprint"], manifest["prepared"], per_step)
 
+
+def ensure_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print, use_ray: bool | None = None,
+                    workers: int | None = None) -> dict:
+    """Prepare the run's data unless storage has it; its manifest (nothing else is read: the
+    Ray driver only needs the fingerprint to hand to the workers)."""
     listing = source_listing(cfg)
     fp, info = _info(cfg, tokenizer, listing)
-    ray_now = _use_ray(listing) if use_ray is None else use_ray
-    root = data_root(cfg)
-    if not root.startswith("s3://"):
-        folder = Path(root).expanduser() / fp
-        if not _is_prepared(cfg, fp):
-            log(f"preparing the data once: {folder}")
-            made = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]  # to remove on failure
-            try:
-                with contextlib.suppress(FileExistsError):  # another rank (torchrun) prepared it meanwhile
-                    _build(cfg, tokenizer, folder, per_step, info, listing, ray_now, workers, log)
-            except BaseException:
-                for p in made:  # bad input writes nothing, not even empty folders
-                    with contextlib.suppress(OSError):
-                        p.rmdir()
-                raise
-        store = ts.TokenStore(folder, expect=info["prepared"], verify=False)  # sizes: restarts cost seconds
-        check_enough(len(store["train"]), per_step)
-        return store
-    storage = Storage(f"{root}/{fp}", **_storage_options(cfg))
     if not _is_prepared(cfg, fp):
+        _prepare(cfg, tokenizer, fp, info, listing, per_step, log, _use_ray(listing) if use_ray is None else use_ray, workers)
+    manifest = _manifest(cfg, fp)
+    if manifest.get("prepared") != info["prepared"]:
+        raise UserError(f"{data_root(cfg)}/{fp} was prepared from other inputs than its name says",
+                        fix="delete that folder (or prefix) and prepare again")
+    check_enough(manifest["splits"]["train"]["sequences"], per_step)
+    return manifest
+
+
+def _manifest(cfg: DistilConfig, fp: str) -> dict:
+    from distil.storage import Storage
+
+    root = data_root(cfg)
+    try:
+        if root.startswith("s3://"):
+            return json.loads(Storage(f"{root}/{fp}", **_storage_options(cfg)).read_bytes(ts.MANIFEST))
+        return json.loads((Path(root).expanduser() / fp / ts.MANIFEST).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{root}/{fp}/{ts.MANIFEST} is not valid JSON", fix="delete the folder and prepare again") from None
+
+
+def _prepare(cfg: DistilConfig, tokenizer, fp: str, info: dict, listing: list[dict], per_step: int, log, use_ray: bool,
+             workers: int | None) -> None:
+    from distil.storage import Storage
+
+    root = data_root(cfg)
+    if root.startswith("s3://"):
+        storage = Storage(f"{root}/{fp}", **_storage_options(cfg))
         log(f"preparing the data once: {storage.uri}")
         with tempfile.TemporaryDirectory(prefix="distil-prepare-") as tmp:
-            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info, listing, ray_now, workers, log), storage)
-    cache = Path(cfg.data.cache_dir or os.path.expanduser("~/.cache/distil")) / "prepared"
-    store = ts.open_remote(storage, cache, expect=info["prepared"])
+            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info, listing, use_ray, workers, log), storage)
+        return
+    folder = Path(root).expanduser() / fp
+    log(f"preparing the data once: {folder}")
+    made = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]  # to remove on failure
+    try:
+        with contextlib.suppress(FileExistsError):  # another rank (torchrun) prepared it meanwhile
+            _build(cfg, tokenizer, folder, per_step, info, listing, use_ray, workers, log)
+    except BaseException:
+        for p in made:  # bad input writes nothing, not even empty folders
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _open(cfg: DistilConfig, fp: str, expect: dict, per_step: int) -> ts.TokenStore:
+    """Prepared data `fp` as a rank reads it: local shards checked by size (a restart costs
+    seconds), or S3 through this node's cache."""
+    from distil.storage import Storage
+
+    root = data_root(cfg)
+    if root.startswith("s3://"):
+        cache = Path(cfg.data.cache_dir or os.path.expanduser("~/.cache/distil")) / "prepared"
+        store = ts.open_remote(Storage(f"{root}/{fp}", **_storage_options(cfg)), cache, expect=expect)
+    else:
+        store = ts.TokenStore(Path(root).expanduser() / fp, expect=expect, verify=False)
     check_enough(len(store["train"]), per_step)
     return store

@@ -152,7 +152,7 @@ def _worker(loop_config: dict) -> None:
     quiet_libraries()
     cfg = DistilConfig.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
-    prep = prepare(cfg, world_size=ctx.get_world_size())
+    prep = prepare(cfg, world_size=ctx.get_world_size(), fingerprint=loop_config.get("prepared"))
     init_distributed(prep.device)
     local = Path(tempfile.mkdtemp(prefix=f"distil-{cfg.run_name()}-rank{ctx.get_world_rank()}-"))
     trainer = Trainer(prep, local, store=RayCheckpointStore(cfg))
@@ -183,7 +183,8 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from distil.model import load_teacher_config, validate_against_teacher
-    from distil.train import build_data, check_precision, load_tokenizer
+    from distil.prepared import ensure_prepared
+    from distil.train import check_precision, load_tokenizer
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
     s = cfg.scaling
@@ -192,12 +193,14 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
         ray.init(log_to_driver=True, include_dashboard=False)
     # The data is prepared once, before any worker starts, by Ray Data tasks over the cluster's
     # CPUs (distil/prepared.py): workers open the prepared shards and never tokenize.
-    build_data(cfg, load_tokenizer(cfg), s.num_workers, log=lambda m: print(m, flush=True), use_ray=True)
+    cfg.check_batch_split(s.num_workers)
+    data = ensure_prepared(cfg, load_tokenizer(cfg), cfg.train.micro_batch_size * s.num_workers,
+                           log=lambda m: print(m, flush=True), use_ray=True)
     storage_path, filesystem = _storage(cfg)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": data["fingerprint"]},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name(), storage_path=storage_path, storage_filesystem=filesystem,

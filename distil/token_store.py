@@ -286,9 +286,10 @@ class TokenStore:
         if self.manifest.get("format") != FORMAT:
             raise UserError(f"{folder} was prepared in format {self.manifest.get('format')!r}, this distil-run reads {FORMAT!r}",
                             fix="prepare it again")
-        if expect is not None and self.manifest.get("prepared") != expect:
+        made_from = self.manifest.get("prepared") or {}
+        if expect is not None and {k: made_from.get(k) for k in expect} != expect:  # (a rank checks all but the sources)
             raise UserError(f"{folder} was prepared from other sources, another tokenizer or another data section "
-                            f"(differs in: {', '.join(_differing(self.manifest.get('prepared') or {}, expect))})",
+                            f"(differs in: {', '.join(_differing({k: made_from.get(k) for k in expect}, expect))})",
                             fix="prepare again for this config; a folder is only ever read for the inputs it was made from")
         self.folder, self.dtype = folder, np.dtype(self.manifest["dtype"])
         if fetch is None:  # a local folder: everything is checked now

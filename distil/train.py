@@ -83,20 +83,26 @@ def load_tokenizer(cfg: DistilConfig):
     return tokenizer
 
 
-def build_data(cfg: DistilConfig, tokenizer, world_size: int, log=print, use_ray: bool | None = None) -> TokenStore:
+def build_data(cfg: DistilConfig, tokenizer, world_size: int, log=print, use_ray: bool | None = None,
+               fingerprint: str | None = None) -> TokenStore:
     """The run's prepared sequences (tokenized once, see distil/prepared.py); refuses a corpus
     too small for one batch."""
     per_step = cfg.train.micro_batch_size * world_size
     cfg.check_batch_split(world_size)  # (checked on the driver too; this is the worker's actual world size)
-    return open_prepared(cfg, tokenizer, per_step, log, use_ray=use_ray)
+    return open_prepared(cfg, tokenizer, per_step, log, use_ray=use_ray, fingerprint=fingerprint)
 
 
-def prepare(cfg: DistilConfig, world_size: int = 1) -> Prepared:
-    """Validate the run against the teacher, the device and the data; build the sequences."""
+def prepare(cfg: DistilConfig, world_size: int = 1, fingerprint: str | None = None) -> Prepared:
+    """Validate the run against the teacher, the device and the data; build the sequences (or,
+    with `fingerprint`, open the data a Ray driver prepared)."""
     validate_against_teacher(cfg, load_teacher_config(cfg))
     device, dtype = resolve_precision(cfg)
     tokenizer = load_tokenizer(cfg)
-    store = build_data(cfg, tokenizer, world_size, log=print if int(os.environ.get("RANK", "0")) == 0 else (lambda _: None))
+    log = (lambda m: print(m, flush=True)) if int(os.environ.get("RANK", "0")) == 0 else (lambda _: None)
+    started = time.perf_counter()
+    store = build_data(cfg, tokenizer, world_size, log=log, fingerprint=fingerprint)
+    log(f"data {store.manifest['fingerprint']}: {len(store['train']):,} training / {len(store['eval']):,} held-out sequences, "
+        f"opened in {time.perf_counter() - started:.1f} s")
     counts = store.counts() if cfg.masking.smoothing is not None else None
     return Prepared(cfg, tokenizer, store["train"], store["eval"], counts, device, dtype)
 
@@ -378,8 +384,11 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
         self.engine.module.train()
-        start_metrics = self.evaluate()
-        self.metrics.write({"step": self.step, **start_metrics})
+        if self.step == 0:
+            start_metrics = self.evaluate()  # the untrained student: what the summary compares with
+            self.metrics.write({"step": self.step, **start_metrics})
+        else:  # resumed: the step-0 figures are in the run's history; evaluating again only delays the first step
+            start_metrics = self.metrics.first_eval()
         bar = self._progress_bar()
         window_t, window_tokens, window, window_steps = time.perf_counter(), self.tokens, {}, 0
         while self.step < t.max_steps and not self.stop_requested:

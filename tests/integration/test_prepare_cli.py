@@ -5,7 +5,6 @@ message, exit 2, nothing written."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -119,6 +119,11 @@ def _interrupted_then_resumed(tmp_path, cfg, sig, expect_rc):
     last_logged = max(r["step"] for r in metrics(run) if "train/loss" in r)
     resumed = cli(path).stdout
     assert f"resumed from {stopped_at}" in resumed
+    # Held out at step 0 and at the end, as an uninterrupted run: a resumed run does not evaluate
+    # again before its first step (it only delayed that step), and its summary starts from step 0.
+    assert [r["step"] for r in metrics(run) if "eval/loss" in r] == [0, 24]
+    step0 = next(r for r in metrics(run) if "eval/loss" in r)
+    assert f"start {step0['eval/loss']:.4f} ->" in resumed
     return int(tag[5:]), int(stopped_at[5:]), last_logged, _weights(run)
 
 

@@ -4,6 +4,7 @@ damaged folder is refused; a corpus too small for a batch writes nothing."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -85,8 +86,8 @@ def local_ray():
 
 def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_ray, monkeypatch):
     """Ray Data tasks on a local Ray instance (the corpus cut into many ranges, read and
-    tokenized in parallel, two kinds of files) write the same shards, byte for byte, as this
-    process does alone."""
+    tokenized in parallel, two kinds of files, and a `datasets` data set) write the same shards,
+    byte for byte, as this process does alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -98,11 +99,29 @@ def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_
     folder.mkdir()
     shutil.move(corpus, folder / "a.txt")
     pq.write_table(pa.table({"text": PL_TEXT.read_text().splitlines()}), folder / "b.parquet", row_group_size=50)
+    hub = corpus.parent / "hub.jsonl"  # a data set through `datasets.load_dataset` ("json", offline): Ray's from_huggingface
+    hub.write_text("".join(json.dumps({"text": x}) + "\n" for x in EN_TEXT.read_text().splitlines()[:300]))
     monkeypatch.setattr(corpus_mod, "RANGE_BYTES", 4096)  # ~25 ranges of the text file, 6 row groups
     made = {}
     for use_ray in (False, True):
-        run = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [str(folder)]}),
+        data = cfg.data.model_copy(update={"sources": [str(folder), "json"], "hub_kwargs": {"data_files": str(hub)}})
+        run = cfg.model_copy(update={"data": data,
                                      "storage": cfg.storage.model_copy(update={"uri": str(tmp_path / f"ray_{use_ray}")})})
         store = prepared.open_prepared(run, tok, per_step=8, log=lambda _: None, use_ray=use_ray, workers=2)
         made[use_ray] = (store.folder.name, store.files())
     assert made[True] == made[False]
+
+
+def test_a_ray_worker_opens_the_drivers_data_by_fingerprint(setup, tmp_path):
+    """A worker is handed the fingerprint: it lists no source (its node may not see them) and
+    prepares nothing, but still refuses data made by another tokenizer or data section."""
+    cfg, corpus, tok = setup
+    fp = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None).folder.name
+    corpus.unlink()  # not on this node
+    store = prepared.open_prepared(cfg, tok, per_step=8, fingerprint=fp)
+    assert store.folder.name == fp and len(store["train"]) > 8
+    other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_len": 48})})
+    with pytest.raises(UserError, match="differs in: data"):
+        prepared.open_prepared(other, tok, per_step=8, fingerprint=fp)
+    with pytest.raises(UserError, match="holds no prepared data"):
+        prepared.open_prepared(cfg, tok, per_step=8, fingerprint="0" * 20)
