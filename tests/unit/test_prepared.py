@@ -110,6 +110,9 @@ def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_
         store = prepared.open_prepared(run, tok, per_step=8, log=lambda _: None, use_ray=use_ray, workers=2)
         made[use_ray] = (store.folder.name, store.files())
     assert made[True] == made[False]
+    (folder / "c.txt").write_bytes(b"fine\ncaf\xe9\n")  # raised in a Ray task: the same one message
+    with pytest.raises(UserError, match=r"c.txt is not UTF-8 text \(byte 8 "):
+        prepared.open_prepared(run, tok, per_step=8, log=lambda _: None, use_ray=True)
 
 
 def test_a_ray_worker_opens_the_drivers_data_by_fingerprint(setup, tmp_path):
