@@ -17,6 +17,8 @@ should be read by the whole cluster in S3.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
@@ -24,38 +26,39 @@ from distil.corpus import HubSet, Range, Reading, read
 from distil.errors import UserError
 from distil.sequences import token_ids
 
-_IDS = pa.schema([("ids", pa.list_(pa.int32()))])
+# A task that meets bad input (a file that is not UTF-8, a record without the text field) says so
+# in its result: an exception raised in a task reaches the driver as text wrapped in Ray's own
+# exceptions, and the driver owes the user one message, not a traceback.
+_IDS = pa.schema([("ids", pa.list_(pa.int32())), ("error", pa.string())])
 
 
 def _table(flat: np.ndarray, lens: np.ndarray) -> pa.Table:
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    return pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))], schema=_IDS)
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32()))
+    return pa.Table.from_arrays([ids, pa.nulls(len(lens), pa.string())], schema=_IDS)
 
 
-def _read_and_tokenize(batch: dict, spec: str, reading: Reading) -> pa.Table:
+def _refused(e: UserError) -> pa.Table:
+    message = json.dumps({"what": e.what, "where": e.where, "fix": e.fix})
+    return pa.Table.from_arrays([pa.array([[]], type=pa.list_(pa.int32())), pa.array([message])], schema=_IDS)
+
+
+def _read_and_tokenize(batch: pa.Table, spec: str, reading: Reading) -> pa.Table:
     """One task: the ranges of this batch (one, by batch_size) read and tokenized."""
     flats, lens = [], []
-    for item in batch.column("range").to_pylist():
-        f, n = token_ids(spec, read(Range(**item), reading))
-        flats.append(f)
-        lens.append(n)
+    try:
+        for item in batch.column("range").to_pylist():
+            f, n = token_ids(spec, read(Range(**item), reading))
+            flats.append(f)
+            lens.append(n)
+    except UserError as e:
+        return _refused(e)
     return _table(np.concatenate(flats), np.concatenate(lens))
 
 
 def _tokenize_texts(batch: pa.Table, spec: str, field: str) -> pa.Table:
     texts = [t for t in batch.column(field).to_pylist() if t and t.strip()]
     return _table(*token_ids(spec, texts))
-
-
-def _user_error(e: BaseException) -> UserError | None:
-    """A UserError raised in a task (a file that is not UTF-8, a missing column), out of Ray's wrapping."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        e = getattr(e, "cause", None) if getattr(e, "cause", None) is not None else (e.__cause__ or e.__context__)
-    return None
 
 
 def documents(segments, spec: str, reading: Reading, workers: int | None = None):
@@ -92,11 +95,11 @@ def _blocks(segments, spec: str, reading: Reading, workers: int | None):
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _read_and_tokenize, fn_kwargs={"spec": spec, "reading": reading}, batch_size=1,
                 batch_format="pyarrow", compute=compute, label_selector=None if all(r.s3 for r in segment) else here)
-        try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                ids = block.column("ids").combine_chunks()
-                offsets = ids.offsets.to_numpy()
-                flat = ids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-                yield flat.astype(np.int32, copy=False), np.diff(offsets).astype(np.int64)
-        except Exception as e:
-            raise _user_error(e) or e
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            errors = block.column("error").drop_null()
+            if len(errors):
+                raise UserError(**json.loads(errors[0].as_py()))
+            ids = block.column("ids").combine_chunks()
+            offsets = ids.offsets.to_numpy()
+            flat = ids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+            yield flat.astype(np.int32, copy=False), np.diff(offsets).astype(np.int64)
