@@ -62,5 +62,5 @@ def test_hadolint_does_flag_a_bad_dockerfile(tmp_path):
 def test_dockerfile_matches_the_project():
     text = (ROOT / "Dockerfile").read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert "ray.__version__ == '2.60.0'" in text and '"ray[train,default]==2.60.0"' in pyproject
+    assert "ray.__version__ == '2.60.0'" in text and '"ray[train,data,default]==2.60.0"' in pyproject
     assert "USER 1000:1000" in text and "DS_BUILD_OPS=0" in text
