@@ -195,7 +195,7 @@ def held_out_of(cfg: DistilConfig, tokenizer, limit: int) -> list[list[int]]:
     from distil.sequences import HeldOut
 
     listing = source_listing(cfg)
-    fp, info = _info(cfg, tokenizer, listing)
+    fp = _info(cfg, tokenizer, listing)[0]
     if _is_prepared(cfg, fp):
         held = open_prepared(cfg, tokenizer, log=lambda _: None)["eval"]
         return held.rows(range(min(len(held), limit)))
