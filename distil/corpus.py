@@ -194,14 +194,32 @@ class HubSet:
     dataset: object
 
 
+def _unreachable(source: str, e: Exception) -> UserError:
+    return UserError(f"cannot load data set {source!r}: {str(e).splitlines()[0]}", where="data.sources",
+                     fix="give an existing local path, an s3:// URI, or a reachable hub data set")
+
+
+def hub_version(source: str, data) -> str:
+    """What identifies a hub data set's content without downloading it: `datasets` resolves the
+    revision to the repository's commit (the builder's hash) and hashes the resolved data files
+    with their ETags or mtimes into the config id, so a data set updated on the hub, or a local
+    `data_files` edited, gets a new fingerprint."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source, data.hub_config, cache_dir=data.cache_dir, **data.hub_kwargs)
+    except Exception as e:  # the hub raises many types; all mean "cannot get this data set"
+        raise _unreachable(source, e) from None
+    return f"{builder.hash}/{builder.config_id}"
+
+
 def load_hub(source: str, data, text_field: str) -> HubSet:
     import datasets
 
     try:
         ds = datasets.load_dataset(source, data.hub_config, split="train", cache_dir=data.cache_dir, **data.hub_kwargs)
-    except Exception as e:  # the hub raises many types; all mean "cannot get this data set"
-        raise UserError(f"cannot load data set {source!r}: {str(e).splitlines()[0]}", where="data.sources",
-                        fix="give an existing local path, an s3:// URI, or a reachable hub data set") from None
+    except Exception as e:
+        raise _unreachable(source, e) from None
     if text_field not in ds.column_names:
         raise UserError(f"{source} has no column {text_field!r} (columns: {ds.column_names})",
                         where="data.text_field", fix="set data.text_field to the column holding the text")

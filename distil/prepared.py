@@ -36,16 +36,17 @@ def _storage_options(cfg: DistilConfig) -> dict:
 
 def source_listing(cfg: DistilConfig) -> list[dict]:
     """What the fingerprint covers of the sources, in the order they are read: every file's
-    name, size and mtime (local) or ETag (S3); a hub data set by its name, configuration and
-    arguments (pin a `revision` in data.hub_kwargs to fingerprint a hub data set exactly)."""
-    from distil.corpus import FORMATS, is_hub_name, local_files
+    name, size and mtime (local) or ETag (S3); a hub data set by its name, configuration,
+    arguments, resolved commit and data files (`corpus.hub_version`)."""
+    from distil.corpus import FORMATS, hub_version, is_hub_name, local_files
     from distil.storage import Storage
 
     out = []
     for source in cfg.data.sources:
         if is_hub_name(source):
             out.append({"name": f"hub:{source}", "size": 0,
-                        "version": json.dumps([cfg.data.hub_config, cfg.data.hub_kwargs], sort_keys=True, default=str)})
+                        "version": json.dumps([cfg.data.hub_config, cfg.data.hub_kwargs, hub_version(source, cfg.data)],
+                                              sort_keys=True, default=str)})
         elif source.startswith("s3://"):
             storage = Storage(source, **_storage_options(cfg))
             objects = [o for o in storage.list_objects() if Path(o["key"]).suffix in FORMATS]

@@ -60,6 +60,26 @@ def test_changed_inputs_give_a_new_folder(setup, tmp_path, bytebpe):
     assert len({first, second, third}) == 3 and all((f / ts.MANIFEST).is_file() for f in (first, second, third))
 
 
+
+def test_a_changed_hub_data_set_gets_a_new_folder(setup, tmp_path):
+    """A hub data set is fingerprinted by what `datasets` resolves (the repository's commit, the
+    data files with their ETags or mtimes), not only by its name and arguments: the same
+    arguments over changed data are never opened as the old preparation."""
+    import os
+
+    cfg, _, tok = setup
+    rows = tmp_path / "hub.jsonl"
+    rows.write_text("".join(json.dumps({"text": x}) + "\n" for x in EN_TEXT.read_text().splitlines()[:300]))
+    hub = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": ["json"], "hub_kwargs": {"data_files": str(rows)},
+                                                                    "cache_dir": str(tmp_path / "hf")})})
+    first = prepared.open_prepared(hub, tok, per_step=8, log=lambda _: None)
+    n_first = len(first["train"]) + len(first["eval"])
+    with open(rows, "a") as f:
+        f.write("".join(json.dumps({"text": x}) + "\n" for x in EN_TEXT.read_text().splitlines()[300:600]))
+    os.utime(rows, (rows.stat().st_atime, rows.stat().st_mtime + 5))  # (a coarse-mtime file system)
+    second = prepared.open_prepared(hub, tok, per_step=8, log=lambda _: None)
+    assert second.folder != first.folder and len(second["train"]) + len(second["eval"]) > n_first
+
 def test_damaged_prepared_data_is_refused(setup):
     cfg, _, tok = setup
     store = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
