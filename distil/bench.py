@@ -38,19 +38,20 @@ MASK_ID = 4
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="distil bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher-layers", type=int, default=4)
-    p.add_argument("--student-layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--teacher-layers", type=int, default=4, help="teacher encoder layers")
+    p.add_argument("--student-layers", type=int, default=2, help="student encoder layers")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size of both models")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--ffn", type=int, default=None, help="FFN width (default 4 x hidden)")
-    p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--recipe", choices=["distilbert", "masked"], default="distilbert")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (the LM head is the largest GEMM)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--recipe", choices=["distilbert", "masked"], default="distilbert",
+                   help="the loss recipe: KL and cosine over every attended position (DistilBERT's), or masked ones only")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast precision of the step")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda when there is one)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the fast variants")
@@ -377,7 +378,7 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if a.device == "cuda" else "cpu")
     if a.variant:  # a child: one variant, one JSON line
-        from distil.cli import quiet_libraries
+        from distil.quiet import quiet_libraries
 
         quiet_libraries()
         print(json.dumps(run_variant(a)))

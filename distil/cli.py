@@ -19,33 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from distil.errors import EXIT_USAGE, UserError
+from distil.quiet import quiet_libraries, result_only_on_stdout
 
 EXIT_TERMINATED = 128 + 15  # the shell's code for "ended by SIGTERM": not a finished run
-
-
-def quiet_libraries() -> None:
-    """Keep the console for our own progress: libraries speak at warning level and above."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/distil/torch_extensions"))
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    for name in ("DeepSpeed", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _stderr(message: str) -> None:
@@ -103,32 +84,27 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
         from distil import checkpoint as ckpt
 
         model_dir = run_dir / "model"
-        if model_dir.exists():
-            import shutil
-
-            shutil.rmtree(model_dir)
-        export_checkpoint(run_dir / "checkpoints" / ckpt.latest_tag(run_dir / "checkpoints"), model_dir, hashed=True)
+        export_checkpoint(run_dir / "checkpoints" / ckpt.latest_tag(run_dir / "checkpoints"), model_dir, hashed=True,
+                          replace=True)
         result["model_dir"] = str(model_dir)
-        _print_summary(result)
+        from distil.metrics_log import summary_lines
+
+        print("\n".join(summary_lines(result)), flush=True)
     return result
 
 
-def _print_summary(result: dict) -> None:
-    start, end = result["start"], result["end"]
-    print(f"done: step {result['step']}, {result['tokens']:,} tokens; model in {result['model_dir']}")
-    for key in sorted(end):
-        name = key.removeprefix("eval/")
-        arrow = "(higher is better)" if name == "agreement" else ""
-        print(f"  held-out {name:18s} start {start.get(key, float('nan')):.4f} -> end {end[key]:.4f} {arrow}")
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{version('distil-run')} (distil-run)"
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (distil-run, not installed)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own options (python -m distil.bench --help)
-        from distil.bench import main as bench_main
-
-        return bench_main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distil", description="Knowledge distillation of BERT-family masked LMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "run (or resume) a distillation"), ("config", "print the resolved config")):
         p = sub.add_parser(name, help=help_)
@@ -156,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="new folder for the model")
     _add_data_and_cluster_commands(sub)
     sub.add_parser("bench", help="time the distillation step against the reference formulation (see `distil bench --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options (python -m distil.bench --help)
+        from distil.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "train" and args.ray:
@@ -175,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             print(f"# run name: {cfg.run_name()}\n{cfg.to_yaml()}", end="")
         elif args.command == "export":
-            quiet_libraries()
-            from distil.export import export_checkpoint
+            with result_only_on_stdout():
+                quiet_libraries()
+                from distil.export import export_checkpoint
 
-            print(json.dumps({"model_dir": str(export_checkpoint(Path(args.checkpoint), Path(args.out)))}))
+                model_dir = export_checkpoint(Path(args.checkpoint), Path(args.out))
+            print(json.dumps({"model_dir": str(model_dir)}))
         else:
             _run_data_and_cluster_command(args)
     except UserError as e:
@@ -236,8 +224,8 @@ def _add_data_and_cluster_commands(sub) -> None:
     p.add_argument("--data", nargs="+", help="text to evaluate on (default: the run's held-out split)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the run's config, e.g. --set masking.prob=0.2")
-    p.add_argument("--max-sequences", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-sequences", type=int, default=512, help="evaluate on at most this many sequences")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_k8s_commands(sub)
     p = sub.add_parser("plot", help="draw a run's metrics (loss terms, held-out, lr, tokens/s) to a PNG")
@@ -251,7 +239,8 @@ def _add_k8s_commands(sub) -> None:
     ks = k.add_subparsers(dest="action", required=True)
     p = ks.add_parser("submit", help="create the run's ConfigMap and RayJob")
     p.add_argument("--config", "-c", required=True, help="the run's YAML config (storage.uri must be s3://)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key of the config, e.g. --set train.max_steps=1000 (repeatable)")
     p.add_argument("--image", required=True, help="image with distil-run installed (see Dockerfile)")
     p.add_argument("--workers", type=int, default=1, help="worker pods")
     p.add_argument("--gpus-per-pod", type=int, default=1, help="GPUs per worker pod (one training worker each)")
@@ -271,7 +260,7 @@ def _add_k8s_commands(sub) -> None:
     for q in (status, resume):
         q.add_argument("run", help="the run name (run.name, or the name `distil config` prints)")
     for q in (p, status, resume):
-        q.add_argument("--namespace", "-n", default="default")
+        q.add_argument("--namespace", "-n", default="default", help="the run's namespace (default: default)")
         q.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG or ~/.kube/config)")
         q.add_argument("--context", help="kubeconfig context")
 
@@ -316,14 +305,17 @@ def _run_data_and_cluster_command(args) -> None:
     elif args.command == "checkpoints":
         from distil.pull import pull  # (it quiets the libraries itself, once it needs them)
 
-        print(json.dumps(pull(args.uri, Path(args.out), step=args.step, raw=args.raw, endpoint_url=args.endpoint_url,
-                              region=args.region, cache=args.cache_dir and Path(args.cache_dir), workers=args.workers,
-                              keep_cache=args.keep_cache)))
+        with result_only_on_stdout():
+            pulled = pull(args.uri, Path(args.out), step=args.step, raw=args.raw, endpoint_url=args.endpoint_url,
+                          region=args.region, cache=args.cache_dir and Path(args.cache_dir), workers=args.workers,
+                          keep_cache=args.keep_cache)
+        print(json.dumps(pulled))
     elif args.command == "eval":
-        quiet_libraries()
-        from distil.model_eval import evaluate_models, format_report
+        with result_only_on_stdout():
+            quiet_libraries()
+            from distil.model_eval import evaluate_models, format_report
 
-        report = evaluate_models(args.model, args.teacher, args.data, args.overrides, args.max_sequences, args.batch_size)
+            report = evaluate_models(args.model, args.teacher, args.data, args.overrides, args.max_sequences, args.batch_size)
         print(json.dumps(report) if args.json else format_report(report))
     elif args.command == "plot":
         from distil.plot import plot

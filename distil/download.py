@@ -100,6 +100,14 @@ def _get_range(client, bucket: str, item: Item, first: int, last: int) -> bytes:
     raise error
 
 
+def _fetch(client, bucket: str, p: _Partial, i: int) -> int:
+    """Chunk i of p's object, fetched and stored; its length."""
+    first, last = p.range_of(i)
+    data = _get_range(client, bucket, p.item, first, last) if p.item.size else b""
+    p.write(i, data)
+    return len(data)
+
+
 def download(client, bucket: str, items: list[Item], workers: int = 8, chunk: int = CHUNK, progress: bool | None = None) -> None:
     """Fetch every item to item.dest; objects already there with the right size are skipped.
 
@@ -113,20 +121,12 @@ def download(client, bucket: str, items: list[Item], workers: int = 8, chunk: in
     disable = (None if total >= PROGRESS_FROM else True) if progress is None else not progress
     with tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="download", disable=disable) as bar, \
             ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {}
-        for p in partials:
-            for i in p.todo():
-                first, last = p.range_of(i)
-                if p.item.size == 0:
-                    futures[pool.submit(lambda: b"")] = (p, i)
-                else:
-                    futures[pool.submit(_get_range, client, bucket, p.item, first, last)] = (p, i)
+        # Each task fetches its chunk and writes it: a chunk is in memory only while its task
+        # runs (at most `workers` x `chunk` bytes), never kept by a finished future until the end.
+        futures = [pool.submit(_fetch, client, bucket, p, i) for p in partials for i in p.todo()]
         try:
             for fut in as_completed(futures):
-                p, i = futures[fut]
-                data = fut.result()
-                p.write(i, data)
-                bar.update(len(data))
+                bar.update(fut.result())
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -15,6 +15,7 @@ from pathlib import Path
 from distil import checkpoint as ckpt
 from distil.errors import UserError
 from distil.model import has_mlm_head
+from distil.model_card import model_card
 
 HF_DIR = "hf"
 RUN_CONFIG = "distil_config.yaml"  # the run's resolved config, kept with the model (`distil eval` reads it)
@@ -37,9 +38,11 @@ def fp32_state_dict(ckpt_dir: Path) -> dict:
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False) -> Path:
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False, replace: bool = False) -> Path:
     """Write a HF model folder (safetensors, config, tokenizer) to out_dir; nothing partial on
-    failure. `hashed`: the caller has just checked every file's sha256 (pull), sizes suffice."""
+    failure. `hashed`: the caller has just checked every file's sha256 (pull), sizes suffice.
+    `replace`: a run's own `model/`, which an earlier export of the run may hold; it is swapped
+    for the new one once that is complete (never a moment with a half-written folder)."""
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
@@ -53,7 +56,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False) -> Pa
     if stale:  # the merge would glob them in with the checkpoint's own shards
         raise UserError(f"{ckpt_dir} holds DeepSpeed state files its manifest does not list ({', '.join(stale[:3])}): "
                         "leftovers of an unfinished save", fix="delete them (or resume the run, which does), then export")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
         raise UserError(f"{out_dir} exists and is not empty", fix="choose a new --out folder")
     config = AutoConfig.from_pretrained(ckpt_dir / HF_DIR)
     model = (AutoModelForMaskedLM if has_mlm_head(config) else AutoModel).from_config(config)
@@ -69,10 +72,15 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False) -> Pa
         AutoTokenizer.from_pretrained(ckpt_dir / HF_DIR).save_pretrained(tmp)
         if (ckpt_dir / "config.yaml").is_file():
             shutil.copy(ckpt_dir / "config.yaml", tmp / RUN_CONFIG)
+        (tmp / "README.md").write_text(model_card(ckpt_dir, has_mlm_head(config)))
+        old = None
         if out_dir.exists():
-            out_dir.rmdir()
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            out_dir.rename(old / out_dir.name)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old)
     return out_dir

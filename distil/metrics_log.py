@@ -99,3 +99,19 @@ class MetricsLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The end of a run, for its log: where it got to, what this start cost (wall time, mean
+    throughput), where the model is, and the held-out figures before and after training."""
+    start, end = result["start"], result["end"]
+    wall = result["wall_s"]
+    lines = [f"done: step {result['step']}, {result['tokens']:,} tokens"
+             + (f"; model in {result['model_dir']}" if result.get("model_dir") else ""),
+             f"  this start: {result['steps_run']} steps in {int(wall // 3600)}:{int(wall % 3600 // 60):02d}:{wall % 60:04.1f} "
+             f"(h:mm:ss), {result['tokens_per_s']:,.0f} tokens/s mean"]
+    for key in sorted(end):
+        name = key.removeprefix("eval/")
+        arrow = "(higher is better)" if name == "agreement" else ""
+        lines.append(f"  held-out {name:18s} start {start.get(key, float('nan')):.4f} -> end {end[key]:.4f} {arrow}".rstrip())
+    return lines

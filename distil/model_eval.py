@@ -47,7 +47,7 @@ def load_model(path: str) -> MaskedLM:
 def _config_for(student: Path, teacher: str | None, data: list[str] | None, overrides: list[str]) -> DistilConfig:
     saved = student / RUN_CONFIG
     if saved.is_file():
-        cfg = load_config(saved, overrides)
+        cfg = _from_where_the_run_started(load_config(saved, overrides), student)
         if teacher is None:
             _check_saved_teacher(cfg, saved)
     elif teacher is None or not data:
@@ -67,6 +67,36 @@ def _config_for(student: Path, teacher: str | None, data: list[str] | None, over
     if data:
         updates["data"] = cfg.data.model_copy(update={"sources": list(data)})
     return cfg.model_copy(update=updates)
+
+
+def _from_where_the_run_started(cfg: DistilConfig, student: Path) -> DistilConfig:
+    """A run's own `model/` (STORAGE/RUN/model) evaluated from another folder: the relative
+    paths of its config (teacher, data, storage) were relative to the folder the run was
+    started from: the model's folder less `RUN/model` and a relative storage.uri. Paths that already exist from here, and absolute ones, are kept."""
+    uri = cfg.storage.uri
+    if uri.startswith(("s3://", "/", "~")):
+        return cfg
+    storage = student.resolve().parent.parent  # STORAGE of STORAGE/RUN/model
+    parts = Path(uri).parts
+    if not parts or storage.parts[-len(parts):] != parts:
+        return cfg
+    base = Path(*storage.parts[:-len(parts)])
+
+    def moved(path: str) -> str:
+        p = Path(path)
+        return str(base / p) if not p.is_absolute() and not p.expanduser().exists() and (base / p).exists() else path
+
+    from distil.config import looks_local
+    from distil.corpus import is_hub_name
+
+    teacher = cfg.teacher.name_or_path
+    data = {"sources": [s if s.startswith("s3://") or is_hub_name(s) else moved(s) for s in cfg.data.sources]}
+    if cfg.data.cache_dir:
+        data["cache_dir"] = moved(cfg.data.cache_dir)
+    return cfg.model_copy(update={
+        "teacher": cfg.teacher.model_copy(update={"name_or_path": moved(teacher) if looks_local(teacher) else teacher}),
+        "data": cfg.data.model_copy(update=data),
+        "storage": cfg.storage.model_copy(update={"uri": moved(uri)})})
 
 
 def _check_saved_teacher(cfg: DistilConfig, saved: Path) -> None:

@@ -112,7 +112,7 @@ def pull(uri: str, out: Path, step: str | int | None = None, raw: bool = False, 
         else:
             # transformers and DeepSpeed only now: a refused pull answers in seconds, not after
             # ~10 s of imports.
-            from distil.cli import quiet_libraries
+            from distil.quiet import quiet_libraries
 
             quiet_libraries()
             from distil.export import export_checkpoint

@@ -103,7 +103,8 @@ class RayCheckpointStore:
         filesystem.create_dir(dest, recursive=True)
         if (run_dir / METRICS).is_file():
             pafs.copy_files(str(run_dir / METRICS), f"{dest}/{METRICS}", destination_filesystem=filesystem)
-        if (run_dir / TENSORBOARD).is_dir():
+        if (run_dir / TENSORBOARD).is_dir():  # (its event files; a local destination folder must exist)
+            filesystem.create_dir(f"{dest}/{TENSORBOARD}", recursive=True)
             pafs.copy_files(str(run_dir / TENSORBOARD), f"{dest}/{TENSORBOARD}", destination_filesystem=filesystem)
 
     def preemption_notice(self) -> bool:
@@ -144,12 +145,17 @@ def preflight(cfg: DistilConfig) -> None:
 
 def _worker(loop_config: dict) -> None:
     """One Ray Train worker: the same loop as a local run, with Ray's checkpoint storage."""
-    from distil.cli import quiet_libraries
+    from distil.quiet import quiet_libraries
     from distil.train import Trainer, init_distributed, prepare
 
     import ray.train
 
     quiet_libraries()
+    # Ray Train runs the loop in a working directory of its own: relative paths in the config
+    # (`./models/...`, `runs`) mean what they meant to the driver, whose folder this node has
+    # when it is the driver's node or the job's `--working-dir` (unpacked at one path on every node).
+    if os.path.isdir(loop_config["cwd"]):
+        os.chdir(loop_config["cwd"])
     cfg = DistilConfig.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     prep = prepare(cfg, world_size=ctx.get_world_size(), fingerprint=loop_config.get("prepared"))
@@ -157,14 +163,18 @@ def _worker(loop_config: dict) -> None:
     local = Path(tempfile.mkdtemp(prefix=f"distil-{cfg.run_name()}-rank{ctx.get_world_rank()}-"))
     trainer = Trainer(prep, local, store=RayCheckpointStore(cfg))
     trainer.install_signal_handler()
-    trainer.train()
+    result = trainer.train()
+    if ctx.get_world_rank() == 0 and not result["stopped"]:
+        from distil.metrics_log import summary_lines
+
+        print("\n".join(summary_lines(result)), flush=True)
 
 
 def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given)."""
     cfg.check_before_loading(cfg.scaling.num_workers)  # (also for hub data, which only workers load)
     from distil import continuity
-    from distil.cli import quiet_libraries
+    from distil.quiet import quiet_libraries
     from distil.storage import check_storage_folder
 
     if not cfg.storage.uri.startswith("s3://"):
@@ -190,17 +200,22 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     s = cfg.scaling
     check_precision(cfg, gpu=s.use_gpu)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False)
+        # With its dashboard (~1 s more): Ray Train's placement-group cleaner asks the State API,
+        # which the dashboard serves; without it the job's log gets a warning every second.
+        ray.init(log_to_driver=True)
     # The data is prepared once, before any worker starts, by Ray Data tasks over the cluster's
     # CPUs (distil/prepared.py): workers open the prepared shards and never tokenize.
     cfg.check_batch_split(s.num_workers)
     data = ensure_prepared(cfg, load_tokenizer(cfg), cfg.train.micro_batch_size * s.num_workers,
                            log=lambda m: print(m, flush=True), use_ray=True)
     storage_path, filesystem = _storage(cfg)
+    # Ray Train sends a worker's print() both to its logger (stderr) and to stdout: every line of
+    # the job's log would come twice. Our lines are plain prints; Ray passes this to the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": data["fingerprint"]},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": data["fingerprint"], "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name(), storage_path=storage_path, storage_filesystem=filesystem,
@@ -217,10 +232,9 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     if where and not cfg.storage.uri.startswith("s3://"):
         from distil.export import export_checkpoint
 
-        model_dir = Path(storage_path) / cfg.run_name() / "model"
-        if not model_dir.exists():
-            out["model_dir"] = str(export_checkpoint(Path(where), model_dir))
-            print(f"model in {model_dir}", flush=True)
+        model_dir = Path(storage_path) / cfg.run_name() / "model"  # the latest checkpoint's, also after a resume
+        out["model_dir"] = str(export_checkpoint(Path(where), model_dir, replace=True))
+        print(f"model in {model_dir}", flush=True)
     return out
 
 

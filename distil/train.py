@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -239,7 +240,10 @@ class Trainer:
         self._preemption_saved = False
         self._saved_step = -1
         self.last_loss = float("nan")
-        echo = None if cfg.train.progress_bar else log
+        # A bar only on a terminal: in a pod's log it would be one endless `\r` line; there,
+        # every logged row is a plain line instead.
+        self.show_bar = cfg.train.progress_bar and self.rank == 0 and sys.stderr.isatty()
+        echo = None if self.show_bar else log
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard, echo=echo)
 
     # -- state -------------------------------------------------------------------------
@@ -390,7 +394,9 @@ class Trainer:
         else:  # resumed: the step-0 figures are in the run's history; evaluating again only delays the first step
             start_metrics = self.metrics.first_eval()
         bar = self._progress_bar()
+        started, first_step, first_tokens = time.perf_counter(), self.step, self.tokens
         window_t, window_tokens, window, window_steps = time.perf_counter(), self.tokens, {}, 0
+        end_metrics: dict[str, float] = {}
         while self.step < t.max_steps and not self.stop_requested:
             for k, v in self.train_step().items():
                 window[k] = window.get(k, 0.0) + v
@@ -412,7 +418,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_t
                 row = {"step": self.step, **{f"train/{k}": float(v) / self.world / window_steps for k, v in zip(sorted(window), vec)},
                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                       "tokens": self.tokens, "tokens_per_s": (self.tokens - window_tokens) / elapsed}
+                       "tokens": self.tokens, "tokens_per_s": (self.tokens - window_tokens) / elapsed,
+                       "eta_s": (t.max_steps - self.step) * elapsed / window_steps}
                 if self.engine.fp16_enabled():
                     row["loss_scale"] = float(self.engine.optimizer.loss_scale)
                 self.metrics.write(row)
@@ -420,22 +427,28 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 window_t, window_tokens, window, window_steps = time.perf_counter(), self.tokens, {}, 0
-            if t.eval_every and self.step % t.eval_every == 0 and not last:
-                self.metrics.write({"step": self.step, **self.evaluate()})
+            # The last step's held-out figures come before its checkpoint, which keeps them (its
+            # metrics.jsonl: the exported model's card shows them). A preempted pod has seconds
+            # left: it only checkpoints.
+            if (t.eval_every and self.step % t.eval_every == 0 or last) and not self.stop_requested:
+                end_metrics = self.evaluate()
+                self.metrics.write({"step": self.step, **end_metrics})
             if self.step % cfg.checkpoint.every_steps == 0 or last or self.stop_requested:
                 self.save_checkpoint()
         self.batches.close()
         if bar is not None:
             bar.close()
-        end_metrics = {} if self.stop_requested else self.evaluate()  # a preempted pod has seconds left
-        self.metrics.write({"step": self.step, **end_metrics})
+        if self.stop_requested:
+            end_metrics = {}
         self.metrics.close()
         if self.rank == 0:
             self.store.publish(self.run_dir)
-        return {"step": self.step, "tokens": self.tokens, "start": start_metrics, "end": end_metrics, "stopped": self.stop_requested}
+        wall = time.perf_counter() - started
+        return {"step": self.step, "tokens": self.tokens, "start": start_metrics, "end": end_metrics, "stopped": self.stop_requested,
+                "wall_s": wall, "steps_run": self.step - first_step, "tokens_per_s": (self.tokens - first_tokens) / wall}
 
     def _progress_bar(self):
-        if self.rank != 0 or not self.cfg.train.progress_bar:
+        if not self.show_bar:
             return None
         from tqdm.auto import tqdm
 

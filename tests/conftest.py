@@ -132,9 +132,11 @@ def trained_run(tmp_path_factory, teacher_dir) -> tuple[dict, Path]:
 
     tmp = tmp_path_factory.mktemp("trained-run")
     cfg = base_config(teacher_dir, tmp)
+    cfg["train"]["progress_bar"] = True  # as configured by default, with no terminal (its log: tests/integration/test_logs.py)
     r = subprocess.run([sys.executable, "-m", "distil.cli", "train", "--config", str(write_config(tmp / "c.yaml", cfg))],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (tmp / "train.log").write_text(r.stdout + r.stderr)
     return cfg, tmp / "runs" / "t"
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from distil.cli import quiet_libraries, run_training
+from distil.cli import run_training
+from distil.quiet import quiet_libraries
 from distil.train import Trainer
 
 

@@ -3,6 +3,7 @@ endpoint (moto_server on loopback) holding the same run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+import yaml
 from boto3.s3.transfer import TransferConfig
 
 from tests.conftest import EN_TEXT, ROOT
@@ -77,7 +79,7 @@ def test_pull_from_s3_gives_the_training_weights(tmp_path, run, bucket, s3_endpo
     r = distil("checkpoints", "pull", f"s3://{name}/runs/t", "--out", str(out), "--endpoint-url", s3_endpoint,
                "--cache-dir", str(cache), "--workers", "4")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.splitlines()[-1])["step"] == 6
+    assert json.loads(r.stdout)["step"] == 6  # the result alone on stdout: DeepSpeed's lines go to stderr
     pulled = AutoModelForMaskedLM.from_pretrained(out)
     consolidated = fp32_state_dict(run / "checkpoints" / "step_00000006")
     sd = pulled.state_dict()
@@ -89,6 +91,18 @@ def test_pull_from_s3_gives_the_training_weights(tmp_path, run, bucket, s3_endpo
     assert len(fill("the [MASK] of the city")) == 3
     assert (out / "distil_config.yaml").is_file() and "testing" not in (out / "distil_config.yaml").read_text()
     assert not [p for p in cache.rglob("*") if p.is_file()]  # the staged download is removed once DIR exists
+    # the model card: what was distilled, how, how long, and the held-out figures of the run's log
+    from distil.metrics_log import read_rows
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n") and "testing" not in card
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for needle in (f"`{cfg['teacher']['name_or_path']}`", "2 layers, initialised from the teacher's layers [0, 2]",
+                   "KL(teacher || student) at temperature T × 5", "masked-LM cross-entropy × 2", "6 of 6 steps"):
+        assert needle in card, needle
+    evals = {r["step"]: r for r in read_rows(run / "metrics.jsonl") if "eval/loss" in r}
+    assert sorted(evals) == [0, 6]  # the last step's figures are in its checkpoint: evaluated before it was saved
+    assert f"| loss | {evals[0]['eval/loss']:.4f} | {evals[6]['eval/loss']:.4f} |" in card
 
 
 def test_pull_raw_and_an_older_step(tmp_path, run, bucket, s3_endpoint):
@@ -146,6 +160,29 @@ def test_interrupted_download_resumes(tmp_path, s3_endpoint):
     assert len(Counting.ranges) == 16 - 5
     assert not (tmp_path / "big.bin.part").exists() and not (tmp_path / "big.bin.part.json").exists()
 
+
+def test_download_memory_is_bounded_by_chunk_times_workers(tmp_path, s3_endpoint):
+    """A chunk is held only while its task runs: a 48 MiB object fetched as 1 MiB chunks on 2
+    threads peaks at a few MiB of Python memory (it once kept every chunk until the end)."""
+    import tracemalloc
+
+    from distil.download import Item, download
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    name = f"dl-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    blob = os.urandom(48 * 2**20)
+    s3.put_object(Bucket=name, Key="big.bin", Body=blob)
+    item = Item("big.bin", tmp_path / "big.bin", len(blob), s3.head_object(Bucket=name, Key="big.bin")["ETag"])
+    del blob
+    tracemalloc.start()
+    try:
+        download(s3, name, [item], workers=2, chunk=2**20, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert item.dest.stat().st_size == 48 * 2**20 and hashlib.md5(item.dest.read_bytes()).hexdigest() == item.etag.strip('"')
 
 def _refused(r: subprocess.CompletedProcess, *words: str) -> None:
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]

@@ -26,14 +26,14 @@ from tests.conftest import ROOT, base_config, write_config
 pytestmark = pytest.mark.slow
 
 
-def ray_job(config: Path, *overrides: str, wait=True, timeout=900, extra_env: dict | None = None):
+def ray_job(config: Path, *overrides: str, wait=True, timeout=900, extra_env: dict | None = None, cwd: Path = ROOT):
     args = [sys.executable, str(ROOT / "jobs" / "distill.py"), "--config", str(config)]
     for o in overrides:
         args += ["--set", o]
     # RAY_ADDRESS=local: a Ray instance of its own, even if one outlived an earlier test.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", "RAY_ADDRESS": "local", **(extra_env or {})}
     # A session of its own: killing the driver's group also kills the local Ray it started.
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
                             start_new_session=True)
     _started.append(proc)
     if not wait:
@@ -174,6 +174,44 @@ def test_two_workers_checkpoint_both_shards_to_s3(tmp_path, s3_run):
     assert all(torch.equal(model[k], v) for k, v in merged.items())
     _finished_changed_and_damaged(tmp_path, s3, bucket, cfg)
 
+
+def test_local_storage_with_relative_paths_and_a_resume_that_re_exports(tmp_path, teacher_dir):
+    """The README's local journey: paths relative to where the command runs (Ray Train runs the
+    workers elsewhere), checkpoints, metrics and TensorBoard events in a local folder, and a run
+    resumed with more steps whose `model/` is the new last checkpoint's, not the first run's."""
+    from transformers import AutoModelForMaskedLM
+
+    from distil.export import fp32_state_dict
+    from tests.conftest import EN_TEXT
+
+    work = tmp_path / "project"
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "teacher").symlink_to(teacher_dir)
+    (work / "data").mkdir()
+    (work / "data" / "corpus.txt").write_text(EN_TEXT.read_text())
+    cfg = base_config(teacher_dir, tmp_path, teacher={"name_or_path": "./models/teacher"},
+                      data={"sources": ["data/corpus.txt"], "cache_dir": "cache"}, storage={"uri": "runs"},
+                      scaling={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
+                      train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 2},
+                      checkpoint={"every_steps": 4, "keep_last": 2})
+    write_config(work / "c.yaml", cfg)
+    run = work / "runs" / "t"
+    weights = {}
+    for steps in (4, 8):
+        rc, out = ray_job(Path("c.yaml"), f"train.max_steps={steps}", cwd=work)
+        assert rc == 0, out[-4000:]
+        # the job's log: each line once (Ray Train once sent every print to stdout and stderr),
+        # a line per logged step, and the end summary
+        lines = [re.sub(r"^\S*\(RayTrainWorker pid=\d+\)\S* ", "", x) for x in out.splitlines()]
+        assert sum(x.startswith(f"done: step {steps}, ") for x in lines) == 1, out[-4000:]
+        assert sum(x.startswith(f"step={steps} ") and "train/loss=" in x for x in lines) == 1, out[-4000:]
+        assert "Failed to query Ray Train Controller actor state" not in out  # (once a line a second)
+        assert (run / "metrics.jsonl").is_file() and list((run / "tensorboard").glob("events.out.tfevents.*"))
+        weights[steps] = AutoModelForMaskedLM.from_pretrained(run / "model").state_dict()
+        merged = fp32_state_dict(run / f"step_{steps:08d}")
+        assert all(torch.equal(weights[steps][k], v) for k, v in merged.items()), f"model/ is not step {steps}'s"
+    assert not all(torch.equal(weights[4][k], weights[8][k]) for k in weights[8])
+    assert not list(run.glob(".model.*"))  # the swap left nothing behind
 
 def _etags(s3, bucket, prefix):
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

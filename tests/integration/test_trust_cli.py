@@ -137,6 +137,15 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, trained):
     assert ckpt.damage(run / "checkpoints" / "step_00000006") is None  # saved again, whole
 
 
+def test_export_prints_its_json_alone_and_the_trained_weights(tmp_path, trained):
+    """A script reads `distil export`'s stdout as JSON: DeepSpeed's log lines go to stderr."""
+    _, run, reference = trained
+    r = distil("export", str(run / "checkpoints" / "step_00000006"), "--out", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout) == {"model_dir": str(tmp_path / "m")}
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert weights.keys() == reference.keys() and all(bool((weights[k] == reference[k]).all()) for k in reference)
+
 def test_export_refuses_a_flipped_model_file(tmp_path, trained):
     _, run = _copy_run(trained, tmp_path)
     _flip(run / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt")
