@@ -16,7 +16,7 @@ from pyarrow import fs
 class RetryingS3Handler(fs.FileSystemHandler):
     """Delegates every call to an S3FileSystem built with `max_attempts` tries per request."""
 
-    def __init__(self, endpoint_url: str | None, region: str, max_attempts: int):
+    def __init__(self, endpoint_url: str | None, region: str | None, max_attempts: int):
         self.options = {"endpoint_url": endpoint_url, "region": region, "max_attempts": max_attempts}
         self._fs: fs.S3FileSystem | None = None
 
@@ -30,7 +30,7 @@ class RetryingS3Handler(fs.FileSystemHandler):
     def s3(self) -> fs.S3FileSystem:
         if self._fs is None:
             o = self.options
-            self._fs = fs.S3FileSystem(endpoint_override=o["endpoint_url"], region=o["region"],
+            self._fs = fs.S3FileSystem(endpoint_override=o["endpoint_url"], region=o["region"] or default_region(),
                                        scheme="http" if (o["endpoint_url"] or "").startswith("http://") else "https",
                                        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=o["max_attempts"]))
         return self._fs
@@ -81,5 +81,13 @@ class RetryingS3Handler(fs.FileSystemHandler):
         return self.s3.open_append_stream(path, metadata=metadata)
 
 
-def s3_filesystem(endpoint_url: str | None, region: str, max_attempts: int) -> fs.PyFileSystem:
+def default_region() -> str:
+    """The region boto3 resolves where this runs (AWS_REGION, AWS_DEFAULT_REGION, the profile):
+    pyarrow needs one named. S3-compatible stores accept any; us-east-1 when none is set."""
+    import boto3
+
+    return boto3.session.Session().region_name or "us-east-1"
+
+
+def s3_filesystem(endpoint_url: str | None, region: str | None, max_attempts: int) -> fs.PyFileSystem:
     return fs.PyFileSystem(RetryingS3Handler(endpoint_url, region, max_attempts))

@@ -321,6 +321,16 @@ class DistilConfig(_Strict):
         stem = re.sub(r"[^A-Za-z0-9]+", "-", Path(self.teacher.name_or_path).name).strip("-").lower() or "teacher"
         return f"{stem[:40]}-{len(self.student.layers)}l-{digest}"
 
+    def storage_root(self):
+        """The storage of every run and the prepared data (`distil.storage.Storage`)."""
+        from distil.storage import Storage
+
+        return Storage.of(self.storage)
+
+    def run_storage(self):
+        """The run's folder: STORAGE/RUN_NAME, wherever it is -- the one place it is made."""
+        return self.storage_root().child(self.run_name())
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -84,9 +84,7 @@ def replaced_name(run_name: str) -> str:
 
 def start_over(cfg: DistilConfig, log) -> None:
     """--start-over: move the run's folder (checkpoints, metrics, model) aside, whole."""
-    from distil.storage import Storage
-
-    storage = Storage(cfg.storage.uri, cfg.storage.endpoint_url, cfg.storage.region)
+    storage = cfg.storage_root()
     name = cfg.run_name()
     if not _run_exists(storage, name):
         return
@@ -98,11 +96,9 @@ def start_over(cfg: DistilConfig, log) -> None:
 def _run_exists(storage, name: str) -> bool:
     from pathlib import Path
 
-    from distil.storage import Storage
-
     if not storage.is_s3:
         return (Path(storage.uri).expanduser() / name).exists()
-    return bool(Storage(f"{storage.uri}/{name}", storage.endpoint_url, storage.region).list_keys())
+    return bool(storage.child(name).list_keys())
 
 
 def local_resume_point(cfg: DistilConfig, run_dir, rank: int, log) -> tuple[str | None, str | None]:
@@ -133,13 +129,12 @@ def stored_resume_point(cfg: DistilConfig, log) -> str | None:
     storage (local folder or S3) must agree with this config; returns the message when the run
     is already finished. (The workers check every file's sha256 when they load it.)"""
     from distil.catalog import list_checkpoints
-    from distil.storage import Storage
 
-    storage = Storage(cfg.storage.uri, cfg.storage.endpoint_url, cfg.storage.region)
+    storage = cfg.storage_root()
     name = cfg.run_name()
     if not _run_exists(storage, name):
         return None
-    run = Storage(f"{storage.uri}/{name}", storage.endpoint_url, storage.region)
+    run = storage.child(name)
     complete = [c for c in list_checkpoints(run) if c.complete]
     if not complete:
         return None

@@ -74,7 +74,7 @@ def _filesystem(reading: Reading, s3: bool):
         return fs.LocalFileSystem()
     from distil.arrow_fs import s3_filesystem
 
-    return s3_filesystem(reading.endpoint_url, reading.region or "us-east-1", reading.max_attempts)
+    return s3_filesystem(reading.endpoint_url, reading.region, reading.max_attempts)
 
 
 def file_ranges(path: str, size: int, s3: bool, reading: Reading, range_bytes: int = RANGE_BYTES) -> list[Range]:

@@ -226,11 +226,11 @@ def status(api, namespace: str, run: str) -> dict:
 
 def _latest_checkpoint(cfg: DistilConfig) -> dict | None:
     from distil.catalog import list_checkpoints
-    from distil.storage import Storage
 
-    uri = f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name()}"
+    run = cfg.run_storage()
+    uri = run.uri
     try:
-        done = [c for c in list_checkpoints(Storage(uri, cfg.storage.endpoint_url, cfg.storage.region)) if c.complete]
+        done = [c for c in list_checkpoints(run) if c.complete]
     except UserError as e:
         return {"uri": uri, "error": str(e)}
     return {"uri": uri, "step": done[-1].step if done else None, "tokens": done[-1].meta.get("tokens") if done else None}

@@ -30,16 +30,11 @@ def data_root(cfg: DistilConfig) -> str:
     return f"{cfg.storage.uri.rstrip('/')}/data"
 
 
-def _storage_options(cfg: DistilConfig) -> dict:
-    return {"endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region}
-
-
 def source_listing(cfg: DistilConfig) -> list[dict]:
     """What the fingerprint covers of the sources, in the order they are read: every file's
     name, size and mtime (local) or ETag (S3); a hub data set by its name, configuration,
     arguments, resolved commit and data files (`corpus.hub_version`)."""
     from distil.corpus import FORMATS, hub_version, is_hub_name, local_files
-    from distil.storage import Storage
 
     out = []
     for source in cfg.data.sources:
@@ -48,7 +43,7 @@ def source_listing(cfg: DistilConfig) -> list[dict]:
                         "version": json.dumps([cfg.data.hub_config, cfg.data.hub_kwargs, hub_version(source, cfg.data)],
                                               sort_keys=True, default=str)})
         elif source.startswith("s3://"):
-            storage = Storage(source, **_storage_options(cfg))
+            storage = cfg.storage_root().elsewhere(source)
             objects = [o for o in storage.list_objects() if Path(o["key"]).suffix in FORMATS]
             if not objects:
                 raise UserError(f"{source} holds no {'/'.join(FORMATS)} objects", where="data.sources",
@@ -74,18 +69,17 @@ def _build(cfg: DistilConfig, tokenizer, folder: Path, per_step: int, info: dict
     write them as a prepared folder. With `use_ray` the reading and tokenizing run as Ray Data
     tasks over the cluster's CPUs (at most `workers` at once); this process only packs, splits
     and writes, which is cheap. A corpus too small for one batch is refused, nothing written."""
-    from distil.corpus import Reading, plan
-    from distil.sequences import HeldOut, Packer, tokenizer_spec
+    from distil.corpus import plan
+    from distil.sequences import HeldOut, tokenizer_spec
 
     d = cfg.data
-    reading = Reading(d.text_field, cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.max_attempts)
+    reading, packer = _reading_and_packer(cfg, tokenizer)
     spec = tokenizer_spec(tokenizer)
     segments = plan(d, reading, listing)
     if use_ray:
         from distil.prepare_ray import documents
     else:
         documents = local_documents
-    packer = Packer(tokenizer.cls_token_id, tokenizer.sep_token_id, d.max_len, d.packing, d.min_len)
     held_out = HeldOut(d.eval_fraction, d.eval_max_sequences, cfg.run.seed)
     progress = _Progress(log)
     with ts.TokenStoreWriter(folder, len(tokenizer)) as writer:
@@ -167,15 +161,24 @@ def _rows(flat: np.ndarray, lens: np.ndarray) -> list[list[int]]:
     return [s.tolist() for s in np.split(flat, np.cumsum(lens)[:-1])] if len(lens) else []
 
 
+def _reading_and_packer(cfg: DistilConfig, tokenizer):
+    """How the sources are read (the storage's endpoint, region and retries) and how their
+    tokens become sequences: the same for a preparation and for `distil eval`."""
+    from distil.corpus import Reading
+    from distil.sequences import Packer
+
+    d, s = cfg.data, cfg.storage
+    return (Reading(d.text_field, s.endpoint_url, s.region, s.max_attempts),
+            Packer(tokenizer.cls_token_id, tokenizer.sep_token_id, d.max_len, d.packing, d.min_len))
+
+
 def _stream(cfg: DistilConfig, tokenizer, listing: list[dict]):
     """This process's sequence stream of the sources: (packer output) per range."""
-    from distil.corpus import Reading, plan
-    from distil.sequences import Packer, tokenizer_spec
+    from distil.corpus import plan
+    from distil.sequences import tokenizer_spec
 
-    d = cfg.data
-    reading = Reading(d.text_field, cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.max_attempts)
-    packer = Packer(tokenizer.cls_token_id, tokenizer.sep_token_id, d.max_len, d.packing, d.min_len)
-    for flat, lens in local_documents(plan(d, reading, listing), tokenizer_spec(tokenizer), reading):
+    reading, packer = _reading_and_packer(cfg, tokenizer)
+    for flat, lens in local_documents(plan(cfg.data, reading, listing), tokenizer_spec(tokenizer), reading):
         yield packer(flat, lens)
 
 
@@ -207,12 +210,11 @@ def held_out_of(cfg: DistilConfig, tokenizer, limit: int) -> list[list[int]]:
 
 
 def _is_prepared(cfg: DistilConfig, fp: str) -> bool:
-    from distil.storage import Storage
 
     root = data_root(cfg)
     if not root.startswith("s3://"):
         return (Path(root).expanduser() / fp / ts.MANIFEST).is_file()
-    return ts.MANIFEST in {o["key"] for o in Storage(f"{root}/{fp}", **_storage_options(cfg)).list_objects()}
+    return ts.MANIFEST in {o["key"] for o in cfg.storage_root().elsewhere(f"{root}/{fp}").list_objects()}
 
 
 def _use_ray(listing: list[dict]) -> bool:
@@ -261,12 +263,11 @@ def ensure_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print, 
 
 
 def _manifest(cfg: DistilConfig, fp: str) -> dict:
-    from distil.storage import Storage
 
     root = data_root(cfg)
     try:
         if root.startswith("s3://"):
-            return json.loads(Storage(f"{root}/{fp}", **_storage_options(cfg)).read_bytes(ts.MANIFEST))
+            return json.loads(cfg.storage_root().elsewhere(f"{root}/{fp}").read_bytes(ts.MANIFEST))
         return json.loads((Path(root).expanduser() / fp / ts.MANIFEST).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{root}/{fp}/{ts.MANIFEST} is not valid JSON", fix="delete the folder and prepare again") from None
@@ -274,11 +275,10 @@ def _manifest(cfg: DistilConfig, fp: str) -> dict:
 
 def _prepare(cfg: DistilConfig, tokenizer, fp: str, info: dict, listing: list[dict], per_step: int, log, use_ray: bool,
              workers: int | None) -> None:
-    from distil.storage import Storage
 
     root = data_root(cfg)
     if root.startswith("s3://"):
-        storage = Storage(f"{root}/{fp}", **_storage_options(cfg))
+        storage = cfg.storage_root().elsewhere(f"{root}/{fp}")
         log(f"preparing the data once: {storage.uri}")
         with tempfile.TemporaryDirectory(prefix="distil-prepare-") as tmp:
             ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info, listing, use_ray, workers, log), storage)
@@ -299,12 +299,11 @@ def _prepare(cfg: DistilConfig, tokenizer, fp: str, info: dict, listing: list[di
 def _open(cfg: DistilConfig, fp: str, expect: dict, per_step: int) -> ts.TokenStore:
     """Prepared data `fp` as a rank reads it: local shards checked by size (a restart costs
     seconds), or S3 through this node's cache."""
-    from distil.storage import Storage
 
     root = data_root(cfg)
     if root.startswith("s3://"):
         cache = Path(cfg.data.cache_dir or os.path.expanduser("~/.cache/distil")) / "prepared"
-        store = ts.open_remote(Storage(f"{root}/{fp}", **_storage_options(cfg)), cache, expect=expect)
+        store = ts.open_remote(cfg.storage_root().elsewhere(f"{root}/{fp}"), cache, expect=expect)
     else:
         store = ts.TokenStore(Path(root).expanduser() / fp, expect=expect, verify=False)
     check_enough(len(store["train"]), per_step)

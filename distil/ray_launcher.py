@@ -96,7 +96,7 @@ class RayCheckpointStore:
         from distil.metrics_log import METRICS, TENSORBOARD
 
         if self._target is None:  # made once per worker, not at every checkpoint
-            storage_path, filesystem = _storage(self.cfg)
+            storage_path, filesystem = self.cfg.storage_root().arrow()
             self._target = storage_path, filesystem or pafs.LocalFileSystem()
         storage_path, filesystem = self._target
         dest = f"{storage_path}/{self.cfg.run_name()}"
@@ -114,26 +114,13 @@ class RayCheckpointStore:
         return ray.train.get_preemption_info() is not None
 
 
-def _storage(cfg: DistilConfig):
-    """(storage_path, storage_filesystem) for RunConfig; S3-compatible endpoints through pyarrow."""
-    uri = cfg.storage.uri
-    if not uri.startswith("s3://"):
-        return str(Path(uri).expanduser().resolve()), None
-    from distil.arrow_fs import s3_filesystem
-    from distil.storage import split_s3
-
-    bucket, prefix = split_s3(uri)
-    filesystem = s3_filesystem(cfg.storage.endpoint_url, cfg.storage.region or "us-east-1", cfg.storage.max_attempts)
-    return f"{bucket}/{prefix}".rstrip("/"), filesystem
-
-
 def preflight(cfg: DistilConfig) -> None:
     """Write, read and delete a marker object before any worker starts."""
     if not cfg.storage.uri.startswith("s3://"):
         return
-    from distil.storage import Storage, s3_errors
+    from distil.storage import s3_errors
 
-    store = Storage(cfg.storage.uri, cfg.storage.endpoint_url, cfg.storage.region)
+    store = cfg.storage_root()
     key = f"{store.prefix}/.distil-preflight-{os.getpid()}".lstrip("/")
     with s3_errors(cfg.storage.uri, cfg.storage.endpoint_url):
         client = store.client()
@@ -208,7 +195,7 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     cfg.check_batch_split(s.num_workers)
     data = ensure_prepared(cfg, load_tokenizer(cfg), cfg.train.micro_batch_size * s.num_workers,
                            log=lambda m: print(m, flush=True), use_ray=True)
-    storage_path, filesystem = _storage(cfg)
+    storage_path, filesystem = cfg.storage_root().arrow()
     # Ray Train sends a worker's print() both to its logger (stderr) and to stdout: every line of
     # the job's log would come twice. Our lines are plain prints; Ray passes this to the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -87,21 +87,55 @@ def check_storage_folder(uri: str) -> None:
         raise UserError(f"cannot write into {existing}", where="storage.uri", fix="choose a folder you can write to")
 
 
+MAX_ATTEMPTS = 10  # tries per S3 request when no config says (storage.max_attempts)
+
+
 class Storage:
-    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
+    """One storage location (a local folder or s3://bucket/prefix) and how to reach it: the
+    endpoint, the region and the retry policy (`max_attempts` tries a request, exponential
+    backoff), the same for boto3 here and for pyarrow (`arrow()`, what Ray Train writes with)."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
+                 max_attempts: int = MAX_ATTEMPTS):
         check_endpoint_url(endpoint_url)
         self.uri = uri.rstrip("/")
         self.is_s3 = uri.startswith("s3://")
-        self.endpoint_url, self.region = endpoint_url, region
+        self.endpoint_url, self.region, self.max_attempts = endpoint_url, region, max_attempts
         if self.is_s3:
             self.bucket, self.prefix = split_s3(uri)
+
+    @classmethod
+    def of(cls, section) -> "Storage":
+        """The storage a config's `storage` section names."""
+        return cls(section.uri, section.endpoint_url, section.region, section.max_attempts)
+
+    def child(self, relative: str) -> "Storage":
+        """A folder under this one (e.g. a run's), reached the same way."""
+        check_relative(relative, f"a folder under {self.uri}")
+        return self.elsewhere(f"{self.uri}/{relative}")
+
+    def elsewhere(self, uri: str) -> "Storage":
+        """Another location reached the same way (e.g. an s3:// data source beside the runs)."""
+        return Storage(uri, self.endpoint_url, self.region, self.max_attempts)
+
+    def arrow(self):
+        """(path, pyarrow filesystem) as Ray Train's RunConfig and pyarrow's copy_files take them:
+        an absolute local path and None, or "bucket/prefix" and an S3 filesystem with this
+        storage's endpoint, region and retries."""
+        if not self.is_s3:
+            return str(Path(self.uri).expanduser().resolve()), None
+        from distil.arrow_fs import s3_filesystem
+
+        filesystem = s3_filesystem(self.endpoint_url, self.region, self.max_attempts)
+        return f"{self.bucket}/{self.prefix}".rstrip("/"), filesystem
 
     def client(self, max_pool_connections: int = 10):
         import boto3
         from botocore.config import Config
 
         # "standard" retries: exponential backoff with jitter on throttling, 5xx and dropped connections.
-        config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=max_pool_connections)
+        config = Config(retries={"total_max_attempts": self.max_attempts, "mode": "standard"},  # tries, the first included
+                        max_pool_connections=max_pool_connections)
         return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     def key(self, relative: str) -> str:
@@ -177,7 +211,7 @@ class Storage:
                 raise UserError(f"{root / dst} exists already", fix="try again in a second")
             os.replace(root / src, root / dst)
             return 1
-        moved = [key for key, _ in Storage(f"{self.uri}/{src}", self.endpoint_url, self.region).list_keys()]
+        moved = [key for key, _ in self.child(src).list_keys()]
         with s3_errors(self.uri, self.endpoint_url):
             client = self.client()
             for rel in moved:
