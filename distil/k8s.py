@@ -21,6 +21,7 @@ from distil.errors import UserError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 CONFIG_PATH = "/etc/distil/config.yaml"
+RUN_LABEL = "distil-run/run"  # on every object of a run, from `distil k8s submit` and from the Helm chart
 ENDED = {"Failed", "Complete"}  # jobDeploymentStatus values after which KubeRay does nothing more
 
 
@@ -110,7 +111,7 @@ def manifests(cfg: DistilConfig, namespace: str, image: str, workers: int, gpus_
     cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={
         "num_workers": workers * gpus_per_pod, "use_gpu": True, "gpus_per_worker": 1.0})})
     labels = {"app.kubernetes.io/name": "distil-run", "app.kubernetes.io/instance": name,
-              "app.kubernetes.io/part-of": "distil-run", "app.kubernetes.io/managed-by": "distil", "distil-run/run": name}
+              "app.kubernetes.io/part-of": "distil-run", "app.kubernetes.io/managed-by": "distil", RUN_LABEL: name}
     env = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "TORCH_EXTENSIONS_DIR", "value": "/tmp/torch_extensions"}]
     if credentials_secret:
         env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k}}}
@@ -188,17 +189,29 @@ def submit(api, config_map: dict, job: dict) -> str:
     return name
 
 
-def _read_job(custom, ext, namespace: str, name: str) -> dict:
-    """The RayJob, after checking that KubeRay is installed; a clear error when it does not exist."""
+def _read_job(custom, ext, namespace: str, run: str) -> dict:
+    """The run's RayJob, after checking that KubeRay is installed: the one `distil k8s submit`
+    named after the run, or the one a Helm release labelled with it (the chart names objects
+    after the release). A clear error when there is none, or more than one."""
     from kubernetes.client.exceptions import ApiException
 
     require_kuberay(ext)
+    name = k8s_name(run)
     try:
         return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as e:
-        if e.status == 404:
-            raise UserError(f"no RayJob {namespace}/{name}", fix="check the run name and --namespace, or `distil k8s submit` it") from None
-        raise
+        if e.status != 404:
+            raise
+    listed = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, label_selector=f"{RUN_LABEL}={name}")["items"]
+    found = [j for j in listed if (j["metadata"].get("labels") or {}).get(RUN_LABEL) == name]  # (a server may not filter)
+    if len(found) > 1:
+        names = ", ".join(sorted(j["metadata"]["name"] for j in found))
+        raise UserError(f"RayJobs {names} in {namespace} are all labelled {RUN_LABEL}={name}", where="run",
+                        fix="delete the ones that are not this run (helm uninstall RELEASE), then try again")
+    if not found:
+        raise UserError(f"no RayJob {namespace}/{name}, and none labelled {RUN_LABEL}={name}",
+                        fix="check the run name and --namespace, or `distil k8s submit` it (or `helm install` it)")
+    return found[0]
 
 
 def status(api, namespace: str, run: str) -> dict:
@@ -206,9 +219,9 @@ def status(api, namespace: str, run: str) -> dict:
     import yaml
 
     core, custom, ext = api
-    name = k8s_name(run)
-    with _api_errors(f"reading {name}"):
-        job = _read_job(custom, ext, namespace, name)
+    with _api_errors(f"reading {k8s_name(run)}"):
+        job = _read_job(custom, ext, namespace, run)
+        name = job["metadata"]["name"]
         st = job.get("status", {})
         cluster = st.get("rayClusterName")
         pods = core.list_namespaced_pod(namespace, label_selector=f"ray.io/cluster={cluster}").items if cluster else []
@@ -243,9 +256,9 @@ def resume(api, namespace: str, run: str, wait_s: float = 120.0, workers: int | 
     from kubernetes.client.exceptions import ApiException
 
     core, custom, ext = api
-    name = k8s_name(run)
-    with _api_errors(f"resuming {name}"):
-        job = _read_job(custom, ext, namespace, name)
+    with _api_errors(f"resuming {k8s_name(run)}"):
+        job = _read_job(custom, ext, namespace, run)
+        name = job["metadata"]["name"]
         state = job.get("status", {}).get("jobDeploymentStatus")
         if state not in ENDED:
             raise UserError(f"RayJob {name} is {state or 'starting'}, not ended", fix="wait for it to end, or follow it with `distil k8s status`")

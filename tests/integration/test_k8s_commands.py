@@ -168,6 +168,36 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     assert not list(crd_validator("RayJob").iter_errors({**fresh, "spec": smaller}))
 
 
+def test_status_and_resume_find_a_helm_installed_run(cluster, run_config):
+    """The chart names its objects after the release (`rel-distil-run`), not the run; it labels
+    them with the run, and `distil k8s status/resume RUN` find the RayJob by that label. (No
+    Helm release can be installed without an API server: the objects are `helm template`'s,
+    created as `helm install` would create them.)"""
+    from tests.unit.test_helm_chart import render
+
+    emu, kubeconfig, core, custom, ext = cluster
+    _, s3, bucket = run_config
+    install_kuberay_crds(ext)
+    objects = render("--namespace", NS, "--set", "config.run.name=Distil_Run.1", "--set", f"config.storage.uri=s3://{bucket}/runs",
+                     "--set", "config.storage.endpoint_url=http://127.0.0.1:9")
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            core.create_namespaced_config_map(NS, obj)
+        elif obj["kind"] == "RayJob":
+            custom.create_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", obj)
+    gone = k8s(kubeconfig, "status", "other-run", "-n", NS)  # a run that is not there
+    assert gone.returncode == 2 and "none labelled distil-run/run=other-run" in gone.stderr, gone.stderr
+    st = k8s(kubeconfig, "status", "Distil_Run.1", "-n", NS, "--json")
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)["name"] == "rel-distil-run"
+    custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "rel-distil-run", {"status": {
+        "jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}})
+    r = k8s(kubeconfig, "resume", "Distil_Run.1", "-n", NS)
+    assert r.returncode == 0, r.stderr
+    fresh = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "rel-distil-run")
+    assert "status" not in fresh and fresh["metadata"]["labels"]["distil-run/run"] == "distil-run-1"
+    assert fresh["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # still the release's object
+
 def test_submit_refuses_local_storage(cluster, run_config, tmp_path):
     _, kubeconfig, *_ = cluster
     r = k8s(kubeconfig, "submit", "-c", str(run_config[0]), "--set", f"storage.uri={tmp_path}", "--image", "img:1")

@@ -154,6 +154,29 @@ def test_data_workers_are_a_cpu_group_the_autoscaler_removes_when_idle():
     assert "enableInTreeAutoscaling" not in default and [g["groupName"] for g in default["workerGroupSpecs"]] == ["gpu"]
 
 
+def test_extra_env_volumes_annotations_and_labels_reach_every_ray_pod():
+    """What KubeRay's chart users expect: extraEnv (a token from a Secret), extraVolumes and
+    their mounts, pod annotations and labels, on the head, the GPU workers and the data workers,
+    beside the chart's own; and every object labelled with the run (distil k8s finds it so)."""
+    docs = render("-f", str(CHART / "ci" / "extras-values.yaml"))
+    assert all(d["metadata"]["labels"]["distil-run/run"] == "distilbert-base-uncased-6l" for d in docs)
+    spec = by_kind(docs)["RayJob"]["spec"]["rayClusterSpec"]
+    pods = dict(_pods(spec))
+    metas = [spec["headGroupSpec"]["template"]["metadata"], *(g["template"]["metadata"] for g in spec["workerGroupSpecs"])]
+    assert sorted(pods) == ["data", "gpu", "head"] and len(metas) == 3
+    for meta in metas:
+        assert meta["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+        assert meta["labels"]["team"] == "nlp" and meta["labels"]["app.kubernetes.io/part-of"] == "distil-run"
+    for name, pod in pods.items():
+        c = pod["containers"][0]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}, name
+        assert env["NCCL_DEBUG"]["value"] == "WARN" and "AWS_SECRET_ACCESS_KEY" in env, name
+        assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"], name
+        assert {"name": "hf-cache", "mountPath": "/cache/hf"} in c["volumeMounts"], name
+        assert {"name": "distil-config", "mountPath": "/etc/distil", "readOnly": True} in c["volumeMounts"], name
+
+
 def test_cluster_mode_renders_a_raycluster_and_no_job():
     docs = by_kind(render("-f", str(CHART / "ci" / "cluster-values.yaml")))
     assert "RayJob" not in docs and "RayCluster" in docs
@@ -189,6 +212,9 @@ GROUP = {"name": "gpu", "replicas": 2, "gpusPerPod": 1, "resources": {"limits": 
     ({"config": {"data": {"hub_kwargs": {"token": "hf_x"}}}}, "config.data.hub_kwargs.token"),
     ({"config": {"data": {"hub_kwargs": {"storage_options": [{"HF_TOKEN": "hf_x"}]}}}}, "config.data.hub_kwargs.storage_options[0].HF_TOKEN"),
     ({"config": {"storage": {"secretAccessKey": "x"}}}, "config.storage.secretAccessKey"),
+    ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_x"}]}, "extraEnv[0].value: credentials never go into values"),
+    ({"extraEnv": [{"name": "X", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, "extraEnv/0"),
+    ({"extraVolumeMounts": [{"name": "v", "mountPath": "relative"}]}, "extraVolumeMounts/0/mountPath"),
     ({"config": {"storage": {"endpoint_url": "http://ak:sk@minio:9000"}}}, "endpoint_url holds credentials"),
     ({"job": {"extraArgs": ["data.hub_kwargs.api_key=x"]}}, "job.extraArgs[data.hub_kwargs.api_key]"),
     ({"head": {"rayStartParams": {"redis-password": "x"}}}, "head.rayStartParams.redis-password"),
@@ -239,34 +265,30 @@ def test_large_integers_render_as_integers(tmp_path):
     assert worker["containers"][0]["resources"]["limits"]["memory"] == 51539607552
 
 
-SECTIONS = {"image", "serviceAccount", "storage", "job", "head", "dataWorkers"}  # maps whose keys are the values
+def _chart_readme():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_readme", ROOT / "scripts" / "chart_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_every_value_is_documented():
+def test_every_value_is_documented_and_the_chart_readme_is_current():
     """Every value has a `# --` comment above it (helm-docs' convention): top-level values, the
-    keys of each section, and the keys of a worker group."""
-    import re
-
+    keys of each section, and the keys of a worker group; helm/distil-run/README.md is what
+    scripts/chart_readme.py makes of them (run it after editing values.yaml)."""
+    gen = _chart_readme()
     lines = (CHART / "values.yaml").read_text().splitlines()
-    key = re.compile(r"^(?P<indent> *)(?P<dash>- +)?(?P<name>[A-Za-z][A-Za-z0-9]*):")
-    section, undocumented = None, []
-    for i, line in enumerate(lines):
-        m = key.match(line)
-        if not m:
-            continue
-        depth = len(m["indent"]) + len(m["dash"] or "")
-        if depth == 0:
-            section = m["name"]
-            if section in SECTIONS:
-                continue
-        elif not ((depth == 2 and section in SECTIONS) or (depth == 4 and section == "workerGroups")):
-            continue  # inside a value (the example config, resources, security contexts)
-        j = i - 1  # up through the comment block above the key ("- # --" opens a list item)
-        while j >= 0 and lines[j].strip().lstrip("- ").startswith("#") and not lines[j].strip().lstrip("- ").startswith("# --"):
-            j -= 1
-        if not (j >= 0 and lines[j].strip().lstrip("- ").startswith("# --")):
-            undocumented.append(f"{section}.{m['name']}" if depth else m["name"])
-    assert not undocumented, undocumented
+    paths = {".".join(map(str, p)) for p, _ in gen.documented(lines)}
+    values = yaml.safe_load("\n".join(lines))
+    expected = {k for k in values if k not in gen.SECTIONS} | {f"{k}.{sub}" for k in gen.SECTIONS for sub in values[k]} \
+        | {f"workerGroups.0.{sub}" for sub in values["workerGroups"][0]}
+    assert paths == expected
+    broken = [x.replace("  # -- Image pull policy.", "  # Image pull policy.") for x in lines]
+    with pytest.raises(SystemExit, match="image.pullPolicy has no `# --` comment"):
+        gen.documented(broken)
+    assert (CHART / "README.md").read_text() == gen.render(), "run: python scripts/chart_readme.py"
 
 
 def test_validation_catches_unknown_fields():

@@ -34,6 +34,13 @@ helm.sh/chart: {{ include "distil-run.chart" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: distil-run
+distil-run/run: {{ include "distil-run.runLabel" . }}
+{{- end }}
+
+{{/* The run's name as `distil k8s status/resume` look it up: config.run.name in lowercase
+with "-" for other characters (distil/k8s.py `k8s_name`, the same rule). */}}
+{{- define "distil-run.runLabel" -}}
+{{- regexReplaceAll "[^a-z0-9-]+" (lower (default "" (default dict .Values.config.run).name)) "-" | trimAll "-" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "distil-run.serviceAccountName" -}}
@@ -91,6 +98,9 @@ app.kubernetes.io/part-of: distil-run
       name: {{ . }}
       key: {{ $.Values.storage.secretAccessKeyKey }}
 {{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* One Ray container (head or worker). Args: dict root, name, resources, gpus. */}}
@@ -127,6 +137,9 @@ app.kubernetes.io/part-of: distil-run
       mountPath: /dev/shm
     - name: tmp
       mountPath: /tmp
+    {{- with $root.Values.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 
 {{/* Pod-level fields shared by head and workers. Args: dict root, shm, sched (nodeSelector etc.). */}}
@@ -170,6 +183,26 @@ volumes:
       {{- end }}
   - name: tmp
     emptyDir: {}
+  {{- with $root.Values.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* Metadata of a Ray pod template. Args: dict root, component, group (or ""), indent. */}}
+{{- define "distil-run.podMetadata" -}}
+labels:
+  {{- include "distil-run.labels" .root | nindent 2 }}
+  {{- with .root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with .group }}
+  distil-run/worker-group: {{ . }}
+  {{- end }}
+{{- with .root.Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* spec of a RayCluster (also RayJob.spec.rayClusterSpec). */}}
@@ -193,9 +226,7 @@ headGroupSpec:
     {{- end }}
   template:
     metadata:
-      labels:
-        {{- include "distil-run.labels" . | nindent 8 }}
-        app.kubernetes.io/component: ray-head
+      {{- include "distil-run.podMetadata" (dict "root" . "component" "ray-head" "group" "") | nindent 6 }}
     spec:
       {{- include "distil-run.podFields" (dict "root" . "shm" "1Gi" "sched" .Values.head) | nindent 6 }}
       containers:
@@ -214,10 +245,7 @@ workerGroupSpecs:
       num-gpus: {{ int64 .gpusPerPod | quote }}
     template:
       metadata:
-        labels:
-          {{- include "distil-run.labels" $ | nindent 10 }}
-          app.kubernetes.io/component: ray-worker
-          distil-run/worker-group: {{ .name }}
+        {{- include "distil-run.podMetadata" (dict "root" $ "component" "ray-worker" "group" .name) | nindent 8 }}
       spec:
         {{- include "distil-run.podFields" (dict "root" $ "shm" .shmSize "sched" .) | nindent 8 }}
         containers:
@@ -235,10 +263,7 @@ workerGroupSpecs:
       num-gpus: "0"
     template:
       metadata:
-        labels:
-          {{- include "distil-run.labels" $ | nindent 10 }}
-          app.kubernetes.io/component: ray-data-worker
-          distil-run/worker-group: data
+        {{- include "distil-run.podMetadata" (dict "root" $ "component" "ray-data-worker" "group" "data") | nindent 8 }}
       spec:
         {{- include "distil-run.podFields" (dict "root" $ "shm" "1Gi" "sched" .) | nindent 8 }}
         containers:

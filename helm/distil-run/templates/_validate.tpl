@@ -99,6 +99,11 @@ compares them): such keys are refused in `config`, `job.extraArgs` and `head.ray
 {{- /* Credentials never go into values: by key name, anywhere. */}}
 {{- $secrets := include "distil-run.secretKeys" (dict "path" "config" "value" .Values.config) }}
 {{- $secrets = cat $secrets (include "distil-run.secretKeys" (dict "path" "head.rayStartParams" "value" .Values.head.rayStartParams)) }}
+{{- range $i, $e := .Values.extraEnv }}
+{{- if and (hasKey $e "value") (regexMatch (include "distil-run.secretPattern" nil) (toString $e.name)) }}
+{{- $secrets = cat $secrets (printf "extraEnv[%d].value" $i) }}
+{{- end }}
+{{- end }}
 {{- range .Values.job.extraArgs }}
 {{- if regexMatch (include "distil-run.secretPattern" nil) (first (splitList "=" .)) }}
 {{- $secrets = cat $secrets (printf "job.extraArgs[%s]" (first (splitList "=" .))) }}
