@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import shutil
 import subprocess
 from pathlib import Path
@@ -191,8 +192,8 @@ GROUP = {"name": "gpu", "replicas": 2, "gpusPerPod": 1, "resources": {"limits": 
 @pytest.mark.parametrize("values, message", [
     ({"config": {"scaling": {"num_workers": 3}}}, "config.scaling.num_workers is 3 but the worker groups give 2"),
     ({"config": {"storage": {"uri": "/data/runs"}}}, "must go to object storage"),
-    ({"config": {"storage": {"aws_secret_access_key": "x"}}}, "credentials never go into values"),
-    ({"config": {"run": {"name": ""}}}, "config.run.name is empty"),
+    ({"config": {"storage": {"aws_secret_access_key": "x"}}}, "at '/config/storage': additional properties 'aws_secret_access_key' not allowed"),
+    ({"config": {"run": {"name": ""}}}, "at '/config/run/name'"),  # (the chart's own check, config.run.name is empty, after it)
     ({"workerGroups": [{**GROUP, "replicas": 0}]}, "no GPU worker"),
     ({"mode": "batch"}, "mode"),
     ({"workerGroups": [{**GROUP, "gpus": 1}]}, "gpus"),  # an unknown key: the strict schema refuses it
@@ -211,8 +212,12 @@ GROUP = {"name": "gpu", "replicas": 2, "gpusPerPod": 1, "resources": {"limits": 
     ({"workerGroups": [{**GROUP, "replicas": 3}]}, "global_batch_size 512 is not a multiple of micro_batch_size 16 x 3"),
     ({"config": {"data": {"hub_kwargs": {"token": "hf_x"}}}}, "config.data.hub_kwargs.token"),
     ({"config": {"data": {"hub_kwargs": {"storage_options": [{"HF_TOKEN": "hf_x"}]}}}}, "config.data.hub_kwargs.storage_options[0].HF_TOKEN"),
-    ({"config": {"storage": {"secretAccessKey": "x"}}}, "config.storage.secretAccessKey"),
+    ({"config": {"storage": {"secretAccessKey": "x"}}}, "additional properties 'secretAccessKey' not allowed"),
     ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_x"}]}, "extraEnv[0].value: credentials never go into values"),
+    # distil's own config schema (scripts/chart_schema.py): a typo fails the install, not a pod
+    ({"config": {"train": {"max_stepz": 3}}}, "at '/config/train': additional properties 'max_stepz' not allowed"),
+    ({"config": {"optim": {"lr": "fast"}}}, "at '/config/optim/lr'"),
+    ({"config": {"masking": {"prob": 1.5}}}, "at '/config/masking/prob'"),
     ({"extraEnv": [{"name": "X", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, "extraEnv/0"),
     ({"extraVolumeMounts": [{"name": "v", "mountPath": "relative"}]}, "extraVolumeMounts/0/mountPath"),
     ({"config": {"storage": {"endpoint_url": "http://ak:sk@minio:9000"}}}, "endpoint_url holds credentials"),
@@ -289,6 +294,13 @@ def test_every_value_is_documented_and_the_chart_readme_is_current():
     with pytest.raises(SystemExit, match="image.pullPolicy has no `# --` comment"):
         gen.documented(broken)
     assert (CHART / "README.md").read_text() == gen.render(), "run: python scripts/chart_readme.py"
+
+
+def test_the_chart_validates_config_with_distils_own_schema():
+    """values.schema.json's `config` is DistilConfig.model_json_schema() as scripts/chart_schema.py
+    writes it (run it after changing distil/config.py)."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart_schema.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, "values.schema.json is stale: run python scripts/chart_schema.py"
 
 
 def test_validation_catches_unknown_fields():
