@@ -42,10 +42,28 @@ class RayCheckpointStore:
         return tag
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
+        """Hand the checkpoint to Ray and go on training: Ray uploads it on a thread of its own
+        (one upload at a time, in order), deletes the local copy, and registers the checkpoint
+        once every rank's upload is in (`wait_uploaded` waits for this rank's)."""
         import ray.train
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
-                         checkpoint_dir_name=ckpt_dir.name, delete_local_checkpoint_after_upload=True)
+                         checkpoint_dir_name=ckpt_dir.name, delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+    def wait_uploaded(self) -> None:
+        """Until every checkpoint this rank reported is uploaded and handed to Ray's controller.
+        (Ray 2.60 has no public call for it: its train context counts reports made and reports
+        handed over, under a condition; a failed upload is queued as the training thread's
+        error instead, and raised here.)"""
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        ctx = get_train_context()
+        errors = ctx.execution_context.training_thread_runner.get_exception_queue()
+        with ctx.report_order_condition:
+            while not ctx.report_order_condition.wait_for(lambda: ctx.current_report_index >= ctx.report_call_index, timeout=1.0):
+                if not errors.empty():
+                    raise RuntimeError("a checkpoint upload failed (Ray restarts the worker group from the last registered one)")
 
     def restore(self, root: Path) -> str | None:
         """The newest intact checkpoint of the run, fetched into root: Ray's latest registered
@@ -159,6 +177,9 @@ def _worker(loop_config: dict) -> None:
 
 def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given)."""
+    # Where relative paths in the config point, taken before Ray runs anything: a job's
+    # `--working-dir` copy, the driver's cwd, can be cleaned up by Ray while the job runs.
+    cwd = os.getcwd()
     cfg.check_before_loading(cfg.scaling.num_workers)  # (also for hub data, which only workers load)
     from distil import continuity
     from distil.quiet import quiet_libraries
@@ -202,7 +223,7 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": data["fingerprint"], "cwd": os.getcwd()},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": data["fingerprint"], "cwd": cwd},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name(), storage_path=storage_path, storage_filesystem=filesystem,

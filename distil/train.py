@@ -178,6 +178,9 @@ class LocalCheckpointStore:
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
         pass  # the checkpoint was written where it is kept
 
+    def wait_uploaded(self) -> None:
+        pass  # nothing is uploaded
+
     def publish(self, run_dir: Path) -> None:
         pass  # metrics.jsonl and TensorBoard events are written in the run folder itself
 
@@ -262,9 +265,15 @@ class Trainer:
         self.tokens += int(delta)
         return int(delta)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """Save this step's checkpoint and hand it to the store. Uploads run while training goes
+        on, one at a time: a save first waits for the previous upload (so the local disk holds at
+        most two checkpoints); `wait` also waits for this one (a drain, the end of the run)."""
         if self._saved_step == self.step:
             return  # e.g. a pod drain's checkpoint, then the periodic one at the same step
+        t0 = time.perf_counter()
+        self.store.wait_uploaded()
+        held = time.perf_counter() - t0  # training held for the previous upload
         t0 = time.perf_counter()
         self._sync_tokens()
         tag = self.store.checkpoint_name(ckpt.tag_for(self.step))
@@ -289,12 +298,16 @@ class Trainer:
         self._saved_step = self.step
         t1 = time.perf_counter()
         self.store.persist(self.ckpt_root / tag, {"step": self.step, "tokens": self.tokens})
-        self.metrics.write({"step": self.step, "checkpoint/save_s": t1 - t0, "checkpoint/upload_s": time.perf_counter() - t1})
+        if wait:
+            self.store.wait_uploaded()
+        # upload_s: seconds training was held for uploads at this checkpoint (0 when they ran
+        # during the steps before)
+        self.metrics.write({"step": self.step, "checkpoint/save_s": t1 - t0, "checkpoint/upload_s": held + time.perf_counter() - t1})
         self.metrics.flush()
         if self.rank == 0:
             self.store.publish(self.run_dir)
-        # Ray's report() does not wait for the other ranks' uploads: a drained pod must not be
-        # told "persisted" (and go) while another rank is still uploading its shard.
+        # Each rank waits for its own upload only: a drained pod must not be told "persisted"
+        # (and go) while another rank is still uploading its shard.
         dist.barrier()
 
     def maybe_resume(self) -> None:
@@ -403,7 +416,7 @@ class Trainer:
             window_steps += 1
             self.stop_requested, drained = self._any_rank(self.stop_requested, preempt.requested())
             if (drained or self.store.preemption_notice()) and not self._preemption_saved:
-                self.save_checkpoint()  # just in time, with the step in flight finished
+                self.save_checkpoint(wait=True)  # just in time, with the step in flight finished, uploaded
                 self._preemption_saved = True
                 if drained:  # a pod's preStop hook: see distil/preempt.py
                     preempt.wait_out(self.step, self.log if self.rank == 0 else None)
@@ -434,7 +447,7 @@ class Trainer:
                 end_metrics = self.evaluate()
                 self.metrics.write({"step": self.step, **end_metrics})
             if self.step % cfg.checkpoint.every_steps == 0 or last or self.stop_requested:
-                self.save_checkpoint()
+                self.save_checkpoint(wait=last or self.stop_requested)
         self.batches.close()
         if bar is not None:
             bar.close()
