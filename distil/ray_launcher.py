@@ -30,6 +30,8 @@ class RayCheckpointStore:
         self.cfg = cfg
         self._target = None  # (storage path, pyarrow filesystem), made on the first publish
         self.damaged: list[str] = []  # registered checkpoints passed over on restore
+        self._publisher = None  # one thread: the run's history is copied to storage in order
+        self._published = None  # the latest copy's future
 
     def checkpoint_name(self, tag: str) -> str:
         """The folder for a checkpoint of `tag`'s step. A step trained again after a fall-back from
@@ -64,6 +66,8 @@ class RayCheckpointStore:
             while not ctx.report_order_condition.wait_for(lambda: ctx.current_report_index >= ctx.report_call_index, timeout=1.0):
                 if not errors.empty():
                     raise RuntimeError("a checkpoint upload failed (Ray restarts the worker group from the last registered one)")
+        if self._published is not None:
+            self._published.result()  # (raises what the copy raised)
 
     def restore(self, root: Path) -> str | None:
         """The newest intact checkpoint of the run, fetched into root: Ray's latest registered
@@ -109,21 +113,41 @@ class RayCheckpointStore:
             yield name, ray.train.Checkpoint(f"{parent}/{name}", filesystem=registered.filesystem)
 
     def publish(self, run_dir: Path) -> None:
+        """Copy the run's history (metrics.jsonl, TensorBoard events) to STORAGE/RUN/ on a thread
+        of its own, like the checkpoint uploads: a snapshot is taken here (local, instant), the
+        copy to storage goes on while training does; `wait_uploaded` waits for it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from distil.metrics_log import METRICS, TENSORBOARD
+
+        snapshot = Path(tempfile.mkdtemp(prefix="distil-history-"))
+        if (run_dir / METRICS).is_file():
+            shutil.copy(run_dir / METRICS, snapshot / METRICS)
+        if (run_dir / TENSORBOARD).is_dir():
+            shutil.copytree(run_dir / TENSORBOARD, snapshot / TENSORBOARD)
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="distil-publish")
+        self._published = self._publisher.submit(self._copy_history, snapshot)
+
+    def _copy_history(self, snapshot: Path) -> None:
         from pyarrow import fs as pafs
 
         from distil.metrics_log import METRICS, TENSORBOARD
 
-        if self._target is None:  # made once per worker, not at every checkpoint
-            storage_path, filesystem = self.cfg.storage_root().arrow()
-            self._target = storage_path, filesystem or pafs.LocalFileSystem()
-        storage_path, filesystem = self._target
-        dest = f"{storage_path}/{self.cfg.run_name()}"
-        filesystem.create_dir(dest, recursive=True)
-        if (run_dir / METRICS).is_file():
-            pafs.copy_files(str(run_dir / METRICS), f"{dest}/{METRICS}", destination_filesystem=filesystem)
-        if (run_dir / TENSORBOARD).is_dir():  # (its event files; a local destination folder must exist)
-            filesystem.create_dir(f"{dest}/{TENSORBOARD}", recursive=True)
-            pafs.copy_files(str(run_dir / TENSORBOARD), f"{dest}/{TENSORBOARD}", destination_filesystem=filesystem)
+        try:
+            if self._target is None:  # made once per worker, not at every checkpoint
+                storage_path, filesystem = self.cfg.storage_root().arrow()
+                self._target = storage_path, filesystem or pafs.LocalFileSystem()
+            storage_path, filesystem = self._target
+            dest = f"{storage_path}/{self.cfg.run_name()}"
+            filesystem.create_dir(dest, recursive=True)
+            if (snapshot / METRICS).is_file():
+                pafs.copy_files(str(snapshot / METRICS), f"{dest}/{METRICS}", destination_filesystem=filesystem)
+            if (snapshot / TENSORBOARD).is_dir():  # (its event files; a local destination folder must exist)
+                filesystem.create_dir(f"{dest}/{TENSORBOARD}", recursive=True)
+                pafs.copy_files(str(snapshot / TENSORBOARD), f"{dest}/{TENSORBOARD}", destination_filesystem=filesystem)
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
 
     def preemption_notice(self) -> bool:
         """Ray's notice that a node of this worker group is being reclaimed (a collective call)."""

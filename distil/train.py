@@ -456,6 +456,7 @@ class Trainer:
         self.metrics.close()
         if self.rank == 0:
             self.store.publish(self.run_dir)
+        self.store.wait_uploaded()  # the history's copy, and any upload still in flight
         wall = time.perf_counter() - started
         return {"step": self.step, "tokens": self.tokens, "start": start_metrics, "end": end_metrics, "stopped": self.stop_requested,
                 "wall_s": wall, "steps_run": self.step - first_step, "tokens_per_s": (self.tokens - first_tokens) / wall}

@@ -449,6 +449,38 @@ class CuttableProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
 
+def test_training_goes_on_while_a_checkpoint_uploads(tmp_path, s3_run, s3_endpoint):
+    """Uploads are asynchronous: with the store unreachable from just before the step-10
+    checkpoint, the workers hand it over and train steps 11.. while its upload retries (a
+    synchronous upload held them until the store came back); the step-20 checkpoint waits for
+    it, and the run ends complete."""
+    s3, bucket, cfg = s3_run
+    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    cfg["storage"]["endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
+    cfg["train"].update(max_steps=20, log_every=1)
+    cfg["checkpoint"].update(every_steps=10, keep_last=2)
+    proc = ray_job(write_config(tmp_path / "c.yaml", cfg), wait=False)
+    lines, trained_while_cut = [], []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"step=(\d+) .*train/loss=", line)
+        if m and int(m.group(1)) == 9 and not proxy.is_cut:
+            proxy.cut()
+            cut_at = time.monotonic()
+        elif m and proxy.is_cut:
+            trained_while_cut.append(int(m.group(1)))
+            if int(m.group(1)) >= 15 or time.monotonic() - cut_at > 30:
+                proxy.restore()
+        elif proxy.is_cut and time.monotonic() - cut_at > 30:
+            proxy.restore()
+    proc.wait()
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-4000:]
+    assert proxy.refused > 0, "no request reached the store during the outage: the test proved nothing"
+    assert {11, 12, 13, 14, 15} <= set(trained_while_cut), (trained_while_cut, out[-3000:])
+    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read())["step"] == 20
+    assert "runs/t/step_00000010/COMPLETE" in keys(s3, bucket, "runs/t/step_00000010/")
+
 def test_s3_outage_during_uploads_ends_in_a_complete_run(tmp_path, s3_run, s3_endpoint):
     """The object store unreachable for 20 s while checkpoints are uploaded: requests are retried
     with backoff (storage.max_attempts), the run completes, and nothing incomplete is resumed."""
