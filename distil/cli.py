@@ -62,7 +62,8 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
         return {"step": cfg.train.max_steps, "stopped": False, "finished": True}
     quiet_libraries()
     from distil.export import export_checkpoint
-    from distil.train import LocalCheckpointStore, Trainer, init_distributed, prepare
+    from distil.checkpoint_stores import LocalCheckpointStore
+    from distil.train import Trainer, init_distributed, prepare
 
     prep = prepare(cfg, world_size)
     init_distributed(prep.device)

@@ -27,6 +27,7 @@ from distil.config import DistilConfig
 from distil.data import Lookahead, ResumableSampler, collate
 from distil.errors import UserError
 from distil.evaluate import agreement, embed
+from distil.checkpoint_stores import CheckpointStore, LocalCheckpointStore
 from distil.export import save_hf_skeleton
 from distil.losses import DistillationLoss, distillation_forward
 from distil.masking import Masker
@@ -168,34 +169,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalCheckpointStore:
-    """Checkpoints stay in the run folder; resume from its newest intact one (or the one the
-    caller found already: `resume_tag`, see continuity.local_resume_point)."""
-
-    def __init__(self, resume_tag: str | None = None, found: bool = False):
-        self.resume_tag, self.found = resume_tag, found or resume_tag is not None
-
-    def persist(self, ckpt_dir: Path, metrics: dict) -> None:
-        pass  # the checkpoint was written where it is kept
-
-    def wait_uploaded(self) -> None:
-        pass  # nothing is uploaded
-
-    def publish(self, run_dir: Path) -> None:
-        pass  # metrics.jsonl and TensorBoard events are written in the run folder itself
-
-    def restore(self, root: Path) -> str | None:
-        return self.resume_tag if self.found else ckpt.find_resumable(root)
-
-    def checkpoint_name(self, tag: str) -> str:
-        return tag  # a step saved again replaces its folder (clear_for_save)
-
-    def preemption_notice(self) -> bool:
-        return False  # a local run learns of preemption through SIGTERM
-
-
 class Trainer:
-    def __init__(self, prep: Prepared, run_dir: Path, log=print, store=None):
+    def __init__(self, prep: Prepared, run_dir: Path, log=print, store: CheckpointStore | None = None):
         import deepspeed
 
         self.cfg, self.prep, self.run_dir, self.log = prep.cfg, prep, Path(run_dir), log

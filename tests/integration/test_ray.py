@@ -449,16 +449,17 @@ class CuttableProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
 
-def test_training_goes_on_while_a_checkpoint_uploads(tmp_path, s3_run, s3_endpoint):
-    """Uploads are asynchronous: with the store unreachable from just before the step-10
-    checkpoint, the workers hand it over and train steps 11.. while its upload retries (a
-    synchronous upload held them until the store came back); the step-20 checkpoint waits for
-    it, and the run ends complete."""
+def test_s3_outage_during_uploads_training_goes_on_and_the_run_ends_complete(tmp_path, s3_run, s3_endpoint):
+    """The object store unreachable from just before the step-10 checkpoint until step 15 (or
+    30 s): uploads are asynchronous, so the workers hand the checkpoint over and train steps
+    11.. while its upload retries with backoff (storage.max_attempts; a synchronous upload held
+    them until the store came back); the step-20 checkpoint waits for it; the run completes,
+    and nothing incomplete is resumed."""
     s3, bucket, cfg = s3_run
     proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     cfg["storage"]["endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
     cfg["train"].update(max_steps=20, log_every=1)
-    cfg["checkpoint"].update(every_steps=10, keep_last=2)
+    cfg["checkpoint"].update(every_steps=10, keep_last=20)  # keep every checkpoint, to check the ones resumed from
     proc = ray_job(write_config(tmp_path / "c.yaml", cfg), wait=False)
     lines, trained_while_cut = [], []
     for line in proc.stdout:
@@ -480,25 +481,6 @@ def test_training_goes_on_while_a_checkpoint_uploads(tmp_path, s3_run, s3_endpoi
     assert {11, 12, 13, 14, 15} <= set(trained_while_cut), (trained_while_cut, out[-3000:])
     assert json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read())["step"] == 20
     assert "runs/t/step_00000010/COMPLETE" in keys(s3, bucket, "runs/t/step_00000010/")
-
-def test_s3_outage_during_uploads_ends_in_a_complete_run(tmp_path, s3_run, s3_endpoint):
-    """The object store unreachable for 20 s while checkpoints are uploaded: requests are retried
-    with backoff (storage.max_attempts), the run completes, and nothing incomplete is resumed."""
-    s3, bucket, cfg = s3_run
-    proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    cfg["storage"]["endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
-    cfg["train"]["max_steps"] = 20
-    cfg["checkpoint"]["every_steps"] = 2
-    cfg["checkpoint"]["keep_last"] = 20  # keep every checkpoint, to check the ones resumed from
-    proc = ray_job(write_config(tmp_path / "c.yaml", cfg), wait=False)
-    wait_registered(s3, bucket, "runs/t", "step_00000004", proc)
-    proxy.cut()
-    time.sleep(20)
-    proxy.restore()
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
-    assert proxy.refused > 0, "no request reached the store during the outage: the test proved nothing"
-    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read())["step"] == 20
     # Every checkpoint a worker group resumed from (if the outage outlasted the retries) was complete.
     for tag in re.findall(r"resumed from (step_\d{8})", out):
         assert f"runs/t/{tag}/COMPLETE" in keys(s3, bucket, f"runs/t/{tag}/")

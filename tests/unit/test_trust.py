@@ -276,7 +276,7 @@ def test_any_override_gives_a_config_or_one_user_error(key, value):
 def test_a_step_saved_again_sorts_after_the_first_save(tmp_path):
     """step_N.1: a Ray run that fell back from a damaged step N saves N again beside it."""
     from distil.catalog import list_checkpoints, select
-    from distil.ray_launcher import RayCheckpointStore
+    from distil.checkpoint_stores import RayCheckpointStore
     from distil.storage import Storage
 
     root = tmp_path / "r"
