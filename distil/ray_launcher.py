@@ -15,8 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from distil.config import DistilConfig
 from distil.checkpoint_stores import RayCheckpointStore
+from distil.config import DistilConfig
 from distil.errors import UserError
 
 

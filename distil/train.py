@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 from distil import checkpoint as ckpt
 from distil import preempt, reshard, zero_foreach
+from distil.checkpoint_stores import CheckpointStore, LocalCheckpointStore
 from distil.config import DistilConfig
 from distil.data import Lookahead, ResumableSampler, collate
 from distil.errors import UserError
 from distil.evaluate import agreement, embed
-from distil.checkpoint_stores import CheckpointStore, LocalCheckpointStore
 from distil.export import save_hf_skeleton
 from distil.losses import DistillationLoss, distillation_forward
 from distil.masking import Masker
