@@ -67,7 +67,6 @@ class LocalCheckpointStore:
         return False  # a local run learns of preemption through SIGTERM
 
 
-
 class RayCheckpointStore:
     """Persists checkpoints through ray.train.report and restores the latest registered one;
     publishes metrics.jsonl and TensorBoard events to STORAGE/RUN/ (where `distil plot` and

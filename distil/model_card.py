@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from distil import checkpoint as ckpt
+from distil.config import looks_local
 from distil.metrics_log import METRICS, read_rows
 
 # The loss terms as a reader knows them, by their weight in the config.
@@ -26,6 +27,7 @@ def _held_out(ckpt_dir: Path, step: int) -> list[str]:
     evals = {r["step"]: r for r in read_rows(ckpt_dir / METRICS) if any(k.startswith("eval/") for k in r)}
     start, end = evals.get(0, {}), evals.get(step, {})
     keys = sorted(k for k in {*start, *end} if k.startswith("eval/"))
+
     def cell(row: dict, k: str) -> str:
         return f"{row[k]:.4f}" if isinstance(row.get(k), (int, float)) else "–"
 
@@ -47,7 +49,7 @@ def model_card(ckpt_dir: Path, has_mlm_head: bool) -> str:
     teacher, student, data = cfg.get("teacher", {}), cfg.get("student", {}), cfg.get("data", {})
     loss, train = cfg.get("loss", {}), cfg.get("train", {})
     name = teacher.get("name_or_path", "?")
-    hub_teacher = not name.startswith((".", "/", "~")) and name.count("/") <= 1
+    hub_teacher = not looks_local(name)
     front = ["---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if has_mlm_head else 'feature-extraction'}",
              "tags: [distillation, distil-run]", *([f"base_model: {name}"] if hub_teacher else []), "---"]
     terms = [f"{TERMS[k]} × {loss[k]:g}" for k in TERMS if loss.get(k)]
