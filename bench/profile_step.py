@@ -2,7 +2,7 @@
 time by kernel), and with --host, cProfile of the same steps (host time by Python function:
 what a CPU-bound step, e.g. DeepSpeed's per-parameter hooks, spends its time on).
 
-    python bench/profile_step.py [distil bench options] --variant fast-torch [--host]
+    python -m bench.profile_step [bench.step options] --variant fast-torch [--host]
 """
 
 import cProfile
@@ -13,7 +13,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from distil.bench import _batches, _fast_step, _reference_step, parse_args
+from bench.step import _batches, _fast_step, _reference_step, parse_args
 
 host = "--host" in sys.argv
 a = parse_args([x for x in sys.argv[1:] if x != "--host"])

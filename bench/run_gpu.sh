@@ -23,12 +23,12 @@ masked 128 128
 masked 512 32"}
 echo "$CASES" | while read -r recipe seq batch extra; do
     name="gpu_${recipe}_seq${seq}_b${batch}$(echo "$extra" | tr -c 'a-z0-9\n' '_' | sed 's/^_*/_/;s/_*$//;s/^_$//')"
-    python3 -m distil.bench $shape --seq "$seq" --batch "$batch" --recipe "$recipe" $extra --json > "$out/$name.json" \
+    python3 -m bench.step $shape --seq "$seq" --batch "$batch" --recipe "$recipe" $extra --json > "$out/$name.json" \
       2> "/tmp/$name.err" || { echo "FAILED $name"; cp "/tmp/$name.err" "$out/"; tail -20 "/tmp/$name.err"; continue; }
     [ -n "${TAR:-}" ] && tar -rf "$TAR" -C "$out" "$name.json"
     python3 - "$out/$name.json" <<'PY'
 import json, sys
-from distil.bench import format_report
+from bench.step import format_report
 print(format_report(json.load(open(sys.argv[1]))))
 PY
 done

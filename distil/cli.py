@@ -9,7 +9,6 @@
     distil checkpoints pull URI --out DIR        a checkpoint -> a Hugging Face model folder
     distil eval MODEL_DIR                        student vs teacher on held-out masked text
     distil plot URI --out run.png                a run's metrics over steps
-    distil bench [--recipe masked ...]           time the distillation step (distil/bench.py)
     distil k8s submit|status|resume              RayJobs on a cluster with KubeRay, without Helm
 
 Bad input exits with code 2 and one message; nothing is written before the input is checked.
@@ -132,16 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
     _add_data_and_cluster_commands(sub)
-    sub.add_parser("bench", help="time the distillation step against the reference formulation (see `distil bench --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own options (python -m distil.bench --help)
-        from distil.bench import main as bench_main
-
-        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -196,7 +196,7 @@ class TrainSection(_Strict):
     compile: bool = Field(False, description=(
         "torch.compile the teacher's and the student's transformer layers (Inductor: fewer, fused kernels). "
         "The first steps are slower while it compiles; results agree with eager to float rounding. "
-        "Measured effects in bench/RESULTS.md (distil bench --compile)."))
+        "Measured effects in bench/RESULTS.md (python -m bench.step --compile)."))
 
 
 class PrecisionSection(_Strict):

@@ -17,7 +17,7 @@ TINY = ["--teacher-layers", "2", "--student-layers", "1", "--hidden", "32", "--h
 
 
 def test_required_flops_by_hand():
-    from distil.bench import parse_args, required_flops
+    from bench.step import parse_args, required_flops
 
     a = parse_args(TINY)
     n, h, f, v = 4 * 16, 32, 128, 500
@@ -29,7 +29,7 @@ def test_required_flops_by_hand():
 
 @pytest.mark.parametrize("recipe", ["distilbert", "masked"])
 def test_short_mode_figures(recipe):
-    r = subprocess.run([sys.executable, "-m", "distil.cli", "bench", *TINY, "--recipe", recipe, "--json"],
+    r = subprocess.run([sys.executable, "-m", "bench.step", *TINY, "--recipe", recipe, "--json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
@@ -48,7 +48,7 @@ def test_short_mode_figures(recipe):
 
 
 def test_bad_options_exit_2():
-    r = subprocess.run([sys.executable, "-m", "distil.bench", "--variants", "fastest"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "bench.step", "--variants", "fastest"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown variant" in r.stderr
 
 
@@ -61,7 +61,7 @@ def test_peak_rss_sees_a_short_lived_allocation(monkeypatch, how):
 
     import torch
 
-    from distil.bench import _PeakRSS
+    from bench.step import _PeakRSS
 
     if how == "sampled":
         monkeypatch.setattr(_PeakRSS, "CLEAR_REFS", "/nonexistent/clear_refs")

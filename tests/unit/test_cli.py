@@ -30,12 +30,12 @@ def test_version(capsys):
 
 
 def test_every_flag_and_command_has_help(monkeypatch):
-    from distil import bench
+    from bench import step as bench
 
     bench_parser = []
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: bench_parser.append(self))
     bench.parse_args([])
-    parsers = [*_parsers(cli.build_parser()), ("distil bench", bench_parser[0])]
+    parsers = [*_parsers(cli.build_parser()), ("python -m bench.step", bench_parser[0])]
     missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, p in parsers
                for a in p._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
     assert missing == []

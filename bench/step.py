@@ -1,4 +1,4 @@
-"""`distil bench` / `python -m distil.bench`: time the full distillation step.
+"""`python -m bench.step` (from the repository root): time the full distillation step.
 
 One optimizer step = teacher forward + student forward/backward + optimizer, on random-
 initialised BERT models of the given shape and random token batches (15% masked). Variants,
@@ -28,16 +28,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[1]  # the variants run as `python -m bench.step` from here
 VARIANTS = ("fast-deepspeed", "fast-torch", "reference")
 MASK_ID = 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="distil bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher-layers", type=int, default=4, help="teacher encoder layers")
     p.add_argument("--student-layers", type=int, default=2, help="student encoder layers")
     p.add_argument("--hidden", type=int, default=256, help="hidden size of both models")
@@ -371,10 +373,10 @@ def _versions() -> dict:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("distil bench: error: --device cuda but no GPU is visible (fix: --device cpu)", file=sys.stderr)
+        print("bench.step: error: --device cuda but no GPU is visible (fix: --device cpu)", file=sys.stderr)
         return 2
     if a.device == "cpu" and a.precision == "fp16":
-        print("distil bench: error: fp16 on CPU is not supported by DeepSpeed (fix: --precision fp32 or bf16)", file=sys.stderr)
+        print("bench.step: error: fp16 on CPU is not supported by DeepSpeed (fix: --precision fp32 or bf16)", file=sys.stderr)
         return 2
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if a.device == "cuda" else "cpu")
     if a.variant:  # a child: one variant, one JSON line
@@ -386,14 +388,15 @@ def main(argv=None) -> int:
     variants = [v for v in a.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        print(f"distil bench: error: unknown variant(s) {unknown} (fix: --variants {','.join(VARIANTS)})", file=sys.stderr)
+        print(f"bench.step: error: unknown variant(s) {unknown} (fix: --variants {','.join(VARIANTS)})", file=sys.stderr)
         return 2
     own = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--json", "--data")]
     results = {}
     for v in variants:
-        r = subprocess.run([sys.executable, "-m", "distil.bench", *own, "--variant", v], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "bench.step", *own, "--variant", v], capture_output=True, text=True,
+                           cwd=ROOT)
         if r.returncode != 0:
-            print(f"distil bench: variant {v} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
+            print(f"bench.step: variant {v} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
             return 1
         results[v] = json.loads(r.stdout.strip().splitlines()[-1])
     report = {"shape": _shape(a), "recipe": a.recipe, "precision": a.precision, "device": a.device, "compile": a.compile,
