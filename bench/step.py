@@ -5,7 +5,7 @@ initialised BERT models of the given shape and random token batches (15% masked)
 each in its own process (so that peak memory is its own):
 
   fast-deepspeed  the training path: DeepSpeed engine at world size 1 (ZeRO as configured),
-                  distil.train.distillation_forward (heads only at the positions a loss reads,
+                  distil.losses.distillation_forward (heads only at the positions a loss reads,
                   logits a chunk at a time), SDPA attention, torch AdamW (foreach)
   fast-torch      the same step without DeepSpeed
   reference       the original DistilBERT formulation: full-vocabulary logits at every position
@@ -197,7 +197,7 @@ def _fast_step(a, device, dtype, engine: bool):
 
         from distil import zero_foreach
         from distil.config import DistilConfig
-        from distil.train import deepspeed_config, init_distributed
+        from distil.run_setup import deepspeed_config, init_distributed
 
         cfg = DistilConfig.model_validate({
             "teacher": {"name_or_path": "bench"}, "student": {"layers": layers}, "data": {"sources": ["bench"], "max_len": a.seq},

@@ -1,7 +1,7 @@
 """What a storage URI holds: runs, their checkpoints, and whether each is complete.
 
-Both layouts are read: a local run keeps RUN/checkpoints/step_N, a Ray run RUN/step_N (Ray
-Train's layout). A URI may name the storage root (many runs), one run, or one checkpoint.
+Every run keeps its checkpoints as RUN/step_N (distil/checkpoint.py). A URI may name the
+storage root (many runs), one run, or one checkpoint.
 A checkpoint is complete when its COMPLETE marker exists and every file of the manifest in
 it is present with its recorded size; anything else (a save or upload cut short, a file
 truncated in storage) is listed as incomplete, with the reason, and never pulled.
@@ -57,10 +57,7 @@ def _split(rel: str, uri_tag: str | None) -> tuple[str, str, str] | None:
         return "", "", rel
     for i, p in enumerate(parts[:-1]):
         if is_tag(p):
-            run_parts = parts[:i]
-            if run_parts and run_parts[-1] == "checkpoints":
-                run_parts = run_parts[:-1]
-            return "/".join(run_parts), "/".join(parts[:i + 1]), "/".join(parts[i + 1:])
+            return "/".join(parts[:i]), "/".join(parts[:i + 1]), "/".join(parts[i + 1:])
     return None
 
 

@@ -1,6 +1,10 @@
 """Checkpoint layout, completeness and the `latest` pointer.
 
-    RUN/checkpoints/step_00000100/
+One layout for every run, local or Ray, in a folder or in S3: a run's checkpoints are
+folders named after their step directly in the run's folder (Ray Train's layout, which a Ray
+run writes through `ray.train.report(checkpoint_dir_name=...)`):
+
+    RUN/step_00000100/
         mp_rank_00_model_states.pt            DeepSpeed: module, scheduler, loss scaler, client state
         *_optim_states.pt                     DeepSpeed: one ZeRO shard per rank
         rank_00000.pt                         per-rank RNG states
@@ -11,7 +15,8 @@
         COMPLETE                              written last, after every rank has saved: step,
                                               tokens, loss, time, and a manifest (size and
                                               sha256 of every other file, from every rank)
-    RUN/checkpoints/latest                    name of the newest COMPLETE checkpoint
+    RUN/latest                                a local run: name of the newest COMPLETE checkpoint
+                                              (a Ray run's registry is Ray's own snapshot file)
 
 A checkpoint without COMPLETE is never loaded: a run killed mid-save resumes from the one
 before. `latest` is replaced atomically, and only after COMPLETE exists. The manifest lets a
@@ -24,6 +29,9 @@ file of the manifest present, a regular file (no symbolic link), of its size and
 trainer_state.json at COMPLETE's step. Resume takes the newest intact checkpoint and names
 each damaged one it passes over (`find_resumable`). Pruning deletes COMPLETE first, so a
 checkpoint cut short while it is deleted is incomplete, never "complete but partial".
+
+Local runs of distil-run 0.1 kept their checkpoints in RUN/checkpoints/; `adopt_old_layout`
+moves them into the run folder when such a run is trained again.
 """
 
 from __future__ import annotations
@@ -288,6 +296,45 @@ def finalize(root: Path, tag: str, trainer_state: dict, config_yaml: str, keep_l
     for d in root.iterdir():
         if _TAG.match(d.name) and not is_complete(d) and tag_key(d.name) < tag_key(tag):
             shutil.rmtree(d, ignore_errors=True)
+
+
+OLD_FOLDER = "checkpoints"  # where distil-run 0.1's local runs kept their checkpoints
+
+
+def adopt_old_layout(run_dir: Path, log: Callable[[str], None] = print) -> list[str]:
+    """Move the checkpoints of a run written in the 0.1 layout (RUN/checkpoints/step_N, and its
+    `latest`) into the run folder; returns the folders moved. Every process of a run may call
+    it at once (torchrun ranks on one disk): each move is one rename, and a checkpoint another
+    process moved meanwhile is simply found moved."""
+    old = run_dir / OLD_FOLDER
+    if not old.is_dir() or old.is_symlink():
+        return []
+    moved = []
+    for d in sorted(old.iterdir(), key=lambda d: d.name):
+        if not (_TAG.match(d.name) and d.is_dir()) or d.is_symlink():
+            continue
+        if (run_dir / d.name).exists():
+            raise UserError(f"{d} and {run_dir / d.name} both exist: the run holds one checkpoint twice", where="checkpoint",
+                            fix=f"keep one of them (the newer layout is {run_dir / d.name}), delete the other, and run again")
+        try:
+            os.replace(d, run_dir / d.name)
+        except FileNotFoundError:  # moved by another rank just now
+            continue
+        moved.append(d.name)
+    if (old / LATEST).is_file() and not (old / LATEST).is_symlink():
+        try:
+            os.replace(old / LATEST, run_dir / LATEST)
+        except FileNotFoundError:
+            pass
+    with_other_files = any(True for _ in old.iterdir()) if old.is_dir() else False
+    if not with_other_files:
+        try:
+            old.rmdir()
+        except OSError:  # another rank removed it, or something was put there meanwhile
+            pass
+    if moved:
+        log(f"{run_dir}: {len(moved)} checkpoint(s) moved from {OLD_FOLDER}/ into the run folder (the layout every run uses now)")
+    return moved
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict:

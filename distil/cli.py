@@ -62,7 +62,8 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
     quiet_libraries()
     from distil.export import export_checkpoint
     from distil.checkpoint_stores import LocalCheckpointStore
-    from distil.train import Trainer, init_distributed, prepare
+    from distil.run_setup import init_distributed, prepare
+    from distil.train import Trainer
 
     prep = prepare(cfg, world_size)
     init_distributed(prep.device)
@@ -70,21 +71,21 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
     if trainer.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    trainer.install_signal_handler()
+    trainer.checkpointer.install_signal_handler()
     if trainer.rank == 0:
         print(f"run {cfg.run_name()} -> {run_dir} ({len(prep.train):,} training / {len(prep.eval):,} held-out sequences, "
               f"{prep.device.type} {prep.dtype}, {trainer.world} worker(s))", flush=True)
     result = trainer.train()
     if result["stopped"]:
         if trainer.rank == 0:
-            print(f"stopped by SIGTERM at step {result['step']}: checkpoint saved in {run_dir / 'checkpoints'}; "
+            print(f"stopped by SIGTERM at step {result['step']}: checkpoint saved in {run_dir}; "
                   "run the same command again to resume", flush=True)
         return result
     if trainer.rank == 0:
         from distil import checkpoint as ckpt
 
         model_dir = run_dir / "model"
-        export_checkpoint(run_dir / "checkpoints" / ckpt.latest_tag(run_dir / "checkpoints"), model_dir, hashed=True,
+        export_checkpoint(run_dir / ckpt.latest_tag(run_dir), model_dir, hashed=True,
                           replace=True)
         result["model_dir"] = str(model_dir)
         from distil.metrics_log import summary_lines
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--in-process", action="store_true", help="read and tokenize in this process")
     p.add_argument("--workers", type=int, help="with Ray: at most this many tasks at once (default: every CPU)")
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint folder")
-    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
+    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
     _add_data_and_cluster_commands(sub)
     return parser
@@ -179,7 +180,7 @@ def _prepare(args) -> None:
     quiet_libraries()
     from distil.model import load_teacher_config, validate_against_teacher
     from distil.prepared import data_root, ensure_prepared
-    from distil.train import load_tokenizer
+    from distil.run_setup import load_tokenizer
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
     per_step = cfg.train.micro_batch_size * max(1, cfg.scaling.num_workers)

@@ -108,8 +108,9 @@ def local_resume_point(cfg: DistilConfig, run_dir, rank: int, log) -> tuple[str 
     whose saved config must agree with this one (`check_continuation`)."""
     from distil import checkpoint as ckpt
 
-    root = run_dir / "checkpoints"
+    root = run_dir
     say = log if rank == 0 else (lambda _m: None)
+    ckpt.adopt_old_layout(run_dir, say)  # a run written by distil-run 0.1
     if not cfg.checkpoint.resume:
         tags = ckpt.complete_tags(root)
         if tags:

@@ -47,7 +47,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False, repla
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not ckpt_dir.is_dir():
-        raise UserError(f"{ckpt_dir} is not a folder", fix="give a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
+        raise UserError(f"{ckpt_dir} is not a folder", fix="give a checkpoint folder, e.g. runs/NAME/step_00000100")
     problem = ckpt.damage(ckpt_dir, hashes=not hashed)  # sizes and sha256 of every file against COMPLETE's manifest
     if problem:
         raise UserError(f"{ckpt_dir} cannot be exported: {problem}",

@@ -19,6 +19,7 @@ import torch
 from distil.config import MaskingSection
 
 IGNORE = -100
+EVAL_STEP = 2**31 - 1  # the masking stream of held-out evaluation (training steps never reach it)
 _MARKERS = {"wordpiece": "##", "charbpe": "</w>", "sentencepiece": "▁", "bytebpe": "Ġ"}
 
 

@@ -139,7 +139,8 @@ def _mlm(model: MaskedLM, batches) -> dict | None:
 
 def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str] | None = None, overrides=(),
                     max_sequences: int = 512, batch_size: int = 32) -> dict:
-    from distil.train import EVAL_STEP, load_tokenizer
+    from distil.masking import EVAL_STEP
+    from distil.run_setup import load_tokenizer
 
     student_path = Path(student_dir).expanduser()
     cfg = _config_for(student_path, teacher, data, list(overrides))

@@ -39,7 +39,8 @@ def preflight(cfg: DistilConfig) -> None:
 def _worker(loop_config: dict) -> None:
     """One Ray Train worker: the same loop as a local run, with Ray's checkpoint storage."""
     from distil.quiet import quiet_libraries
-    from distil.train import Trainer, init_distributed, prepare
+    from distil.run_setup import init_distributed, prepare
+    from distil.train import Trainer
 
     import ray.train
 
@@ -55,7 +56,7 @@ def _worker(loop_config: dict) -> None:
     init_distributed(prep.device)
     local = Path(tempfile.mkdtemp(prefix=f"distil-{cfg.run_name()}-rank{ctx.get_world_rank()}-"))
     trainer = Trainer(prep, local, store=RayCheckpointStore(cfg))
-    trainer.install_signal_handler()
+    trainer.checkpointer.install_signal_handler()
     result = trainer.train()
     if ctx.get_world_rank() == 0 and not result["stopped"]:
         from distil.metrics_log import summary_lines
@@ -90,7 +91,7 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
 
     from distil.model import load_teacher_config, validate_against_teacher
     from distil.prepared import ensure_prepared
-    from distil.train import check_precision, load_tokenizer
+    from distil.run_setup import check_precision, load_tokenizer
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
     s = cfg.scaling

@@ -14,7 +14,7 @@ from distil.train import Trainer
 
 
 def main(config: str, out: str) -> None:
-    resume = Trainer.maybe_resume
+    resume = Trainer.resume
 
     def probe(self: Trainer) -> None:
         resume(self)
@@ -26,7 +26,7 @@ def main(config: str, out: str) -> None:
                     "adam_step": [float(opt.optimizer.state[g]["step"]) for g in groups],
                     "step": self.step, "sampler": self.sampler.state_dict()}, Path(out) / f"rank{self.rank}.pt")
 
-    Trainer.maybe_resume = probe
+    Trainer.resume = probe
     quiet_libraries()
     run_training(config, [])
 

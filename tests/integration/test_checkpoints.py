@@ -60,7 +60,7 @@ def test_list_local_and_s3(run, bucket, s3_endpoint):
         rows = [json.loads(x) for x in r.stdout.splitlines()]
         assert [(x["run"], x["step"], x["complete"]) for x in rows] == [("t", 3, True), ("t", 6, True)]
         for x in rows:
-            ckpt = run / "checkpoints" / f"step_{x['step']:08d}"
+            ckpt = run / f"step_{x['step']:08d}"
             assert x["tokens"] == json.loads((ckpt / "trainer_state.json").read_text())["tokens"] > 0
             assert x["size"] == sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
             logged = [m["train/loss"] for m in rows_metrics if "train/loss" in m and m["step"] <= x["step"]]
@@ -81,7 +81,7 @@ def test_pull_from_s3_gives_the_training_weights(tmp_path, run, bucket, s3_endpo
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["step"] == 6  # the result alone on stdout: DeepSpeed's lines go to stderr
     pulled = AutoModelForMaskedLM.from_pretrained(out)
-    consolidated = fp32_state_dict(run / "checkpoints" / "step_00000006")
+    consolidated = fp32_state_dict(run / "step_00000006")
     sd = pulled.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in consolidated.items())
     ids = torch.randint(5, 100, (2, 12))
@@ -115,7 +115,7 @@ def test_pull_raw_and_an_older_step(tmp_path, run, bucket, s3_endpoint):
     assert r.returncode == 0, r.stderr[-3000:]
     assert ckpt.verify(out, ckpt.read_complete(out)["files"]) == {}
     assert ckpt.read_complete(out)["step"] == 3
-    local = run / "checkpoints" / "step_00000003"
+    local = run / "step_00000003"
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(p.relative_to(local) for p in local.rglob("*"))
 
 
@@ -211,13 +211,13 @@ def test_bad_inputs_leave_nothing(tmp_path, run, bucket, s3_endpoint, s3_endpoin
     _refused(pull(f"s3://{name}/runs/t", "--step", "x"), "--step")
     _refused(pull(f"s3://{name}/nothing-here"), "no checkpoints under")
     # Another run beside it: the URI must name one.
-    upload(s3, name, run / "checkpoints" / "step_00000003", "runs/u/step_00000003")
+    upload(s3, name, run / "step_00000003", "runs/u/step_00000003")
     _refused(pull(f"s3://{name}/runs"), "holds 2 runs", "runs/RUN")
     # An incomplete checkpoint: its COMPLETE marker never arrived.
-    s3.delete_object(Bucket=name, Key="runs/t/checkpoints/step_00000006/COMPLETE")
+    s3.delete_object(Bucket=name, Key="runs/t/step_00000006/COMPLETE")
     _refused(pull(f"s3://{name}/runs/t", "--step", "6"), "incomplete", "no COMPLETE marker")
     # A truncated object (shorter than the manifest says).
-    shard = "runs/t/checkpoints/step_00000003/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard = "runs/t/step_00000003/zero_pp_rank_0_mp_rank_00_optim_states.pt"
     body = s3.get_object(Bucket=name, Key=shard)["Body"].read()
     s3.put_object(Bucket=name, Key=shard, Body=body[:-100])
     _refused(pull(f"s3://{name}/runs/t", "--step", "3"), "truncated")
@@ -230,7 +230,7 @@ def test_bad_inputs_leave_nothing(tmp_path, run, bucket, s3_endpoint, s3_endpoin
 def test_malicious_key_is_refused(tmp_path, run, bucket, s3_endpoint):
     """A manifest naming a file outside the checkpoint folder ('..') is refused before any download."""
     s3, name = bucket
-    prefix = "runs/t/checkpoints/step_00000006"
+    prefix = "runs/t/step_00000006"
     complete = json.loads(s3.get_object(Bucket=name, Key=f"{prefix}/COMPLETE")["Body"].read())
     evil = "../../../../escaped.txt"
     complete["files"][evil] = {"size": 4, "sha256": "0" * 64}
@@ -253,7 +253,7 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
     from distil.config import load_config
     from distil.data import collate
     from distil.masking import Masker
-    from distil.train import EVAL_STEP
+    from distil.masking import EVAL_STEP
 
     r = distil("eval", str(run / "model"), "--json", "--max-sequences", "16", "--batch-size", "16")
     assert r.returncode == 0, r.stderr[-3000:]

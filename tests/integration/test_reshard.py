@@ -41,7 +41,7 @@ def two_rank_run(tmp_path_factory, teacher_dir):
     """An uninterrupted 6-step run on 2 ranks, checkpoints at steps 3 and 6."""
     tmp = tmp_path_factory.mktemp("reshard")
     torchrun(2, "-m", "distil.cli", "train", "--config", str(config(tmp, teacher_dir, "a")))
-    return tmp, tmp / "runs" / "a" / "checkpoints"
+    return tmp, tmp / "runs" / "a"
 
 
 def saved_partitions(ckpt_dir: Path) -> dict[str, list[torch.Tensor]]:
@@ -60,7 +60,7 @@ def saved_partitions(ckpt_dir: Path) -> dict[str, list[torch.Tensor]]:
 def test_resume_on_another_worker_count_repartitions_zero2_state(two_rank_run, teacher_dir, workers):
     tmp, a_root = two_rank_run
     name = f"w{workers}"
-    root = tmp / "runs" / name / "checkpoints"
+    root = tmp / "runs" / name
     root.mkdir(parents=True)
     shutil.copytree(a_root / STEP3, root / STEP3)  # run `a` as it stood when preempted at step 3
     probe = tmp / f"probe-{name}"

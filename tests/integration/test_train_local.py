@@ -46,7 +46,7 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_model(tmp_path, teacher_d
     cfg_path = write_config(tmp_path / "c.yaml", base_config(teacher_dir, tmp_path))
     out = cli(cfg_path).stdout
     run = tmp_path / "runs" / "t"
-    root = run / "checkpoints"
+    root = run  # checkpoints are RUN/step_N, as in a Ray run
     assert complete_tags(root) == ["step_00000003", "step_00000006"]
     assert (root / "latest").read_text() == "step_00000006"
     last = root / "step_00000006"
@@ -81,7 +81,7 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_model(tmp_path, teacher_d
 
 def _kill_after(proc, run_dir: Path, step: int, sig) -> str:
     """Send `sig` once a checkpoint at >= step is complete; returns the latest tag at that moment."""
-    latest = run_dir / "checkpoints" / "latest"
+    latest = run_dir / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if latest.is_file() and latest.read_text() >= f"step_{step:08d}":
@@ -114,7 +114,7 @@ def _interrupted_then_resumed(tmp_path, cfg, sig, expect_rc):
     proc = cli(path, wait=False)
     tag = _kill_after(proc, run, 4, sig)
     assert proc.returncode == expect_rc, proc.stdout.read()[-3000:]
-    stopped_at = (run / "checkpoints" / "latest").read_text()
+    stopped_at = (run / "latest").read_text()
     assert stopped_at < "step_00000024", "the run must be interrupted before it ends"
     last_logged = max(r["step"] for r in metrics(run) if "train/loss" in r)
     resumed = cli(path).stdout

@@ -80,7 +80,7 @@ def test_local_pull_copies_no_link_target(tmp_path):
     secret = tmp_path / "elsewhere" / "id_rsa"
     secret.parent.mkdir()
     secret.write_bytes(b"PRIVATE KEY")
-    run = tmp_path / "runs" / "r" / "checkpoints"
+    run = tmp_path / "runs" / "r"
     d = fake_checkpoint(run, "step_00000001", {"model.pt": b"weights"})
     (d / "extra").symlink_to(secret.parent)  # a link beside the manifest's files: never followed
     r = distil("checkpoints", "pull", str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "raw"), "--raw")
@@ -125,7 +125,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, trained):
     """64 flipped bytes in the newest optimizer shard once resumed silently (different weights,
     exit 0). Now: named, passed over, and the run retrains from step 3 to the same weights."""
     path, run = _copy_run(trained, tmp_path)
-    shard = run / "checkpoints" / "step_00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard = run / "step_00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     _flip(shard)
     shutil.rmtree(run / "model")
     r = distil("train", "--config", str(path))
@@ -134,13 +134,13 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, trained):
     assert "resumed from step_00000003" in r.stdout
     weights, reference = load_file(str(run / "model" / "model.safetensors")), trained[2]
     assert weights.keys() == reference.keys() and all(bool((weights[k] == reference[k]).all()) for k in reference)
-    assert ckpt.damage(run / "checkpoints" / "step_00000006") is None  # saved again, whole
+    assert ckpt.damage(run / "step_00000006") is None  # saved again, whole
 
 
 def test_export_prints_its_json_alone_and_the_trained_weights(tmp_path, trained):
     """A script reads `distil export`'s stdout as JSON: DeepSpeed's log lines go to stderr."""
     _, run, reference = trained
-    r = distil("export", str(run / "checkpoints" / "step_00000006"), "--out", str(tmp_path / "m"))
+    r = distil("export", str(run / "step_00000006"), "--out", str(tmp_path / "m"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout) == {"model_dir": str(tmp_path / "m")}
     weights = load_file(str(tmp_path / "m" / "model.safetensors"))
@@ -148,8 +148,8 @@ def test_export_prints_its_json_alone_and_the_trained_weights(tmp_path, trained)
 
 def test_export_refuses_a_flipped_model_file(tmp_path, trained):
     _, run = _copy_run(trained, tmp_path)
-    _flip(run / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt")
-    r = distil("export", str(run / "checkpoints" / "step_00000006"), "--out", str(tmp_path / "m"))
+    _flip(run / "step_00000006" / "mp_rank_00_model_states.pt")
+    r = distil("export", str(run / "step_00000006"), "--out", str(tmp_path / "m"))
     refused(r, "mp_rank_00_model_states.pt: sha256 differs")
     assert not (tmp_path / "m").exists()
 
@@ -158,7 +158,7 @@ def test_edited_trainer_state_is_not_resumed(tmp_path, trained):
     """An edited step in trainer_state.json once skipped steps; now the checkpoint is damaged."""
     path, run = _copy_run(trained, tmp_path)
     for tag in ("step_00000003", "step_00000006"):
-        state = run / "checkpoints" / tag / ckpt.TRAINER_STATE
+        state = run / tag / ckpt.TRAINER_STATE
         state.write_text(state.read_text().replace('"step": ', '"step": 2'))
     before = tree(run)
     r = distil("train", "--config", str(path), "--set", "train.max_steps=40")
@@ -189,8 +189,8 @@ def test_fresh_start_over_a_run_is_refused_unless_started_over(tmp_path, trained
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     moved = [p for p in run.parent.iterdir() if p.name.startswith("t.replaced-")]
     assert len(moved) == 1 and tree(moved[0]) == before  # the old run, whole, beside the new one
-    assert ckpt.complete_tags(run / "checkpoints") == ["step_00000003", "step_00000006"]
-    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert ckpt.complete_tags(run) == ["step_00000003", "step_00000006"]
+    assert (run / "latest").read_text() == "step_00000006"
 
 
 # -- bad input: one message, exit 2, nothing written ------------------------------------------
@@ -296,7 +296,7 @@ def test_export_refuses_shards_its_manifest_does_not_list(tmp_path, trained):
     """DeepSpeed's merge globs *_optim_states.pt: a leftover shard of an unfinished save (another
     worker count) would be merged in."""
     _, run = _copy_run(trained, tmp_path)
-    ck = run / "checkpoints" / "step_00000006"
+    ck = run / "step_00000006"
     shutil.copy(ck / "zero_pp_rank_0_mp_rank_00_optim_states.pt", ck / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     r = distil("export", str(ck), "--out", str(tmp_path / "m"))
     refused(r, "zero_pp_rank_1_mp_rank_00_optim_states.pt", "manifest does not list")

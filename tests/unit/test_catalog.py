@@ -1,4 +1,4 @@
-"""Checkpoint discovery in both layouts, manifests, and the metrics history after a resume."""
+"""Checkpoint discovery, manifests, and the metrics history after a resume."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from distil.storage import Storage
 from tests.conftest import fake_checkpoint
 
 
-def test_split_reads_both_layouts():
-    assert _split("t/checkpoints/step_00000003/hf/config.json", None) == ("t", "t/checkpoints/step_00000003", "hf/config.json")
+def test_split_reads_the_one_layout():
+    assert _split("t/step_00000003/hf/config.json", None) == ("t", "t/step_00000003", "hf/config.json")
+    assert _split("a/b/step_00000003/COMPLETE", None) == ("a/b", "a/b/step_00000003", "COMPLETE")
     assert _split("t/step_00000012/COMPLETE", None) == ("t", "t/step_00000012", "COMPLETE")
     assert _split("step_00000012/COMPLETE", None) == ("", "step_00000012", "COMPLETE")
     assert _split("t/metrics.jsonl", None) is None
@@ -23,7 +24,7 @@ def test_split_reads_both_layouts():
 
 
 def test_completeness_and_selection(tmp_path):
-    run = tmp_path / "runs" / "r" / "checkpoints"
+    run = tmp_path / "runs" / "r"
     fake_checkpoint(run, "step_00000002", {"a.pt": b"12345", "hf/config.json": b"{}"})
     d4 = fake_checkpoint(run, "step_00000004", {"a.pt": b"12345"})
     fake_checkpoint(run, "step_00000006", {"a.pt": b"12345"}, complete=False)

@@ -198,7 +198,7 @@ def test_unnamed_runs_keep_their_name_when_only_resumable_keys_change():
 def test_finished_run_and_fresh_start_over_checkpoints(tmp_path):
     cfg = _demo()
     run_dir = tmp_path / "demo"
-    fake_checkpoint(run_dir / "checkpoints", "step_00000120",
+    fake_checkpoint(run_dir, "step_00000120",
                     {"config.yaml": cfg.to_yaml().encode(), ckpt.TRAINER_STATE: b'{"step": 120}'})
     tag, finished = continuity.local_resume_point(cfg, run_dir, 0, print)
     assert tag == "step_00000120" and "already finished" in finished and "step 120" in finished
@@ -208,9 +208,37 @@ def test_finished_run_and_fresh_start_over_checkpoints(tmp_path):
         continuity.local_resume_point(_demo("checkpoint.resume=false"), run_dir, 0, print)
 
 
+def test_a_run_in_the_old_layout_is_moved_into_the_one_layout(tmp_path):
+    """distil-run 0.1 kept a local run's checkpoints in RUN/checkpoints/; every run now keeps
+    them as RUN/step_N (a Ray run's layout). Training such a run again moves them, whole, with
+    `latest`, and resumes from the newest; `distil checkpoints list` then finds them."""
+    from distil.catalog import list_checkpoints
+    from distil.storage import Storage
+
+    cfg = _demo("train.max_steps=200")
+    run_dir = tmp_path / "demo"
+    for step in (60, 120):
+        fake_checkpoint(run_dir / "checkpoints", f"step_{step:08d}",
+                        {"config.yaml": cfg.to_yaml().encode(), ckpt.TRAINER_STATE: f'{{"step": {step}}}'.encode()})
+    (run_dir / "checkpoints" / ckpt.LATEST).write_text("step_00000120")
+    said: list[str] = []
+    tag, finished = continuity.local_resume_point(cfg, run_dir, 0, said.append)
+    assert tag == "step_00000120" and finished is None
+    assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step_00000060", "step_00000120"]
+    assert ckpt.damage(run_dir / "step_00000120") is None and (run_dir / ckpt.LATEST).read_text() == "step_00000120"
+    assert any("2 checkpoint(s) moved from checkpoints/" in m for m in said), said
+    assert [c.step for c in list_checkpoints(Storage(str(tmp_path))) if c.complete] == [60, 120]
+    assert ckpt.adopt_old_layout(run_dir) == []  # a second start: nothing left to move
+    # The same step in both places: refused, nothing moved.
+    fake_checkpoint(run_dir / "checkpoints", "step_00000060", {"x.pt": b"1"})
+    with pytest.raises(UserError, match="both exist"):
+        ckpt.adopt_old_layout(run_dir)
+    assert (run_dir / "checkpoints" / "step_00000060" / "x.pt").is_file()
+
+
 def test_start_over_moves_the_run_aside(tmp_path):
     cfg = _demo(f"storage.uri={tmp_path}")
-    (tmp_path / "demo" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "demo").mkdir(parents=True)
     (tmp_path / "demo" / "metrics.jsonl").write_text("{}\n")
     said: list[str] = []
     continuity.start_over(cfg, said.append)

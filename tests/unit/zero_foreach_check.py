@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
 
 from distil import zero_foreach  # noqa: E402
-from distil.train import init_distributed  # noqa: E402
+from distil.run_setup import init_distributed  # noqa: E402
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
