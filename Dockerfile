@@ -19,6 +19,7 @@ RUN python -m pip install --no-cache-dir -e . \
     && python -c "import torch, ray, deepspeed; assert ray.__version__ == '2.60.0', ray.__version__"
 
 COPY distil/ distil/
+COPY helm/ helm/
 COPY jobs/ jobs/
 COPY configs/ configs/
 

@@ -182,10 +182,9 @@ class RayCheckpointStore:
 
         try:
             if self._target is None:  # made once per worker, not at every checkpoint
-                storage_path, filesystem = self.cfg.storage_root().arrow()
-                self._target = storage_path, filesystem or pafs.LocalFileSystem()
-            storage_path, filesystem = self._target
-            dest = f"{storage_path}/{self.cfg.run_name()}"
+                dest, filesystem = self.cfg.run_storage().arrow()
+                self._target = dest, filesystem or pafs.LocalFileSystem()
+            dest, filesystem = self._target
             filesystem.create_dir(dest, recursive=True)
             if (snapshot / METRICS).is_file():
                 pafs.copy_files(str(snapshot / METRICS), f"{dest}/{METRICS}", destination_filesystem=filesystem)

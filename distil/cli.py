@@ -40,7 +40,7 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # >1 under torchrun
     rank = int(os.environ.get("RANK", "0"))
     cfg.check_before_loading(world_size)
-    if cfg.storage.uri.startswith("s3://"):
+    if cfg.storage_root().is_s3:
         raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
                         fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
     from distil import continuity
@@ -48,7 +48,7 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
 
     check_storage_folder(cfg.storage.uri)
 
-    run_dir = Path(cfg.storage.uri).expanduser() / cfg.run_name()
+    run_dir = cfg.run_storage().local()
     if start_over:  # every rank starts from nothing; rank 0 alone moves the old run aside
         if rank == 0:
             continuity.start_over(cfg, _stderr)
@@ -179,7 +179,7 @@ def _prepare(args) -> None:
         raise UserError(f"--workers {args.workers}: must be 1 or more", where="--workers")
     quiet_libraries()
     from distil.model import load_teacher_config, validate_against_teacher
-    from distil.prepared import data_root, ensure_prepared
+    from distil.prepared import data_storage, ensure_prepared
     from distil.run_setup import load_tokenizer
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
@@ -188,7 +188,7 @@ def _prepare(args) -> None:
                                use_ray=True if args.ray else False if args.in_process else None, workers=args.workers)
     m = manifest["splits"]
     print(f"prepared data {manifest['fingerprint']}: {m['train']['sequences']:,} training sequences "
-          f"({m['train']['tokens']:,} tokens), {m['eval']['sequences']:,} held-out, in {data_root(cfg)}/{manifest['fingerprint']}",
+          f"({m['train']['tokens']:,} tokens), {m['eval']['sequences']:,} held-out, in {data_storage(cfg, manifest['fingerprint']).uri}",
           flush=True)
 
 
@@ -233,7 +233,7 @@ def _add_data_and_cluster_commands(sub) -> None:
 def _add_k8s_commands(sub) -> None:
     k = sub.add_parser("k8s", help="submit, follow and resume runs as KubeRay RayJobs (without Helm)")
     ks = k.add_subparsers(dest="action", required=True)
-    p = ks.add_parser("submit", help="create the run's ConfigMap and RayJob")
+    p = ks.add_parser("submit", help="render the Helm chart for the run (helm template) and create its ConfigMap and RayJob")
     p.add_argument("--config", "-c", required=True, help="the run's YAML config (storage.uri must be s3://)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key of the config, e.g. --set train.max_steps=1000 (repeatable)")
@@ -247,6 +247,7 @@ def _add_k8s_commands(sub) -> None:
     p.add_argument("--backoff-limit", type=int, default=3, help="resubmissions of a failed run (each resumes)")
     p.add_argument("--grace-period", type=int, default=300, help="terminationGracePeriodSeconds of the pods")
     p.add_argument("--service-account", help="ServiceAccount of the pods (e.g. one with IRSA for S3)")
+    p.add_argument("--chart", help="the distil-run Helm chart to render (default: the one installed with distil-run)")
     p.add_argument("--dry-run", action="store_true", help="print the objects as YAML instead of creating them")
     status = ks.add_parser("status", help="job, cluster and pod state, and the latest checkpoint")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -268,14 +269,15 @@ def _run_k8s_command(args) -> None:
         from distil.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        objs = k8s.manifests(cfg, args.namespace, args.image, args.workers, args.gpus_per_pod, args.cpu, args.memory,
-                             args.shm_size, args.credentials_secret, args.backoff_limit, args.grace_period, args.service_account)
+        values = k8s.submit_values(cfg, args.image, args.workers, args.gpus_per_pod, args.cpu, args.memory, args.shm_size,
+                                   args.credentials_secret, args.backoff_limit, args.grace_period, args.service_account)
+        objs = k8s.render_chart(values, args.namespace, args.chart and Path(args.chart))
         if args.dry_run:
             import yaml
 
             print(yaml.safe_dump_all(objs, sort_keys=False), end="")
             return
-        name = k8s.submit(k8s.clients(args.kubeconfig, args.context), *objs)
+        name = k8s.submit(k8s.clients(args.kubeconfig, args.context), objs)
         print(f"RayJob {args.namespace}/{name} created; follow it with `distil k8s status {name} -n {args.namespace}`")
     elif args.action == "status":
         report = k8s.status(k8s.clients(args.kubeconfig, args.context), args.namespace, args.run)

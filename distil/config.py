@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distil.errors import UserError
+from distil.paths import is_s3
 
 
 class _Strict(BaseModel):
@@ -302,7 +303,7 @@ class DistilConfig(_Strict):
         from distil.corpus import is_hub_name
 
         for source in self.data.sources:
-            if not source.startswith("s3://") and not is_hub_name(source) and not Path(source).expanduser().exists():
+            if not is_s3(source) and not is_hub_name(source) and not Path(source).expanduser().exists():
                 raise UserError(f"{source} does not exist", where="data.sources", fix="correct the path")
 
     def run_name(self) -> str:

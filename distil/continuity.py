@@ -84,21 +84,17 @@ def replaced_name(run_name: str) -> str:
 
 def start_over(cfg: DistilConfig, log) -> None:
     """--start-over: move the run's folder (checkpoints, metrics, model) aside, whole."""
-    storage = cfg.storage_root()
-    name = cfg.run_name()
-    if not _run_exists(storage, name):
+    storage, name = cfg.storage_root(), cfg.run_name()
+    if not _run_exists(cfg):
         return
     dest = replaced_name(name)
     storage.move(name, dest)
     log(f"--start-over: the previous run {name} was moved to {cfg.storage.uri.rstrip('/')}/{dest}")
 
 
-def _run_exists(storage, name: str) -> bool:
-    from pathlib import Path
-
-    if not storage.is_s3:
-        return (Path(storage.uri).expanduser() / name).exists()
-    return bool(storage.child(name).list_keys())
+def _run_exists(cfg: DistilConfig) -> bool:
+    run = cfg.run_storage()
+    return run.local().exists() if not run.is_s3 else bool(run.list_keys())
 
 
 def local_resume_point(cfg: DistilConfig, run_dir, rank: int, log) -> tuple[str | None, str | None]:
@@ -131,11 +127,9 @@ def stored_resume_point(cfg: DistilConfig, log) -> str | None:
     is already finished. (The workers check every file's sha256 when they load it.)"""
     from distil.catalog import list_checkpoints
 
-    storage = cfg.storage_root()
-    name = cfg.run_name()
-    if not _run_exists(storage, name):
+    if not _run_exists(cfg):
         return None
-    run = storage.child(name)
+    run = cfg.run_storage()
     complete = [c for c in list_checkpoints(run) if c.complete]
     if not complete:
         return None

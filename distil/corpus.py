@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distil.errors import UserError
+from distil.paths import S3, is_s3
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 RANGE_BYTES = 32 << 20  # text per read task: its tokens take ~1x the text's size in the task
@@ -51,7 +52,7 @@ class Reading:
 
 
 def is_hub_name(source: str) -> bool:
-    return not source.startswith(("s3://", ".", "/", "~")) and not Path(source).exists() and source.count("/") <= 1
+    return not is_s3(source) and not source.startswith((".", "/", "~")) and not Path(source).exists() and source.count("/") <= 1
 
 
 def local_files(source: str) -> list[Path]:
@@ -147,7 +148,7 @@ def _text_of(obj, field: str, where: str) -> str | None:
 def read(r: Range, reading: Reading) -> list[str]:
     """The documents of one range: lines (text), records' text fields (jsonl, json, parquet);
     empty and whitespace-only documents left out. A line ends at \\n; a \\r before it is dropped."""
-    where = f"s3://{r.path}" if r.s3 else r.path
+    where = f"{S3}{r.path}" if r.s3 else r.path
     with _filesystem(reading, r.s3).open_input_file(r.path) as f:
         if r.kind == "parquet":
             import pyarrow.parquet as pq
@@ -236,8 +237,8 @@ def plan(data, reading: Reading, listing: list[dict]) -> list[list[Range] | HubS
         if name.startswith("hub:"):
             segments.append(load_hub(name.removeprefix("hub:"), data, reading.text_field))
             continue
-        s3 = name.startswith("s3://")
-        ranges = file_ranges(name.removeprefix("s3://") if s3 else name, entry["size"], s3, reading)
+        s3 = is_s3(name)
+        ranges = file_ranges(name.removeprefix(S3) if s3 else name, entry["size"], s3, reading)
         if segments and isinstance(segments[-1], list):
             segments[-1].extend(ranges)
         else:

@@ -4,17 +4,24 @@
     distil k8s status RUN                      RayJob, RayCluster and pod state, latest checkpoint
     distil k8s resume RUN [--workers N]        re-create a RayJob that ended without finishing
 
-The RayJob is named after the run (`run.name`, or the derived name), so a re-created job
-resumes from that run's latest checkpoint in storage. The objects match what the Helm chart
-renders (helm/distil-run): one training worker per GPU, S3 credentials only by secretKeyRef,
-a memory-backed /dev/shm, non-root pods, a grace period for the checkpoint on SIGTERM.
+`submit` renders the packaged Helm chart (helm/distil-run, with `helm template`) from values
+built from its flags, then creates the objects with the kubernetes client: the pod spec has
+one source, the chart, whether a run is installed with Helm or submitted by `distil`. The
+RayJob is named after the run (`run.name`, or the derived name), so a re-created job resumes
+from that run's latest checkpoint in storage; every object is labelled `distil-run/run`, which
+`status` and `resume` also find on a Helm-installed run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from distil.config import DistilConfig
 from distil.errors import UserError
@@ -97,79 +104,109 @@ def require_kuberay(ext) -> None:
         raise
 
 
-def manifests(cfg: DistilConfig, namespace: str, image: str, workers: int, gpus_per_pod: int, cpu: str, memory: str,
-              shm_size: str, credentials_secret: str | None, backoff_limit: int, grace_period: int,
-              service_account: str | None = None) -> tuple[dict, dict]:
-    """(ConfigMap, RayJob) for a run: `workers` pods with `gpus_per_pod` GPUs, one rank per GPU."""
-    if not cfg.storage.uri.startswith("s3://"):
+def chart_dir() -> Path:
+    """The Helm chart this distil-run ships: helm/distil-run (`distil/chart` links to it in a
+    source tree; a built wheel holds a copy there)."""
+    return Path(__file__).resolve().with_name("chart")
+
+
+def helm_binary() -> str:
+    """helm v3: $DISTIL_HELM, the one beside this Python (`make setup` puts it in .venv/bin), or PATH's."""
+    beside = Path(sys.executable).with_name("helm")
+    found = os.environ.get("DISTIL_HELM") or (str(beside) if beside.is_file() else None) or shutil.which("helm")
+    if not found or not Path(found).is_file():
+        raise UserError(f"distil k8s submit renders the distil-run Helm chart with helm v3, and {found or 'none'} is not a "
+                        "helm program", where="DISTIL_HELM" if os.environ.get("DISTIL_HELM") else "helm",
+                        fix="install helm v3 (https://helm.sh/docs/intro/install/; `make setup` puts one in .venv/bin) "
+                            "or set DISTIL_HELM to its path")
+    return found
+
+
+def submit_values(cfg: DistilConfig, image: str, workers: int, gpus_per_pod: int, cpu: str, memory: str, shm_size: str,
+                  credentials_secret: str | None, backoff_limit: int, grace_period: int,
+                  service_account: str | None = None) -> dict:
+    """The chart's values for `distil k8s submit`'s flags: what a user would write in
+    my-values.yaml for `helm install`. Objects are named after the run (fullnameOverride)."""
+    if not cfg.storage_root().is_s3:
         raise UserError(f"storage.uri is {cfg.storage.uri!r}: pods lose their disks on preemption", where="storage.uri",
                         fix="use object storage: s3://bucket/prefix (with storage.endpoint_url for MinIO/Ceph/R2)")
     check_submit_flags(workers, gpus_per_pod, cpu, memory, shm_size, backoff_limit, grace_period)
     cfg.check_batch_split(workers * gpus_per_pod)
     run = cfg.run_name()
-    name = k8s_name(run)
-    cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={
-        "num_workers": workers * gpus_per_pod, "use_gpu": True, "gpus_per_worker": 1.0})})
-    labels = {"app.kubernetes.io/name": "distil-run", "app.kubernetes.io/instance": name,
-              "app.kubernetes.io/part-of": "distil-run", "app.kubernetes.io/managed-by": "distil", RUN_LABEL: name}
-    env = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "TORCH_EXTENSIONS_DIR", "value": "/tmp/torch_extensions"}]
-    if credentials_secret:
-        env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k}}}
-                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-
-    def pod(component: str, resources: dict, shm: str) -> dict:
-        spec = {
-            "terminationGracePeriodSeconds": grace_period,
-            "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{
-                "name": component, "image": image, "env": env, "resources": resources,
-                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                **({"lifecycle": {"preStop": {"exec": {"command": [  # checkpoint before SIGTERM: distil/preempt.py
-                    "python", "-m", "distil.preempt", "--timeout", str(grace_period - 15)]}}}} if component == "ray-worker" else {}),
-                "volumeMounts": [{"name": "distil-config", "mountPath": "/etc/distil", "readOnly": True},
-                                 {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]}],
-            "volumes": [{"name": "distil-config", "configMap": {"name": f"{name}-config"}},
-                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
-                        {"name": "tmp", "emptyDir": {}}],
-        }
-        if service_account:
-            spec["serviceAccountName"] = service_account
-        return {"metadata": {"labels": {**labels, "app.kubernetes.io/component": component}}, "spec": spec}
-
-    worker_res = {"requests": {"cpu": cpu, "memory": memory},
-                  "limits": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": gpus_per_pod}}
-    head_res = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {"name": f"{name}-config", "namespace": namespace, "labels": labels},
-                  "data": {"config.yaml": cfg.to_yaml()}}
-    job = {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {
-            "entrypoint": f"python jobs/distill.py --config {CONFIG_PATH}",
-            "submissionMode": "K8sJobMode",
-            "backoffLimit": backoff_limit,
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 3600,
-            "rayClusterSpec": {
-                "rayVersion": "2.60.0",
-                "headGroupSpec": {"rayStartParams": {"num-gpus": "0"}, "template": pod("ray-head", head_res, "1Gi")},
-                "workerGroupSpecs": [{"groupName": "gpu", "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
-                                      "rayStartParams": {"num-gpus": str(gpus_per_pod)},
-                                      "template": pod("ray-worker", worker_res, shm_size)}],
-            },
-        },
+    # run.name written out (the chart labels every object with it); `scaling` as the chart sets it.
+    config = cfg.model_dump(mode="json")
+    config["run"]["name"] = run
+    config["scaling"].update(num_workers=workers * gpus_per_pod, use_gpu=True, gpus_per_worker=1)
+    repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    return {
+        "mode": "job", "fullnameOverride": k8s_name(run), "config": config,
+        "image": {"repository": repository, "tag": tag},
+        "serviceAccount": {"create": False, "name": service_account or ""},
+        "storage": {"credentialsSecret": credentials_secret or ""},
+        "job": {"backoffLimit": backoff_limit},
+        "terminationGracePeriodSeconds": grace_period,
+        "workerGroups": [{"name": "gpu", "replicas": workers, "gpusPerPod": gpus_per_pod, "shmSize": shm_size,
+                          "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}}],
     }
-    return config_map, job
 
 
-def submit(api, config_map: dict, job: dict) -> str:
-    core, custom, ext = api
-    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+def render_chart(values: dict, namespace: str, chart: Path | None = None) -> list[dict]:
+    """`helm template` of the chart with these values: the objects `helm install` would create
+    (one source for the pod spec), labelled as made by distil, in `namespace`. What the chart
+    refuses (its schema, its checks) comes back as one UserError."""
+    import tempfile
+
+    import yaml
+
+    helm = helm_binary()
+    chart = chart or chart_dir()
+    if not (chart / "Chart.yaml").is_file():
+        raise UserError(f"no Helm chart at {chart}", where="--chart", fix="give the distil-run chart's folder (helm/distil-run)")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="distil-values-") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+        f.flush()
+        r = subprocess.run([helm, "template", values["fullnameOverride"], str(chart), "--namespace", namespace, "-f", f.name],
+                           capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise UserError(f"the distil-run chart refuses these settings: {_helm_error(r.stderr)}", where="distil k8s submit",
+                        fix="change the flag or config key it names")
+    objects = [d for d in yaml.safe_load_all(r.stdout) if d]
+    for obj in objects:
+        obj["metadata"]["namespace"] = namespace
+        _relabel(obj)
+    return objects
+
+
+def _helm_error(stderr: str) -> str:
+    """helm's refusal in one line: a chart check's message, or the schema's findings."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip() and not line.startswith("WARNING")]
+    text = "; ".join(lines).removeprefix("Error: ")
+    return re.sub(r"execution error at \([^)]*\): ", "", text)
+
+
+def _relabel(node) -> None:
+    """managed-by: distil, not Helm: these objects belong to no Helm release (`helm list` does
+    not show them, `helm upgrade` does not own them)."""
+    if isinstance(node, dict):
+        if node.get("app.kubernetes.io/managed-by") == "Helm":
+            node["app.kubernetes.io/managed-by"] = "distil"
+        for v in node.values():
+            _relabel(v)
+    elif isinstance(node, list):
+        for v in node:
+            _relabel(v)
+
+
+def submit(api, objects: list[dict]) -> str:
+    """Create the rendered objects (ConfigMap, RayJob; a ServiceAccount if the values make one);
+    a RayJob of that name must not exist yet. Returns its name."""
     from kubernetes.client.exceptions import ApiException
 
+    core, custom, ext = api
+    job = next(o for o in objects if o["kind"] == "RayJob")
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    create = {"ConfigMap": (core.create_namespaced_config_map, core.replace_namespaced_config_map),
+              "ServiceAccount": (core.create_namespaced_service_account, core.replace_namespaced_service_account)}
     with _api_errors(f"submitting {name}"):
         require_kuberay(ext)
         try:
@@ -179,12 +216,16 @@ def submit(api, config_map: dict, job: dict) -> str:
         except ApiException as e:
             if e.status != 404:
                 raise
-        try:
-            core.create_namespaced_config_map(namespace, config_map)
-        except ApiException as e:
-            if e.status != 409:
-                raise
-            core.replace_namespaced_config_map(config_map["metadata"]["name"], namespace, config_map)
+        for obj in objects:  # the RayJob last: it mounts the ConfigMap
+            if obj["kind"] == "RayJob":
+                continue
+            make, replace = create[obj["kind"]]
+            try:
+                make(namespace, obj)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                replace(obj["metadata"]["name"], namespace, obj)
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
     return name
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from distil.config import DistilConfig, load_config
 from distil.data import collate
 from distil.errors import UserError
+from distil.paths import is_s3
 from distil.evaluate import agreement, embed
 from distil.export import RUN_CONFIG
 from distil.masking import IGNORE, Masker
@@ -74,7 +75,7 @@ def _from_where_the_run_started(cfg: DistilConfig, student: Path) -> DistilConfi
     paths of its config (teacher, data, storage) were relative to the folder the run was
     started from: the model's folder less `RUN/model` and a relative storage.uri. Paths that already exist from here, and absolute ones, are kept."""
     uri = cfg.storage.uri
-    if uri.startswith(("s3://", "/", "~")):
+    if is_s3(uri) or uri.startswith(("/", "~")):
         return cfg
     storage = student.resolve().parent.parent  # STORAGE of STORAGE/RUN/model
     parts = Path(uri).parts
@@ -90,7 +91,7 @@ def _from_where_the_run_started(cfg: DistilConfig, student: Path) -> DistilConfi
     from distil.corpus import is_hub_name
 
     teacher = cfg.teacher.name_or_path
-    data = {"sources": [s if s.startswith("s3://") or is_hub_name(s) else moved(s) for s in cfg.data.sources]}
+    data = {"sources": [s if is_s3(s) or is_hub_name(s) else moved(s) for s in cfg.data.sources]}
     if cfg.data.cache_dir:
         data["cache_dir"] = moved(cfg.data.cache_dir)
     return cfg.model_copy(update={

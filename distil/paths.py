@@ -16,6 +16,14 @@ from pathlib import Path, PurePosixPath
 
 from distil.errors import UserError
 
+S3 = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    """Whether a location (storage.uri, a data source, a command's URI) is in S3-compatible
+    object storage; anything else is a local path (or, for data, a hub name). The one test."""
+    return uri.startswith(S3)
+
 
 def check_relative(key: str, what: str = "object key") -> PurePosixPath:
     """`key` as a relative POSIX path that stays below its root: no absolute path, no `..`,

@@ -23,11 +23,14 @@ import numpy as np
 from distil import token_store as ts
 from distil.config import DistilConfig
 from distil.errors import UserError
+from distil.paths import is_s3
 
 
-def data_root(cfg: DistilConfig) -> str:
-    """Where prepared data lives: beside the runs, shared by every run of the same data."""
-    return f"{cfg.storage.uri.rstrip('/')}/data"
+def data_storage(cfg: DistilConfig, fingerprint: str | None = None):
+    """Where prepared data lives: STORAGE/data/<fingerprint>, beside the runs, shared by every
+    run of the same data (`distil.storage.Storage`)."""
+    root = cfg.storage_root().child("data")
+    return root.child(fingerprint) if fingerprint else root
 
 
 def source_listing(cfg: DistilConfig) -> list[dict]:
@@ -42,7 +45,7 @@ def source_listing(cfg: DistilConfig) -> list[dict]:
             out.append({"name": f"hub:{source}", "size": 0,
                         "version": json.dumps([cfg.data.hub_config, cfg.data.hub_kwargs, hub_version(source, cfg.data)],
                                               sort_keys=True, default=str)})
-        elif source.startswith("s3://"):
+        elif is_s3(source):
             storage = cfg.storage_root().elsewhere(source)
             objects = [o for o in storage.list_objects() if Path(o["key"]).suffix in FORMATS]
             if not objects:
@@ -210,11 +213,10 @@ def held_out_of(cfg: DistilConfig, tokenizer, limit: int) -> list[list[int]]:
 
 
 def _is_prepared(cfg: DistilConfig, fp: str) -> bool:
-
-    root = data_root(cfg)
-    if not root.startswith("s3://"):
-        return (Path(root).expanduser() / fp / ts.MANIFEST).is_file()
-    return ts.MANIFEST in {o["key"] for o in cfg.storage_root().elsewhere(f"{root}/{fp}").list_objects()}
+    where = data_storage(cfg, fp)
+    if not where.is_s3:
+        return (where.local() / ts.MANIFEST).is_file()
+    return ts.MANIFEST in {o["key"] for o in where.list_objects()}
 
 
 def _use_ray(listing: list[dict]) -> bool:
@@ -256,34 +258,29 @@ def ensure_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print, 
         _prepare(cfg, tokenizer, fp, info, listing, per_step, log, _use_ray(listing) if use_ray is None else use_ray, workers)
     manifest = _manifest(cfg, fp)
     if manifest.get("prepared") != info["prepared"]:
-        raise UserError(f"{data_root(cfg)}/{fp} was prepared from other inputs than its name says",
+        raise UserError(f"{data_storage(cfg, fp).uri} was prepared from other inputs than its name says",
                         fix="delete that folder (or prefix) and prepare again")
     check_enough(manifest["splits"]["train"]["sequences"], per_step)
     return manifest
 
 
 def _manifest(cfg: DistilConfig, fp: str) -> dict:
-
-    root = data_root(cfg)
+    where = data_storage(cfg, fp)
     try:
-        if root.startswith("s3://"):
-            return json.loads(cfg.storage_root().elsewhere(f"{root}/{fp}").read_bytes(ts.MANIFEST))
-        return json.loads((Path(root).expanduser() / fp / ts.MANIFEST).read_text())
+        return json.loads(where.read_bytes(ts.MANIFEST))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{root}/{fp}/{ts.MANIFEST} is not valid JSON", fix="delete the folder and prepare again") from None
+        raise UserError(f"{where.uri}/{ts.MANIFEST} is not valid JSON", fix="delete the folder and prepare again") from None
 
 
 def _prepare(cfg: DistilConfig, tokenizer, fp: str, info: dict, listing: list[dict], per_step: int, log, use_ray: bool,
              workers: int | None) -> None:
-
-    root = data_root(cfg)
-    if root.startswith("s3://"):
-        storage = cfg.storage_root().elsewhere(f"{root}/{fp}")
-        log(f"preparing the data once: {storage.uri}")
+    where = data_storage(cfg, fp)
+    if where.is_s3:
+        log(f"preparing the data once: {where.uri}")
         with tempfile.TemporaryDirectory(prefix="distil-prepare-") as tmp:
-            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info, listing, use_ray, workers, log), storage)
+            ts.publish(_build(cfg, tokenizer, Path(tmp) / fp, per_step, info, listing, use_ray, workers, log), where)
         return
-    folder = Path(root).expanduser() / fp
+    folder = where.local()
     log(f"preparing the data once: {folder}")
     made = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]  # to remove on failure
     try:
@@ -299,12 +296,11 @@ def _prepare(cfg: DistilConfig, tokenizer, fp: str, info: dict, listing: list[di
 def _open(cfg: DistilConfig, fp: str, expect: dict, per_step: int) -> ts.TokenStore:
     """Prepared data `fp` as a rank reads it: local shards checked by size (a restart costs
     seconds), or S3 through this node's cache."""
-
-    root = data_root(cfg)
-    if root.startswith("s3://"):
+    where = data_storage(cfg, fp)
+    if where.is_s3:
         cache = Path(cfg.data.cache_dir or os.path.expanduser("~/.cache/distil")) / "prepared"
-        store = ts.open_remote(cfg.storage_root().elsewhere(f"{root}/{fp}"), cache, expect=expect)
+        store = ts.open_remote(where, cache, expect=expect)
     else:
-        store = ts.TokenStore(Path(root).expanduser() / fp, expect=expect, verify=False)
+        store = ts.TokenStore(where.local(), expect=expect, verify=False)
     check_enough(len(store["train"]), per_step)
     return store

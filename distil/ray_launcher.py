@@ -22,11 +22,11 @@ from distil.errors import UserError
 
 def preflight(cfg: DistilConfig) -> None:
     """Write, read and delete a marker object before any worker starts."""
-    if not cfg.storage.uri.startswith("s3://"):
+    store = cfg.storage_root()
+    if not store.is_s3:
         return
     from distil.storage import s3_errors
 
-    store = cfg.storage_root()
     key = f"{store.prefix}/.distil-preflight-{os.getpid()}".lstrip("/")
     with s3_errors(cfg.storage.uri, cfg.storage.endpoint_url):
         client = store.client()
@@ -74,7 +74,7 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     from distil.quiet import quiet_libraries
     from distil.storage import check_storage_folder
 
-    if not cfg.storage.uri.startswith("s3://"):
+    if not cfg.storage_root().is_s3:
         check_storage_folder(cfg.storage.uri)
     preflight(cfg)
     if start_over:
@@ -126,10 +126,10 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     where = result.checkpoint.path if result.checkpoint else None
     print(f"run {cfg.run_name()} finished: latest checkpoint {where} in {cfg.storage.uri}", flush=True)
     out = {"checkpoint": where, "metrics": result.metrics}
-    if where and not cfg.storage.uri.startswith("s3://"):
+    if where and not cfg.storage_root().is_s3:
         from distil.export import export_checkpoint
 
-        model_dir = Path(storage_path) / cfg.run_name() / "model"  # the latest checkpoint's, also after a resume
+        model_dir = cfg.run_storage().local().resolve() / "model"  # the latest checkpoint's, also after a resume
         out["model_dir"] = str(export_checkpoint(Path(where), model_dir, replace=True))
         print(f"model in {model_dir}", flush=True)
     return out

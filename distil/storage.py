@@ -11,14 +11,14 @@ import os
 from pathlib import Path
 
 from distil.errors import UserError
-from distil.paths import check_relative, safe_join, symlink_in
+from distil.paths import S3, check_relative, is_s3, safe_join, symlink_in
 
 __all__ = ["Storage", "check_endpoint_url", "check_storage_folder", "s3_errors", "safe_join", "split_s3"]
 
 
 def split_s3(uri: str) -> tuple[str, str]:
     """s3://bucket/a/b -> ('bucket', 'a/b'); the prefix obeys the path rule (distil/paths.py)."""
-    rest = uri[len("s3://"):]
+    rest = uri[len(S3):]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise UserError(f"{uri!r} names no bucket", fix="write s3://BUCKET/PREFIX")
@@ -99,7 +99,7 @@ class Storage:
                  max_attempts: int = MAX_ATTEMPTS):
         check_endpoint_url(endpoint_url)
         self.uri = uri.rstrip("/")
-        self.is_s3 = uri.startswith("s3://")
+        self.is_s3 = is_s3(uri)
         self.endpoint_url, self.region, self.max_attempts = endpoint_url, region, max_attempts
         if self.is_s3:
             self.bucket, self.prefix = split_s3(uri)
@@ -118,12 +118,17 @@ class Storage:
         """Another location reached the same way (e.g. an s3:// data source beside the runs)."""
         return Storage(uri, self.endpoint_url, self.region, self.max_attempts)
 
+    def local(self) -> Path:
+        """The folder of a local location."""
+        assert not self.is_s3, self.uri
+        return Path(self.uri).expanduser()
+
     def arrow(self):
         """(path, pyarrow filesystem) as Ray Train's RunConfig and pyarrow's copy_files take them:
         an absolute local path and None, or "bucket/prefix" and an S3 filesystem with this
         storage's endpoint, region and retries."""
         if not self.is_s3:
-            return str(Path(self.uri).expanduser().resolve()), None
+            return str(self.local().resolve()), None
         from distil.arrow_fs import s3_filesystem
 
         filesystem = s3_filesystem(self.endpoint_url, self.region, self.max_attempts)
@@ -146,7 +151,7 @@ class Storage:
         under it. Every key obeys the path rule (distil/paths.py): one that does not is refused,
         named. `link`: a local file reached through a symbolic link (its target is never read)."""
         if not self.is_s3:
-            root = Path(self.uri).expanduser()
+            root = self.local()
             if not root.is_dir():
                 raise UserError(f"{self.uri} is not a folder", fix="give a run folder or its parent, or an s3:// URI")
             out = []
@@ -176,7 +181,7 @@ class Storage:
         if not self.is_s3:
             from distil.paths import regular_file
 
-            return regular_file(Path(self.uri).expanduser(), relative, "file").read_bytes()
+            return regular_file(self.local(), relative, "file").read_bytes()
         with s3_errors(self.uri, self.endpoint_url):
             return self.client().get_object(Bucket=self.bucket, Key=self.key(relative))["Body"].read()
 
@@ -206,7 +211,7 @@ class Storage:
         check_relative(src, "run folder")
         check_relative(dst, "destination folder")
         if not self.is_s3:
-            root = Path(self.uri).expanduser()
+            root = self.local()
             if (root / dst).exists():
                 raise UserError(f"{root / dst} exists already", fix="try again in a second")
             os.replace(root / src, root / dst)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,11 +24,10 @@ K8S_VERSION = "1.34"
 
 
 def helm_bin() -> str:
-    found = os.environ.get("DISTIL_HELM") or (str(ROOT / ".venv" / "bin" / "helm") if (ROOT / ".venv" / "bin" / "helm").exists()
-                                              else shutil.which("helm"))
-    if not found:
-        pytest.fail("helm not found: run `make setup` (scripts/get_helm.sh installs helm v3.19.0 into .venv/bin)")
-    return found
+    """The helm `distil k8s submit` uses (scripts/get_helm.sh puts helm v3.19.0 into .venv/bin)."""
+    from distil.k8s import helm_binary
+
+    return helm_binary()
 
 
 def helm(*args: str) -> subprocess.CompletedProcess:
