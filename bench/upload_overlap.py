@@ -32,6 +32,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of the run")
     ap.add_argument("--every", type=int, default=15, help="checkpoint every N steps")
     ap.add_argument("--window", type=int, default=4, help="steps compared before and after each checkpoint")
+    ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (1 CPU and 1 torch thread each); with fewer "
+                                                           "workers than cores, the upload and the store get a core of their own, "
+                                                           "as on a GPU node")
     ap.add_argument("--work", default="/tmp/distil-upload-overlap", help="moto's log and scratch")
     a = ap.parse_args(argv)
     work = Path(a.work)
@@ -42,8 +45,8 @@ def main(argv=None) -> dict:
     s3 = boto3.client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket="bench")
     prefix = f"overlap-{time.monotonic_ns()}"
-    sets = [f"storage.uri=s3://bench/{prefix}", f"storage.endpoint_url={endpoint}", "scaling.num_workers=2",
-            "scaling.cpus_per_worker=1", "train.micro_batch_size=32", f"train.max_steps={a.steps}", "train.log_every=1",
+    sets = [f"storage.uri=s3://bench/{prefix}", f"storage.endpoint_url={endpoint}", f"scaling.num_workers={a.workers}",
+            "scaling.cpus_per_worker=1", f"train.micro_batch_size={64 // a.workers}", f"train.max_steps={a.steps}", "train.log_every=1",
             f"checkpoint.every_steps={a.every}", f"checkpoint.keep_last={a.steps // a.every + 1}", "train.progress_bar=false"]
     args = [PY, str(ROOT / "jobs" / "distill.py"), "--config", "configs/demo.yaml", *[x for s in sets for x in ("--set", s)]]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=_env(RAY_ADDRESS="local"))
@@ -64,7 +67,7 @@ def main(argv=None) -> dict:
     for k in range(a.every, a.steps, a.every):  # the periodic checkpoints before the last step
         before += [step_s[s] for s in range(k - a.window + 1, k + 1) if s in step_s]
         after += [step_s[s] for s in range(k + 1, k + a.window + 1) if s in step_s]
-    out = {"machine": machine(), "command": "bench/upload_overlap.py " + " ".join(argv or sys.argv[1:]),
+    out = {"machine": machine(), "command": "bench/upload_overlap.py " + " ".join(argv or sys.argv[1:]), "workers": a.workers,
            "normal_step_s": statistics.median(before), "step_during_upload_s": statistics.median(after),
            "steps_before": before, "steps_after": after, "held_for_upload_s": held,
            "save_s": [x["checkpoint/save_s"] for x in saves.values()]}
