@@ -15,13 +15,14 @@ WORKDIR /app
 # Dependencies first (a layer that survives code changes); torch stays the image's CUDA build.
 COPY pyproject.toml README.md ./
 COPY distil/__init__.py distil/__init__.py
-RUN python -m pip install --no-cache-dir -e . \
+RUN python -m pip install --no-cache-dir -e ".[eval]" \
     && python -c "import torch, ray, deepspeed; assert ray.__version__ == '2.60.0', ray.__version__"
 
 COPY distil/ distil/
 COPY helm/ helm/
 COPY jobs/ jobs/
 COPY configs/ configs/
+COPY data/brown/ data/brown/
 
 RUN groupadd --gid 1000 distil \
     && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin distil \

@@ -10,7 +10,7 @@ import argparse
 import torch
 import triton.testing
 
-from distil import losses
+from distil import fused_head
 from distil.kl_kernel import kl_chunk
 
 p = argparse.ArgumentParser()
@@ -37,8 +37,8 @@ del ls, lt
 # one overwrites it (repeated calls keep it finite: (x + b) / T again and again tends to 2b); the
 # Triton kernel adds the bias and 1/T as it loads.
 bias = torch.randn(a.vocab, device=dev).half()
-losses.set_kl_kernel("compiled")
-impls = (("eager", losses._kl_eager), ("compiled", losses._compiled_kl), ("triton", losses._kl_triton))
+fused_head.set_kl_kernel("compiled")
+impls = (("eager", fused_head._kl_eager), ("compiled", fused_head._compiled_kl), ("triton", fused_head._kl_triton))
 for name, fn in impls:
     ms = triton.testing.do_bench(lambda: fn(s, bias, t, bias, 0.5, coef, out), warmup=100, rep=500, return_mode="median")
     moved = 2 * 2 * s.numel() * 2 + out.numel() * 2  # s and t read twice, g written once (fp16)

@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the fast variants")
-    from distil.losses import KL_KERNELS
+    from distil.fused_head import KL_KERNELS
 
     p.add_argument("--kl-kernel", choices=KL_KERNELS, default=None,
                    help="the fast variants' per-chunk KL: default auto (the fused Triton kernel on a GPU), "
@@ -137,7 +137,7 @@ def _batches(a, n: int):
 
 
 def _loss_config(a):
-    from distil.config import LossSection
+    from distil.config_sections import LossSection
 
     return LossSection(recipe=a.recipe, temperature=2.0, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0)
 
@@ -188,7 +188,7 @@ def _fast_step(a, device, dtype, engine: bool):
     if a.compile:
         teacher.model.base_model.compile()
         model.model.base_model.compile()
-    from distil.losses import set_kl_kernel
+    from distil.fused_head import set_kl_kernel
 
     set_kl_kernel(a.kl_kernel or ("compiled" if a.compile and device.type == "cpu" else "auto"))
     loss_fn = DistillationLoss(_loss_config(a), layers)
@@ -320,7 +320,7 @@ def run_variant(a) -> dict:
 
 
 def _kl_kernel_field(a, device) -> dict:
-    from distil.losses import kl_kernel_in_use
+    from distil.fused_head import kl_kernel_in_use
 
     return {} if a.variant == "reference" else {"kl_kernel": kl_kernel_in_use(device)}
 
@@ -333,7 +333,7 @@ def measure_data_pipeline(seq: int) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from distil.config import MaskingSection
+    from distil.config_sections import MaskingSection
     from distil.data import collate
     from distil.masking import Masker
     from distil.sequences import Packer, token_ids, tokenizer_spec

@@ -223,6 +223,12 @@ def _add_data_and_cluster_commands(sub) -> None:
     p.add_argument("--max-sequences", type=int, default=512, help="evaluate on at most this many sequences")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--probe", help="a labelled .tsv/.csv/.jsonl for a downstream probe (default: the run's eval.probe.path), "
+                                   "e.g. data/brown/brown_genres.tsv")
+    p.add_argument("--text-column", help="the probe's text column (default: the run's eval.probe.text_column, else 'text')")
+    p.add_argument("--label-column", help="the probe's label column (default: the run's, else 'label')")
+    p.add_argument("--group-column", help="rows of one group stay on one side of the probe's split (e.g. text_id)")
+    p.add_argument("--probe-rows", type=int, help="use at most this many rows of the probe, evenly over its groups")
     _add_k8s_commands(sub)
     p = sub.add_parser("plot", help="draw a run's metrics (loss terms, held-out, lr, tokens/s) to a PNG")
     p.add_argument("uri", help="a run folder or s3://bucket/prefix/RUN")
@@ -313,7 +319,10 @@ def _run_data_and_cluster_command(args) -> None:
             quiet_libraries()
             from distil.model_eval import evaluate_models, format_report
 
-            report = evaluate_models(args.model, args.teacher, args.data, args.overrides, args.max_sequences, args.batch_size)
+            probe = {"path": args.probe, "text_column": args.text_column, "label_column": args.label_column,
+                     "group_column": args.group_column, "max_rows": args.probe_rows}
+            report = evaluate_models(args.model, args.teacher, args.data, args.overrides, args.max_sequences, args.batch_size,
+                                     probe=probe)
         print(json.dumps(report) if args.json else format_report(report))
     elif args.command == "plot":
         from distil.plot import plot

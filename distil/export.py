@@ -34,8 +34,9 @@ def fp32_state_dict(ckpt_dir: Path) -> dict:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    # The engine wrapped distil.model.MaskedLM, whose HF model sits under "model.".
-    return {k.removeprefix("model."): v for k, v in sd.items()}
+    # The engine wrapped distil.model.MaskedLM, whose HF model sits under "model."; a narrower
+    # student's "projection." serves the training losses only.
+    return {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
 
 
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, hashed: bool = False, replace: bool = False) -> Path:

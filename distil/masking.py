@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distil.config import MaskingSection
+from distil.config_sections import MaskingSection
 
 IGNORE = -100
 EVAL_STEP = 2**31 - 1  # the masking stream of held-out evaluation (training steps never reach it)

@@ -111,7 +111,10 @@ def summary_lines(result: dict) -> list[str]:
              f"  this start: {result['steps_run']} steps in {int(wall // 3600)}:{int(wall % 3600 // 60):02d}:{wall % 60:04.1f} "
              f"(h:mm:ss), {result['tokens_per_s']:,.0f} tokens/s mean"]
     for key in sorted(end):
-        name = key.removeprefix("eval/")
-        arrow = "(higher is better)" if name == "agreement" else ""
-        lines.append(f"  held-out {name:18s} start {start.get(key, float('nan')):.4f} -> end {end[key]:.4f} {arrow}".rstrip())
+        group, _, metric = key.partition("/")  # eval/ (held-out), eval_<name>/ (eval.sources), probe/
+        if metric.endswith("_rows"):  # (a count: in the model card)
+            continue
+        name = f"{'held-out' if group == 'eval' else group.removeprefix('eval_')} {metric}"
+        arrow = "(higher is better)" if metric == "agreement" or group == "probe" else ""
+        lines.append(f"  {name:27s} start {start.get(key, float('nan')):.4f} -> end {end[key]:.4f} {arrow}".rstrip())
     return lines

@@ -2,7 +2,12 @@
 
 The student is the teacher's own architecture with k layers (or, for BERT teachers,
 `DistilBertForMaskedLM` as DistilBERT was made), initialised by copying the chosen teacher
-layers, the embeddings and the MLM head tensor for tensor.
+layers, the embeddings and the MLM head tensor for tensor. A narrower student (fewer
+dimensions, heads or feed-forward units) takes from every tensor the same evenly spaced
+subset of the teacher's heads, dimensions within a head, and feed-forward units ("weight
+selection", Xu et al. 2024): the residual stream of the student is a subset of the
+teacher's, and its heads are some of the teacher's heads. distil/student_shape.py has the
+shapes and the index sets.
 
 `MaskedLM` wraps either model so the loss sees one interface: all hidden states, plus LM
 logits only at the flat positions a loss needs. Projecting every position through a
@@ -23,6 +28,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, DistilBert
 
 from distil.config import DistilConfig
 from distil.errors import UserError
+from distil.student_shape import Selection, StudentShape
 
 _LAYER_KEY = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..*)$")
 
@@ -88,6 +94,25 @@ def validate_against_teacher(cfg: DistilConfig, tconfig: PretrainedConfig) -> No
     if cfg.student.architecture == "distilbert" and tconfig.model_type != "bert":
         raise UserError(f"architecture 'distilbert' needs a BERT teacher, this one is {tconfig.model_type!r}",
                         where="student.architecture", fix="use architecture: same")
+    _check_shape_terms(cfg, tconfig)
+
+
+def _check_shape_terms(cfg: DistilConfig, tconfig: PretrainedConfig) -> None:
+    """The student's widths, and the attention terms they allow."""
+    shape, t_shape, loss = StudentShape.for_student(cfg.student, tconfig), StudentShape.of(tconfig), cfg.loss
+    if loss.alpha_relation:
+        for who, width in (("student", shape.hidden), ("teacher", t_shape.hidden)):
+            if width % loss.relation_heads:
+                raise UserError(f"{loss.relation_heads} relation heads do not divide the {who}'s width {width}",
+                                where="loss.relation_heads", fix="choose a count that divides both widths (e.g. 12 for 384 and 768)")
+        layer = loss.relation_teacher_layer
+        if layer is not None and not 0 <= layer < tconfig.num_hidden_layers:
+            raise UserError(f"teacher layer {layer} does not exist (0..{tconfig.num_hidden_layers - 1})",
+                            where="loss.relation_teacher_layer", fix="choose one of the teacher's layers, or unset it")
+    if loss.alpha_attention and shape.heads != t_shape.heads:
+        raise UserError(f"the attention-score term compares heads one by one: the student has {shape.heads}, the teacher "
+                        f"{t_shape.heads}", where="loss.alpha_attention",
+                        fix="give the student the teacher's head count, or use alpha_relation (any head count)")
 
 
 def load_teacher(cfg: DistilConfig, with_head: bool) -> nn.Module:
@@ -104,23 +129,34 @@ def load_teacher(cfg: DistilConfig, with_head: bool) -> nn.Module:
     return model
 
 
-def build_student(teacher: nn.Module, layers: list[int], architecture: str = "same") -> nn.Module:
-    """A k-layer student whose tensors are copies of the teacher's chosen layers, embeddings and head."""
+def build_student(teacher: nn.Module, layers: list[int], architecture: str = "same", shape: StudentShape | None = None,
+                  init: str = "teacher") -> nn.Module:
+    """A k-layer student whose tensors are copies of the teacher's chosen layers, embeddings and
+    head (of the selected heads, dimensions and units when `shape` is narrower); `init`
+    'random': the same architecture, randomly initialised."""
+    shape = shape or StudentShape.of(teacher.config)
     if architecture == "distilbert":
-        return _distilbert_from_bert(teacher, layers)
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    student = type(teacher)(config)
-    source = teacher.state_dict()
-    mapped = {}
-    for key in student.state_dict():
-        m = _LAYER_KEY.match(key)
-        mapped[key] = source[f"{m[1]}{layers[int(m[2])]}{m[3]}" if m else key]
-    student.load_state_dict(mapped, strict=True)
+        student, mapped = _distilbert_from_bert(teacher, layers, shape)
+    else:
+        config = copy.deepcopy(teacher.config)
+        config.num_hidden_layers = len(layers)
+        config.hidden_size, config.num_attention_heads, config.intermediate_size = shape.hidden, shape.heads, shape.intermediate
+        if getattr(config, "embedding_size", None) == teacher.config.hidden_size:  # ELECTRA: embeddings of the model's width
+            config.embedding_size = shape.hidden
+        student = type(teacher)(config)
+        source = teacher.state_dict()
+        mapped = {}
+        for key in student.state_dict():
+            m = _LAYER_KEY.match(key)
+            mapped[key] = source[f"{m[1]}{layers[int(m[2])]}{m[3]}" if m else key]
+    if init == "random":
+        return student
+    select = Selection(StudentShape.of(teacher.config), shape)
+    student.load_state_dict({k: select(v, student.state_dict()[k].shape, k) for k, v in mapped.items()}, strict=True)
     return student
 
 
-def _distilbert_from_bert(teacher: nn.Module, layers: list[int]) -> nn.Module:
+def _distilbert_from_bert(teacher: nn.Module, layers: list[int], shape: StudentShape) -> tuple[nn.Module, dict]:
     """DistilBERT's architecture from a BERT teacher, with the tensor mapping DistilBERT used.
 
     BERT adds token_type_embeddings[0] to every token (no segment ids are fed); DistilBERT has
@@ -130,8 +166,7 @@ def _distilbert_from_bert(teacher: nn.Module, layers: list[int]) -> nn.Module:
     t = teacher.config
     with_head = hasattr(teacher, "cls")
     config = DistilBertConfig(vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings,
-                              n_layers=len(layers), n_heads=t.num_attention_heads, dim=t.hidden_size,
-                              hidden_dim=t.intermediate_size, dropout=t.hidden_dropout_prob,
+                              n_layers=len(layers), n_heads=shape.heads, dim=shape.hidden, hidden_dim=shape.intermediate, dropout=t.hidden_dropout_prob,
                               attention_dropout=t.attention_probs_dropout_prob, activation=t.hidden_act,
                               pad_token_id=t.pad_token_id, initializer_range=t.initializer_range)
     student = DistilBertForMaskedLM(config) if with_head else DistilBertModel(config)
@@ -160,8 +195,7 @@ def _distilbert_from_bert(teacher: nn.Module, layers: list[int]) -> nn.Module:
                    "vocab_layer_norm.bias": src["cls.predictions.transform.LayerNorm.bias"],
                    "vocab_projector.weight": src["cls.predictions.decoder.weight"],
                    "vocab_projector.bias": src["cls.predictions.bias"]})
-    student.load_state_dict(sd, strict=True)
-    return student
+    return student, sd
 
 
 def has_mlm_head(config: PretrainedConfig) -> bool:
@@ -196,12 +230,39 @@ class HeadOutput(NamedTuple):
         return F.linear(self.features, self.weight, self.bias)
 
 
-class MaskedLM(nn.Module):
-    """Hidden states of every layer, and logits at selected flat positions only."""
+def student_projection(teacher: StudentShape, student: StudentShape, init: str = "teacher") -> nn.Linear:
+    """The learned map of a narrower student's hidden states into the teacher's width, for the
+    hidden-state losses; trained with the student, kept in checkpoints, dropped at export. It
+    starts as the weight selection's embedding (student dimension j -> teacher dimension
+    hidden[j]), or random with `init` 'random'."""
+    projection = nn.Linear(student.hidden, teacher.hidden, bias=False)
+    if init != "random":
+        with torch.no_grad():
+            projection.weight.copy_(Selection(teacher, student).projection_init())
+    return projection
 
-    def __init__(self, model: nn.Module):
+
+def attention_projections(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The query, key and value Linear modules of one encoder layer (BERT family, DistilBERT)."""
+    base = model.base_model
+    for prefix, names in ((f"encoder.layer.{layer}.attention.self", ("query", "key", "value")),
+                          (f"transformer.layer.{layer}.attention", ("q_lin", "k_lin", "v_lin"))):
+        try:
+            return tuple(base.get_submodule(f"{prefix}.{n}") for n in names)
+        except AttributeError:
+            continue
+    raise UserError(f"{type(model).__name__} has no query/key/value projections where BERT-family models have them",
+                    where="loss.alpha_relation", fix="set loss.alpha_relation and loss.alpha_attention to 0 for this model")
+
+
+class MaskedLM(nn.Module):
+    """Hidden states of every layer, and logits at selected flat positions only; for a narrower
+    student, the `projection` of its hidden states into the teacher's width."""
+
+    def __init__(self, model: nn.Module, projection: nn.Linear | None = None):
         super().__init__()
         self.model = model
+        self.projection = projection  # a submodule: trained, and saved with the engine's state (export drops it)
         # Closures and references, not submodules: assigning would register the weights twice.
         self._parts = _head(model)
 
@@ -214,14 +275,28 @@ class MaskedLM(nn.Module):
         return HeadOutput(transform(features), decoder.weight, decoder.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None,
-                lazy_logits: bool = False):
+                lazy_logits: bool = False, qkv_layers: tuple[int, ...] = ()):
         """Returns (hidden_states, logits): hidden_states[0] is the embedding output, [-1] the last
         layer, each [B, L, H]; logits is [len(positions), V] for flat indices into B*L (a
-        HeadOutput when lazy_logits), or None without positions or without a head."""
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        HeadOutput when lazy_logits), or None without positions or without a head. With
+        `qkv_layers`, a third item: {layer: (queries, keys, values)}, each [B, L, H], the outputs of
+        that layer's attention projections (for the relation and attention-score losses)."""
+        qkv: dict[int, list] = {i: [None, None, None] for i in qkv_layers}
+        hooks = []
+        for i in qkv_layers:
+            for j, module in enumerate(attention_projections(self.model, i)):
+                hooks.append(module.register_forward_hook(lambda _m, _in, out, i=i, j=j: qkv[i].__setitem__(j, out)))
+        try:
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        finally:
+            for h in hooks:
+                h.remove()
         hidden = out.hidden_states
-        if positions is None or self._parts is None:
-            return hidden, None
-        last = hidden[-1].reshape(-1, hidden[-1].shape[-1]).index_select(0, positions)
-        head = self._head_output(last)
-        return hidden, head if lazy_logits else head.logits()
+        logits = None
+        if positions is not None and self._parts is not None:
+            last = hidden[-1].reshape(-1, hidden[-1].shape[-1]).index_select(0, positions)
+            head = self._head_output(last)
+            logits = head if lazy_logits else head.logits()
+        if qkv_layers:
+            return hidden, logits, {i: tuple(v) for i, v in qkv.items()}
+        return hidden, logits

@@ -24,12 +24,15 @@ def _held_out(ckpt_dir: Path, step: int) -> list[str]:
     """Rows of the held-out table: each eval metric at step 0 and at the checkpoint's step."""
     if not (ckpt_dir / METRICS).is_file():
         return []
-    evals = {r["step"]: r for r in read_rows(ckpt_dir / METRICS) if any(k.startswith("eval/") for k in r)}
+    shown = ("eval/", "eval_", "probe/")  # held-out, eval.sources, the probe
+    evals = {r["step"]: r for r in read_rows(ckpt_dir / METRICS) if any(k.startswith(shown) for k in r)}
     start, end = evals.get(0, {}), evals.get(step, {})
-    keys = sorted(k for k in {*start, *end} if k.startswith("eval/"))
+    keys = sorted((k for k in {*start, *end} if k.startswith(shown)), key=lambda k: (k.startswith("probe/"), k))
 
     def cell(row: dict, k: str) -> str:
-        return f"{row[k]:.4f}" if isinstance(row.get(k), (int, float)) else "–"
+        if not isinstance(row.get(k), (int, float)):
+            return "–"
+        return f"{row[k]:,}" if isinstance(row[k], int) else f"{row[k]:.4f}"
 
     if not keys:
         return []
@@ -38,7 +41,9 @@ def _held_out(ckpt_dir: Path, step: int) -> list[str]:
             *(f"| {k.removeprefix('eval/')} | {cell(start, k)} | {cell(end, k)} |" for k in keys),
             "", "`loss` and its terms are the training objective on the held-out split (lower is better); "
             "`agreement` is the correlation of the teacher's and the student's sentence similarities "
-            "(higher is better)."]
+            "(higher is better); `eval_<name>/agreement` is the same on other text the run names, never trained on." + (" `probe/…`: a logistic regression on the frozen, mean-pooled embeddings of each model "
+            "(a downstream probe, split by group); `retention` is the student's score ÷ the teacher's."
+            if any(k.startswith("probe/") for k in keys) else "")]
 
 
 def model_card(ckpt_dir: Path, has_mlm_head: bool) -> str:

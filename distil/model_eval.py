@@ -1,8 +1,11 @@
-"""`distil eval`: a student against its teacher on the same masked held-out text.
+"""`distil eval`: a student against its teacher on the same masked held-out text, and on a
+downstream probe.
 
 MLM loss (mean cross-entropy over masked positions) and accuracy (top-1 at those positions)
-for each model that has an MLM head, their ratios, and the teacher/student agreement of
-sentence embeddings (see distil.evaluate). The text is the run's own held-out split when the
+for each model that has an MLM head, the teacher/student agreement of sentence embeddings
+(see distil.evaluate), a downstream probe's accuracy and macro-F1 for each model (the run's
+`eval.probe` section, or --probe; see distil.probe), and the student's retention of each measure:
+student ÷ teacher (teacher ÷ student for the loss), 1.0 = as good as its teacher. The text is the run's own held-out split when the
 model folder carries the run's config (a pulled or exported model does), or any text given
 with --data. Masks are drawn once, uniformly (no frequency smoothing), from a fixed seed, and
 both models read exactly the same masked batches.
@@ -139,7 +142,9 @@ def _mlm(model: MaskedLM, batches) -> dict | None:
 
 
 def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str] | None = None, overrides=(),
-                    max_sequences: int = 512, batch_size: int = 32) -> dict:
+                    max_sequences: int = 512, batch_size: int = 32, probe: dict | None = None) -> dict:
+    """`probe`: fields of the config's `probe` section to override (e.g. {"path": ...}); the
+    run's own probe section otherwise, when it names a file."""
     from distil.masking import EVAL_STEP
     from distil.run_setup import load_tokenizer
 
@@ -162,9 +167,59 @@ def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str
     if s and t:
         out["loss_ratio"] = s["mlm_loss"] / t["mlm_loss"]  # > 1: the student is worse
         out["accuracy_ratio"] = s["mlm_accuracy"] / t["mlm_accuracy"] if t["mlm_accuracy"] else math.nan
-    same_width = teacher_model.model.config.hidden_size == student.model.config.hidden_size  # DistilBERT maps dim
-    if same_width and len(rows) >= 3:
-        out["agreement"] = agreement(embed(teacher_model, plain), embed(student, plain))
+    (t_emb, t_s), (s_emb, s_s) = _timed_embed(teacher_model, plain), _timed_embed(student, plain)
+    if len(rows) >= 3:  # (each model's own pairwise similarities: any widths)
+        out["agreement"] = agreement(t_emb, s_emb)
+    t_params, s_params = (sum(p.numel() for p in m.model.parameters()) for m in (teacher_model, student))
+    out["size"] = {"teacher_parameters": t_params, "student_parameters": s_params, "ratio": s_params / t_params}
+    out["speed"] = {"teacher_sentences_per_s": len(rows) / t_s, "student_sentences_per_s": len(rows) / s_s,
+                    "speedup": t_s / s_s, "threads": torch.get_num_threads()}
+    section = _probe_section(cfg, probe or {})
+    if section.path:
+        out["probe"] = _probe(section, teacher_model, student, tokenizer, batch_size, cfg.run.seed)
+    out["retention"] = _retention(out)
+    return out
+
+
+def _timed_embed(model: MaskedLM, batches) -> tuple[torch.Tensor, float]:
+    """Sentence embeddings and the seconds they took (a forward pass of every batch; the
+    models were warmed up by the MLM passes)."""
+    import time
+
+    started = time.perf_counter()
+    emb = embed(model, batches)
+    return emb, time.perf_counter() - started
+
+
+def _probe_section(cfg: DistilConfig, given: dict):
+    """The run's probe section with the flags given (validated like the config)."""
+    from pydantic import ValidationError
+
+    try:
+        return type(cfg.eval.probe).model_validate({**cfg.eval.probe.model_dump(), **{k: v for k, v in given.items() if v is not None}})
+    except ValidationError as e:
+        first = e.errors()[0]
+        flag = {"max_rows": "--probe-rows"}.get(str(first["loc"][0]), f"eval.probe.{first['loc'][0]}")
+        raise UserError(f"{flag}: {first['msg']}", where=flag, fix="see `distil eval --help`") from None
+
+
+def _probe(section, teacher: MaskedLM, student: MaskedLM, tokenizer, batch_size: int, seed: int) -> dict:
+    from distil.model import max_positions
+    from distil.probe import evaluate_probe, load_probe
+
+    probe = load_probe(section.path, section.text_column, section.label_column, section.group_column, section.test_fraction,
+                       section.max_rows, seed)
+    max_len = min(section.max_len, max_positions(teacher.model.config), max_positions(student.model.config))
+    return evaluate_probe(probe, teacher, student, tokenizer, max_len, batch_size)
+
+
+def _retention(r: dict) -> dict:
+    """The student's share of its teacher's quality, per measure (1.0: as good as the teacher)."""
+    out = {}
+    if "accuracy_ratio" in r:
+        out["mlm_accuracy"], out["mlm_loss"] = r["accuracy_ratio"], 1 / r["loss_ratio"]
+    if "probe" in r:
+        out.update({f"probe_{k}": v for k, v in r["probe"]["retention"].items()})
     return out
 
 
@@ -178,4 +233,23 @@ def format_report(r: dict) -> str:
         lines.append(f"  student/teacher: loss x{r['loss_ratio']:.3f}, accuracy x{r['accuracy_ratio']:.3f}")
     if "agreement" in r:
         lines.append(f"  agreement (Spearman of pairwise sentence cosines): {r['agreement']:.4f}")
+    if "size" in r:
+        z, v = r["size"], r["speed"]
+        lines.append(f"  size: student {z['student_parameters'] / 1e6:.1f}M parameters, teacher {z['teacher_parameters'] / 1e6:.1f}M "
+                     f"(x{z['ratio']:.2f}); speed here ({v['threads']} threads): student {v['student_sentences_per_s']:.1f} "
+                     f"sentences/s, teacher {v['teacher_sentences_per_s']:.1f} (x{v['speedup']:.2f})")
+    if "probe" in r:
+        p = r["probe"]
+        lines.append(f"  probe {p['name']}: {p['classes']} classes, {p['train_rows']} train / {p['test_rows']} test rows "
+                     f"({p['test_groups']} of {p['groups']} groups held out)")
+    rows = [("MLM accuracy", "mlm", "mlm_accuracy", "mlm_accuracy"), ("MLM loss (lower is better)", "mlm", "mlm_loss", "mlm_loss")]
+    table = [(name, r[f"teacher_{src}"][key], r[f"student_{src}"][key], r["retention"][ret])
+             for name, src, key, ret in rows if ret in r["retention"]]
+    if "probe" in r:
+        p = r["probe"]
+        table += [(f"{p['name']} {label}", p["teacher"][k], p["student"][k], p["retention"][k])
+                  for label, k in (("accuracy", "accuracy"), ("macro-F1", "macro_f1"))]
+    if table:
+        lines += ["", f"  {'measure':34s} {'teacher':>8s} {'student':>8s} {'retention':>9s}"]
+        lines += [f"  {name:34s} {t:8.4f} {s:8.4f} {ret:9.1%}" for name, t, s, ret in table]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from distil.config import DistilConfig
 from distil.errors import UserError
 from distil.model import load_teacher_config, validate_against_teacher
-from distil.prepared import open_prepared
+from distil.prepared import open_prepared, sequences_of
 from distil.token_store import TokenSplit, TokenStore
 
 
@@ -54,6 +54,7 @@ class Prepared:
     counts: np.ndarray | None
     device: torch.device
     dtype: str
+    extra_eval: dict[str, list[list[int]]]  # eval.sources: {name: sequences}, never trained on
 
 
 def load_tokenizer(cfg: DistilConfig):
@@ -90,7 +91,22 @@ def prepare(cfg: DistilConfig, world_size: int = 1, fingerprint: str | None = No
     log(f"data {store.manifest['fingerprint']}: {len(store['train']):,} training / {len(store['eval']):,} held-out sequences, "
         f"opened in {time.perf_counter() - started:.1f} s")
     counts = store.counts() if cfg.masking.smoothing is not None else None
-    return Prepared(cfg, tokenizer, store["train"], store["eval"], counts, device, dtype)
+    return Prepared(cfg, tokenizer, store["train"], store["eval"], counts, device, dtype, extra_eval(cfg, tokenizer))
+
+
+def extra_eval(cfg: DistilConfig, tokenizer) -> dict[str, list[list[int]]]:
+    """eval.sources, each as its first data.eval_max_sequences sequences (tokenized here, the
+    way preparation does; small), by a name made from the file's: {name: sequences}."""
+    import re
+    from pathlib import PurePosixPath
+
+
+    out = {}
+    for source in cfg.eval.sources:
+        name = re.sub(r"[^A-Za-z0-9]+", "_", PurePosixPath(source.rstrip("/")).stem).strip("_").lower() or "extra"
+        one = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [source]})})
+        out[name] = sequences_of(one, tokenizer, cfg.data.eval_max_sequences)
+    return out
 
 
 def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int, load_universal: bool = False) -> dict:

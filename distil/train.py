@@ -25,8 +25,9 @@ from distil.evaluate import agreement, embed
 from distil.losses import DistillationLoss, distillation_forward
 from distil.masking import EVAL_STEP, Masker
 from distil.metrics_log import MetricsLog
-from distil.model import MaskedLM, build_student, load_teacher
+from distil.model import MaskedLM, build_student, load_teacher, student_projection
 from distil.run_setup import Prepared, deepspeed_config, lr_lambda
+from distil.student_shape import StudentShape
 
 
 class Trainer:
@@ -44,11 +45,13 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         needs_logits = cfg.loss.needs_logits
         teacher = load_teacher(cfg, with_head=needs_logits)
-        student = build_student(teacher, cfg.student.layers, cfg.student.architecture)
+        t_shape, shape = StudentShape.of(teacher.config), StudentShape.for_student(cfg.student, teacher.config)
+        student = build_student(teacher, cfg.student.layers, cfg.student.architecture, shape, cfg.student.init)
+        narrower = shape.hidden != t_shape.hidden and cfg.loss.needs_hidden
         # The teacher runs in half precision where the device supports it; it is never trained.
         t_dtype = {"bf16": torch.bfloat16}.get(prep.dtype, torch.float16) if self.device.type == "cuda" else torch.float32
         self.teacher = MaskedLM(teacher).to(self.device, t_dtype)
-        model = MaskedLM(student)
+        model = MaskedLM(student, student_projection(t_shape, shape, cfg.student.init) if narrower else None)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the export stay the eager ones
             self.teacher.model.base_model.compile()
             model.model.base_model.compile()
@@ -66,12 +69,13 @@ class Trainer:
                                                                  config=ds_config)
         zero_foreach.install(self.engine.optimizer)  # ZeRO's per-tensor gradient scans as multi-tensor kernels
         self.masker = Masker(cfg.masking, prep.tokenizer, cfg.run.seed, prep.counts)
-        self.loss = DistillationLoss(cfg.loss, cfg.student.layers)
+        self.loss = DistillationLoss(cfg.loss, cfg.student.layers, teacher.config.num_hidden_layers, (shape.heads, t_shape.heads))
         lengths = prep.train.lengths() if cfg.data.packing == "lines" and cfg.data.group_by_length else None
         self.sampler = ResumableSampler(len(prep.train), cfg.run.seed, lengths)
         self.batches = Lookahead(self._make_batch)
         self.gas = self.engine.gradient_accumulation_steps()
         self.step, self.tokens, self._pending_tokens = 0, 0, 0
+        self._probe_set, self._probe_teacher = None, None  # the probe's split and the teacher's scores, once made
         self.last_loss = float("nan")
         # A bar only on a terminal: in a pod's log it would be one endless `\r` line; there,
         # every logged row is a plain line instead.
@@ -145,29 +149,71 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss terms (fixed masks) and teacher/student agreement, averaged over ranks."""
-        held_out = self.prep.eval
-        if len(held_out) == 0:
-            return {}
+        """Held-out loss terms (fixed masks) and teacher/student agreement, averaged over ranks;
+        the agreement on each of eval.sources (text of another domain) too."""
         model = self.engine.module
         model.eval()
-        shard = list(range(self.rank, len(held_out), self.world))
-        batches = [collate(held_out.rows(shard[i:i + 32]), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
-                   for i in range(0, len(shard), 32)]
+        out = self._held_out(model) if len(self.prep.eval) else {}
+        for name, rows in self.prep.extra_eval.items():
+            n, agree = self._agreement(model, self._my_batches(rows))
+            vec = torch.tensor([n, agree * n], dtype=torch.float64, device=self.device)
+            dist.all_reduce(vec)
+            out[f"eval_{name}/agreement"] = float(vec[1] / vec[0]) if vec[0] > 0 else float("nan")
+        model.train()
+        return out
+
+    def _my_batches(self, rows) -> list:
+        """This rank's share of `rows` (a TokenSplit or a list of sequences), collated 32 at a time."""
+        shard = list(range(self.rank, len(rows), self.world))
+        take = rows.rows if hasattr(rows, "rows") else (lambda idx: [rows[i] for i in idx])
+        return [collate(take(shard[i:i + 32]), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
+                for i in range(0, len(shard), 32)]
+
+    def _agreement(self, model, batches) -> tuple[int, float]:
+        """(sentences, agreement) on this rank's batches; a correlation needs a few sentences."""
+        n = sum(len(ids) for ids, _ in batches)
+        if n < 3:
+            return 0, 0.0
+        to_dev = [(i.to(self.device), a.to(self.device)) for i, a in batches]
+        return n, agreement(embed(self.teacher, to_dev), embed(model, to_dev))
+
+    def _held_out(self, model) -> dict[str, float]:
+        batches = self._my_batches(self.prep.eval)
         sums, n = {k: 0.0 for k in [*self.loss.weights(), "loss"]}, 0  # same keys on every rank, even an idle one
         for b, (ids, attn) in enumerate(batches):
             masked, labels = self.masker(ids, attn, EVAL_STEP, b, self.rank)
             for k, v in self._forward(model, self.teacher, masked, attn, labels).items():
                 sums[k] += float(v) * len(ids)
             n += len(ids)
-        to_dev = [(i.to(self.device), a.to(self.device)) for i, a in batches]
-        n_agree = n if n >= 3 else 0  # a correlation needs a few sentences on this rank
-        agree = agreement(embed(self.teacher, to_dev), embed(model, to_dev)) if n_agree else 0.0
-        model.train()
+        n_agree, agree = self._agreement(model, batches)
         vec = torch.tensor([n, n_agree, agree * n_agree] + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=self.device)
         dist.all_reduce(vec)
         out = {f"eval/{k}": float(v / vec[0]) for k, v in zip(sorted(sums), vec[3:].tolist())}
         out["eval/agreement"] = float(vec[2] / vec[1]) if vec[1] > 0 else float("nan")
+        return out
+
+    @torch.no_grad()
+    def probe(self) -> dict[str, float]:
+        """The downstream probe (cfg.eval.probe, distil/probe.py) on rank 0 -- teacher once a run,
+        then the student -- as `probe/...` figures; {} without one. Every rank waits for it."""
+        p = self.cfg.eval.probe
+        out: dict[str, float] = {}
+        if p.path and self.rank == 0:
+            from distil.probe import evaluate_probe, load_probe
+
+            if self._probe_set is None:
+                self._probe_set = load_probe(p.path, p.text_column, p.label_column, p.group_column, p.test_fraction,
+                                             p.max_rows, self.cfg.run.seed)
+            model = self.engine.module
+            model.eval()
+            r = evaluate_probe(self._probe_set, self.teacher, model, self.prep.tokenizer, p.max_len,
+                               teacher_scores=self._probe_teacher)
+            model.train()
+            self._probe_teacher = r["teacher"]
+            out = {f"probe/{who}_{k}": v for who in ("teacher", "student", "retention") for k, v in r[who].items()}
+            out["probe/test_rows"] = r["test_rows"]
+        if self.world > 1:
+            dist.barrier()
         return out
 
     # -- the loop ------------------------------------------------------------------------
@@ -176,7 +222,7 @@ class Trainer:
         self.resume()
         self.engine.module.train()
         if self.step == 0:
-            start_metrics = self.evaluate()  # the untrained student: what the summary compares with
+            start_metrics = {**self.evaluate(), **self.probe()}  # the untrained student: what the summary compares with
             self.metrics.write({"step": self.step, **start_metrics})
         else:  # resumed: the step-0 figures are in the run's history; evaluating again only delays the first step
             start_metrics = self.metrics.first_eval()
@@ -202,7 +248,7 @@ class Trainer:
             # metrics.jsonl: the exported model's card shows them). A preempted pod has seconds
             # left: it only checkpoints.
             if (t.eval_every and self.step % t.eval_every == 0 or last) and not stop:
-                end_metrics = self.evaluate()
+                end_metrics = {**self.evaluate(), **(self.probe() if last else {})}
                 self.metrics.write({"step": self.step, **end_metrics})
             if self.step % cfg.checkpoint.every_steps == 0 or last or stop:
                 self.save_checkpoint(wait=last or stop)

@@ -16,6 +16,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
 EN_TEXT = ASSETS / "en_brown_800.txt"
+# The Brown genre probe, small: 90 passages of 90 texts, 32 tokens each.
+PROBE = {"path": str(ROOT / "data" / "brown" / "brown_genres.tsv"), "text_column": "passage", "label_column": "genre",
+         "group_column": "text_id", "max_rows": 90, "max_len": 32}
 PL_TEXT = ASSETS / "pl_libreoffice_300.txt"
 sys.path.insert(0, str(ROOT))
 
@@ -133,6 +136,7 @@ def trained_run(tmp_path_factory, teacher_dir) -> tuple[dict, Path]:
     tmp = tmp_path_factory.mktemp("trained-run")
     cfg = base_config(teacher_dir, tmp)
     cfg["train"]["progress_bar"] = True  # as configured by default, with no terminal (its log: tests/integration/test_logs.py)
+    cfg["eval"] = {"probe": PROBE}  # measured at steps 0 and 6, shown in the model card, the default of `distil eval`
     r = subprocess.run([sys.executable, "-m", "distil.cli", "train", "--config", str(write_config(tmp / "c.yaml", cfg))],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -103,6 +103,9 @@ def test_pull_from_s3_gives_the_training_weights(tmp_path, run, bucket, s3_endpo
     evals = {r["step"]: r for r in read_rows(run / "metrics.jsonl") if "eval/loss" in r}
     assert sorted(evals) == [0, 6]  # the last step's figures are in its checkpoint: evaluated before it was saved
     assert f"| loss | {evals[0]['eval/loss']:.4f} | {evals[6]['eval/loss']:.4f} |" in card
+    probed = {r["step"]: r for r in read_rows(run / "metrics.jsonl") if "probe/retention_accuracy" in r}
+    assert f"| probe/retention_accuracy | {probed[0]['probe/retention_accuracy']:.4f} | " \
+           f"{probed[6]['probe/retention_accuracy']:.4f} |" in card and "downstream probe" in card
 
 
 def test_pull_raw_and_an_older_step(tmp_path, run, bucket, s3_endpoint):
@@ -261,6 +264,25 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
     assert rep["sequences"] == 16 and rep["teacher"] == str(teacher_dir)
     assert rep["loss_ratio"] == pytest.approx(rep["student_mlm"]["mlm_loss"] / rep["teacher_mlm"]["mlm_loss"])
     assert -1.0 <= rep["agreement"] <= 1.0
+    # the run's probe (its config's `probe` section): the run measured the same at its last step
+    probe = rep["probe"]
+    assert probe["name"] == "brown_genres" and probe["test_rows"] + probe["train_rows"] == 90
+    last = [m for m in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if "probe/student_accuracy" in m][-1]
+    assert probe["student"]["accuracy"] == pytest.approx(last["probe/student_accuracy"], abs=1e-9)
+    assert probe["teacher"]["accuracy"] == pytest.approx(last["probe/teacher_accuracy"], abs=1e-9)
+    assert rep["retention"] == pytest.approx({"mlm_accuracy": rep["accuracy_ratio"], "mlm_loss": 1 / rep["loss_ratio"],
+                                              "probe_accuracy": probe["retention"]["accuracy"],
+                                              "probe_macro_f1": probe["retention"]["macro_f1"]}, nan_ok=True)  # (a random
+    # teacher may get no masked token right: its accuracy ratio is nan)
+    table = distil("eval", str(run / "model"), "--max-sequences", "16", "--probe-rows", "60")
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "measure" in table.stdout and "retention" in table.stdout and "brown_genres accuracy" in table.stdout
+    import re
+
+    rows = re.search(r"probe brown_genres: \d+ classes, (\d+) train / (\d+) test rows", table.stdout)
+    assert rows and int(rows.group(1)) + int(rows.group(2)) == 60, table.stdout
+    refused = distil("eval", str(run / "model"), "--probe-rows", "3")
+    assert refused.returncode == 2 and "--probe-rows" in refused.stderr and "Traceback" not in refused.stderr
 
     # The same batch, masked the same way, scored by transformers itself.
     cfg = load_config(run / "model" / "distil_config.yaml")
@@ -282,6 +304,16 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
     assert same.returncode == 0, same.stderr[-3000:]
     rep = json.loads(same.stdout)
     assert rep["loss_ratio"] == pytest.approx(1.0) and rep["agreement"] == pytest.approx(1.0)
+    # Another probe named by flags: labels a classifier can read from the words, 10 documents of 3 rows each
+    table = tmp_path / "easy.csv"
+    table.write_text("doc,words,kind\n" + "".join(f"d{i},{' '.join([w] * 6)} {i},{w}\n" for i in range(10) for w in
+                                                   ("the jury said", "the city of")[i % 2:i % 2 + 1] for _ in range(3)))
+    probe = distil("eval", str(teacher_dir), "--teacher", str(teacher_dir), "--data", str(EN_TEXT), "--json", "--max-sequences",
+                   "24", "--probe", str(table), "--text-column", "words", "--label-column", "kind", "--group-column", "doc")
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    rep = json.loads(probe.stdout)
+    assert rep["probe"]["teacher"] == {"accuracy": 1.0, "macro_f1": 1.0} and rep["probe"]["groups"] == 10
+    assert rep["retention"]["probe_accuracy"] == 1.0  # the same embeddings, the same classifier
 
 
 def test_plot_and_tensorboard(tmp_path, run, bucket, s3_endpoint):

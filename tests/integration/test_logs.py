@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from distil.metrics_log import read_rows
 
 
@@ -26,3 +28,9 @@ def test_a_run_without_a_terminal_logs_plain_lines(trained_run):
     done = lines.index(next(x for x in lines if x.startswith("done: step 6, ")))
     m = re.fullmatch(r"  this start: 6 steps in 0:(\d\d):(\d\d\.\d) \(h:mm:ss\), ([0-9,]+) tokens/s mean", lines[done + 1])
     assert m and float(m.group(3).replace(",", "")) > 0, lines[done + 1]
+    probe = [r for r in read_rows(run / "metrics.jsonl") if "probe/retention_accuracy" in r]
+    assert [r["step"] for r in probe] == [0, 6]  # the untrained cut, then the student
+    end = probe[-1]
+    assert end["probe/retention_accuracy"] == pytest.approx(end["probe/student_accuracy"] / end["probe/teacher_accuracy"])
+    assert f"  {'probe retention_accuracy':27s} start {probe[0]['probe/retention_accuracy']:.4f} -> end " \
+           f"{end['probe/retention_accuracy']:.4f} (higher is better)" in lines

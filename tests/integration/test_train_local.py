@@ -181,3 +181,28 @@ def test_compiled_run_matches_eager(tmp_path, wordpiece, monkeypatch):
     assert len(eager_losses) == 3 and comp_losses == pytest.approx(eager_losses, rel=1e-5)
     assert comp_w.keys() == eager_w.keys()
     assert all(torch.allclose(comp_w[k], eager_w[k], rtol=1e-4, atol=1e-5) for k in eager_w)
+
+
+def test_a_narrower_student_trains_and_exports_without_its_projection(tmp_path, teacher_dir):
+    """16 wide with 2 heads of 8, from a 32-wide teacher: KL and the cosine of hidden states
+    through the learned projection lower after training, with MiniLMv2's relations in the
+    objective (a random teacher's attention is near uniform: that term is ~1e-4 here); the
+    projection is in the checkpoints and not in the exported model. (That such a student comes to agree more
+    with a real teacher: tests/integration/test_demo.py.)"""
+    from safetensors import safe_open
+
+    cfg = base_config(teacher_dir, tmp_path, student={"layers": [1, 3], "hidden_size": 16, "num_attention_heads": 2},
+                      loss={"alpha_kl": 1.0, "alpha_mlm": 0.0, "alpha_cos": 1.0, "alpha_relation": 1.0, "relation_heads": 4},
+                      optim={"lr": 5e-3}, train={"max_steps": 20, "log_every": 10}, checkpoint={"every_steps": 20})
+    cli(write_config(tmp_path / "c.yaml", cfg))
+    run = tmp_path / "runs" / "t"
+    start, end = [r for r in metrics(run) if "eval/loss" in r]
+    assert (start["step"], end["step"]) == (0, 20)
+    for term in ("eval/cos", "eval/kl"):
+        assert end[term] < start[term], (term, start[term], end[term])
+    assert end["eval/relation"] > 0 and end["eval/loss"] < start["eval/loss"]
+    states = torch.load(run / "step_00000020" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert states["projection.weight"].shape == (32, 16)
+    with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "projection" in k]
+    assert json.loads((run / "model" / "config.json").read_text())["hidden_size"] == 16

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import distil.losses as losses  # noqa: E402
+import distil.fused_head as fused_head  # noqa: E402
 from distil import kl_kernel  # noqa: E402
 from test_losses import _fused_run, _head_case  # noqa: E402
 
@@ -40,8 +40,8 @@ for v in (300, 5000):
 
 case = _head_case(5)
 want = _fused_run(case)
-losses.vocab_multiple = lambda device: 64
-losses.set_kl_kernel("triton")
+fused_head.vocab_multiple = lambda device: 64
+fused_head.set_kl_kernel("triton")
 got = _fused_run(case)
 # Per tensor: the largest error relative to the tensor's largest element.
 errs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(want[0] + want[1], got[0] + got[1])]

@@ -35,6 +35,30 @@ def test_herbert_preset_uses_whole_word_charbpe():
     assert cfg.loss.recipe == "masked"
 
 
+def test_minilm_preset_is_minilm_shaped_and_valid_for_bert_base(monkeypatch):
+    from transformers import BertConfig
+
+    from distil.model import validate_against_teacher
+    from distil.student_shape import StudentShape
+
+    cfg = load_config(ROOT / "configs" / "minilm-l6-h384-uncased.yaml")
+    bert_base = BertConfig(architectures=["BertForMaskedLM"])  # 12 x 768, 12 heads, feed-forward 3072
+    monkeypatch.setattr("distil.model.check_teacher_weights", lambda cfg: None)
+    validate_against_teacher(cfg, bert_base)
+    assert StudentShape.for_student(cfg.student, bert_base) == StudentShape(hidden=384, heads=12, intermediate=1536)
+    assert len(cfg.student.layers) == 6 and cfg.loss.alpha_relation == 1.0 and cfg.loss.relation_heads == 12
+    assert (ROOT / cfg.eval.probe.path).is_file()
+
+
+def test_run_names_of_0_1_are_kept():
+    """Derived names as distil-run 0.1 computed them (keys added since, at their defaults, are
+    left out of the hash): an upgraded distil-run resumes the same run."""
+    assert load_config(ROOT / "configs" / "distilbert-base-uncased.yaml").run_name() == "bert-base-uncased-6l-c67ff94b10"
+    assert load_config(ROOT / "configs" / "demo.yaml", ["run.name=null"]).run_name() == "all-minilm-l6-v2-3l-f190e3a554"
+    assert load_config(ROOT / "configs" / "demo.yaml", ["run.name=null", "student.init=random"]).run_name() != \
+        "all-minilm-l6-v2-3l-f190e3a554"
+
+
 def test_overrides_are_parsed_as_yaml():
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["loss.temperature=3", "student.layers=[1, 3]", "run.name=x1"])
     assert cfg.loss.temperature == 3.0 and cfg.student.layers == [1, 3] and cfg.run.name == "x1"

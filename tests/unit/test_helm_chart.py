@@ -231,10 +231,10 @@ def test_inconsistent_values_fail(tmp_path, values, message):
 
 
 def test_the_chart_refuses_credentials_by_distils_own_pattern():
-    """One pattern for credential-like key names: the chart's copy is distil.config.SECRET_KEY."""
+    """One pattern for credential-like key names: the chart's copy is distil.config_sections.SECRET_KEY."""
     import re
 
-    from distil.config import SECRET_KEY
+    from distil.config_sections import SECRET_KEY
 
     helpers = (CHART / "templates" / "_validate.tpl").read_text()
     chart_pattern = re.search(r'define "distil-run.secretPattern" -}}\n(.*)\n', helpers).group(1)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distil.config import LossSection
-from distil.losses import DistillationLoss, kl_with_temperature, loss_positions
+from distil.config_sections import LossSection
+from distil.fused_head import loss_positions
+from distil.losses import DistillationLoss, kl_with_temperature
 
 B, L, H, V = 3, 7, 8, 11
 
@@ -138,7 +139,7 @@ def test_fused_head_loss_equals_reference_values_and_gradients(batch, recipe):
 
 def test_fused_head_loss_chunks_agree():
     """Chunk size changes nothing but the rounding order (fp32)."""
-    from distil.losses import fused_head_loss
+    from distil.fused_head import fused_head_loss
     from distil.model import HeadOutput
 
     g = torch.Generator().manual_seed(2)
@@ -161,7 +162,7 @@ def test_fused_head_loss_chunks_agree():
 def test_rows_found_on_the_host(recipe):
     """The training path finds the loss rows on the host (no device sync in the step): the same
     rows, targets and masked rows as on the device, and the same loss, chunk by chunk."""
-    from distil.losses import Rows, fused_head_loss
+    from distil.fused_head import Rows, fused_head_loss
     from distil.model import HeadOutput
 
     g = torch.Generator().manual_seed(3)
@@ -206,7 +207,7 @@ def _head_case(seed: int, n: int = 40, hf: int = 8, v: int = 300, dtype=torch.fl
 
 
 def _fused_run(case, **kw):
-    from distil.losses import fused_head_loss
+    from distil.fused_head import fused_head_loss
     from distil.model import HeadOutput
 
     feats, w, b, t, targets = case
@@ -219,11 +220,11 @@ def _fused_run(case, **kw):
 def test_vocabulary_padding_changes_nothing(monkeypatch):
     """On a GPU the decoder is padded to a multiple of 64 rows for aligned GEMMs: the loss and
     the gradients of features, weight and bias are those of the unpadded head (300 -> 320)."""
-    import distil.losses as losses
+    import distil.fused_head as fused_head
 
     case = _head_case(4, dtype=torch.float64)
     want = _fused_run(case)
-    monkeypatch.setattr(losses, "vocab_multiple", lambda device: 64)
+    monkeypatch.setattr(fused_head, "vocab_multiple", lambda device: 64)
     got = _fused_run(case)
     for a, b in zip(want[0] + want[1], got[0] + got[1]):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
@@ -271,7 +272,7 @@ def test_fused_head_loss_with_triton_kernel_equals_eager(triton_results):
 
 
 def test_unknown_kl_kernel_is_refused():
-    from distil.losses import set_kl_kernel
+    from distil.fused_head import set_kl_kernel
 
     with pytest.raises(ValueError, match="unknown KL kernel 'cuda'"):
         set_kl_kernel("cuda")
@@ -284,7 +285,7 @@ def test_kl_chunk_kernels_match_fp64(kernel, dtype):
     in several row blocks with a ragged last one (eager on a CPU: 2**18 // 5000 = 52 rows a
     block), with the padding columns untouched. 'compiled' is Inductor's C++ (a compiler is
     needed: the test image has g++). fp16: the GPU's GEMM output without Triton (fp32 math)."""
-    import distil.losses as losses
+    import distil.fused_head as fused_head
 
     n, v, T = 70, 5000, 2.0
     g = torch.Generator().manual_seed(11)
@@ -295,9 +296,9 @@ def test_kl_chunk_kernels_match_fp64(kernel, dtype):
     ls = F.log_softmax(((s_raw.double() + s_b.double()) / T).to(dtype).double(), -1)
     lt = F.log_softmax(((t_raw.double() + t_b.double()) / T).to(dtype).double(), -1)
     want_kl, want_g = (lt.exp() * (lt - ls)).sum(), 0.37 * (ls.exp() - lt.exp())
-    losses.set_kl_kernel(kernel)
+    fused_head.set_kl_kernel(kernel)
     try:
-        fn = losses._kl_impl(torch.device("cpu"))
+        fn = fused_head._kl_impl(torch.device("cpu"))
         def strided(x):  # a fresh copy with the padded GEMM's row stride (the kernels overwrite it)
             y = torch.empty((n, v + 8), dtype=dtype)
             y[:, :v] = x
@@ -307,7 +308,7 @@ def test_kl_chunk_kernels_match_fp64(kernel, dtype):
         kl = fn(strided(s_raw), s_b, strided(t_raw), t_b, 1 / T, torch.tensor(0.37), buf[:, :v])
         kl_no_grad = fn(strided(s_raw), s_b, strided(t_raw), t_b, 1 / T, torch.tensor(0.37), None)
     finally:
-        losses.set_kl_kernel("auto")
+        fused_head.set_kl_kernel("auto")
     assert abs(float(kl) - float(want_kl)) <= 1e-6 * float(want_kl)
     assert abs(float(kl_no_grad) - float(kl)) <= 1e-6 * float(want_kl)
     err = float((buf[:, :v].double() - want_g).abs().max())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distil.config import MaskingSection
+from distil.config_sections import MaskingSection
 from distil.data import collate
 from tests.conftest import EN_TEXT, PL_TEXT
 

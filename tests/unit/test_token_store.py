@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distil import token_store as ts
-from distil.config import DataSection
+from distil.config_sections import DataSection
 from distil.errors import UserError
 from tests.conftest import EN_TEXT
 

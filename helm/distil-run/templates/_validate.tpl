@@ -3,7 +3,7 @@ Inconsistent or unsafe values fail `helm install` / `helm template` here, with w
 Included by configmap.yaml (so every render checks) and NOTES.txt.
 */}}
 
-{{/* Key names that hold credentials. The same pattern as distil.config.SECRET_KEY (a test
+{{/* Key names that hold credentials. The same pattern as distil.config_sections.SECRET_KEY (a test
 compares them): such keys are refused in `config`, `job.extraArgs` and `head.rayStartParams`. */}}
 {{- define "distil-run.secretPattern" -}}
 (?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|(^|[_-])auth($|[_-]))

@@ -1,0 +1,168 @@
+"""Downstream probes on frozen representations: how much of its teacher's quality a student keeps.
+
+A probe is a labelled text set: a .tsv, .csv or .jsonl file with a text column, a label
+column and, optionally, a group column (Brown's `text_id`: the passages of one text). It is
+split once into a train and a test side by group -- no group has rows on both sides, so a
+classifier cannot score by recognising a text it has seen -- and stratified by label
+(scikit-learn's StratifiedGroupKFold; the test side is one of round(1 / test_fraction) folds).
+Each model embeds every text, frozen (mean-pooled last hidden states, as `agreement` does);
+a logistic regression (on standardised embeddings) is fit on the train side and scored on
+the test side. Retention = the student's accuracy ÷ the teacher's, as DistilBERT reported
+"97% of BERT's GLUE score". The split, the classifier and its seed are the same for both
+models: the only difference is the representation.
+
+scikit-learn comes with the `eval` extra (`pip install distil-run[eval]`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distil.errors import UserError
+
+FORMATS = (".tsv", ".csv", ".jsonl")
+
+
+@dataclass
+class Probe:
+    name: str  # the file's stem, e.g. brown_genres
+    texts: list[str]
+    labels: list[str]
+    groups: list[str]
+    train: np.ndarray = field(repr=False)  # row indices of the train side
+    test: np.ndarray = field(repr=False)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "rows": len(self.texts), "classes": len(set(self.labels)),
+                "train_rows": len(self.train), "test_rows": len(self.test),
+                "groups": len(set(self.groups)), "test_groups": len({self.groups[i] for i in self.test})}
+
+
+def _rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{n} is not a JSON object", where="--probe", fix="one JSON object a line") from None
+        return out
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
+def load_probe(path: str | Path, text_column: str = "text", label_column: str = "label", group_column: str | None = None,
+               test_fraction: float = 0.2, max_rows: int | None = None, seed: int = 0) -> Probe:
+    """Read a probe file and split it (see the module's docstring). `max_rows`: keep at most
+    this many rows, drawn evenly over the groups with a seeded order (the cost of a probe is
+    one forward pass per row and model)."""
+    path = Path(path).expanduser()
+    if path.suffix not in FORMATS or not path.is_file():
+        raise UserError(f"{path} is not a {'/'.join(FORMATS)} file", where="--probe",
+                        fix="give a table with a text and a label column (e.g. data/brown/brown_genres.tsv)")
+    if not 0 < test_fraction < 1:
+        raise UserError(f"test fraction {test_fraction} is not between 0 and 1", where="probe.test_fraction")
+    try:
+        rows = _rows(path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text", where="--probe", fix="convert it to UTF-8") from None
+    wanted = [c for c in (text_column, label_column, group_column) if c]
+    missing = [c for c in wanted if rows and c not in rows[0]]
+    if not rows or missing:
+        have = ", ".join(rows[0]) if rows else "no rows"
+        raise UserError(f"{path} has no column {missing[0] if missing else text_column!r} (it has: {have})", where="--probe",
+                        fix="name its columns with --text-column, --label-column and --group-column")
+    rows = [r for r in rows if str(r.get(text_column) or "").strip() and str(r.get(label_column) or "").strip()]
+    if max_rows is not None and len(rows) > max_rows:
+        rows = _even_sample(rows, group_column, max_rows, seed)
+    texts = [str(r[text_column]) for r in rows]
+    labels = [str(r[label_column]) for r in rows]
+    groups = [str(r[group_column]) for r in rows] if group_column else [str(i) for i in range(len(rows))]
+    train, test = _split(labels, groups, test_fraction, seed, path)
+    return Probe(path.stem, texts, labels, groups, train, test)
+
+
+def _even_sample(rows: list[dict], group_column: str | None, n: int, seed: int) -> list[dict]:
+    """n rows: round-robin over the groups (each group's rows in file order), groups in a seeded order."""
+    if not group_column:
+        keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+        return [rows[i] for i in keep]
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        by_group.setdefault(str(r[group_column]), []).append(r)
+    order = sorted(by_group)
+    random.Random(seed).shuffle(order)
+    out, depth = [], 0
+    while len(out) < n:
+        for g in order:
+            if depth < len(by_group[g]) and len(out) < n:
+                out.append(by_group[g][depth])
+        depth += 1
+    return out
+
+
+def _split(labels: list[str], groups: list[str], test_fraction: float, seed: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = max(2, round(1 / test_fraction))
+    if len(set(groups)) < folds or len(set(labels)) < 2:
+        raise UserError(f"{path} has {len(set(groups))} group(s) and {len(set(labels))} label(s): too few for a "
+                        f"{folds}-fold split by group", where="--probe", fix="give more rows, or another --group-column")
+    with warnings.catch_warnings():  # a label with fewer groups than folds: it is stratified as well as it can be
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train, test = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    return np.sort(train), np.sort(test)
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: list[str], max_len: int, batch_size: int = 32) -> torch.Tensor:
+    """Mean-pooled last hidden states of `model` (a distil.model.MaskedLM), frozen, in fp32."""
+    from distil.sentence import mean_pool
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        device = next(model.parameters()).device
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        hidden, _ = model(ids, mask)
+        out.append(mean_pool(hidden[-1].float(), mask).cpu())
+    return torch.cat(out)
+
+
+def score(embeddings: torch.Tensor, probe: Probe, seed: int = 0) -> dict:
+    """Accuracy and macro-F1 on the test side of a logistic regression fit on the train side."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = embeddings.double().numpy()
+    y = np.asarray(probe.labels)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    clf.fit(x[probe.train], y[probe.train])
+    predicted = clf.predict(x[probe.test])
+    return {"accuracy": float(accuracy_score(y[probe.test], predicted)),
+            "macro_f1": float(f1_score(y[probe.test], predicted, average="macro", zero_division=0))}
+
+
+def evaluate_probe(probe: Probe, teacher, student, tokenizer, max_len: int, batch_size: int = 32,
+                   teacher_scores: dict | None = None) -> dict:
+    """Both models' scores on the probe and the student's retention of each; `teacher_scores`:
+    the teacher's, already measured (it is never trained: a run measures it once)."""
+    if teacher_scores is None:
+        teacher_scores = score(embed_texts(teacher, tokenizer, probe.texts, max_len, batch_size), probe)
+    student_scores = score(embed_texts(student, tokenizer, probe.texts, max_len, batch_size), probe)
+    out = {**probe.describe(), "teacher": teacher_scores, "student": student_scores}
+    out["retention"] = {k: (student_scores[k] / v if v else float("nan")) for k, v in teacher_scores.items()}
+    return out

@@ -1,0 +1,32 @@
+"""Sentence embeddings and the loss terms on them, as sentence-transformers distils a model.
+
+A sentence embedding is the mean of a layer's hidden states over the non-pad tokens (what
+`agreement` and the downstream probe read too). Two terms compare the student's with the
+teacher's, batch by batch:
+
+- `sentence_mse`: the mean squared difference of the embeddings themselves (sentence-
+  transformers' MSE distillation, Reimers & Gurevych 2020), in the teacher's width (a narrower
+  student's through its projection);
+- `similarity_mse`: the mean squared difference of the two models' in-batch cosine-similarity
+  matrices, i.e. how each model relates the batch's sentences to each other -- what the
+  held-out agreement measures, for any widths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def sentence_mse(s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(s_emb.float(), t_emb.float())
+
+
+def similarity_mse(s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    s, t = F.normalize(s_emb.float(), dim=-1), F.normalize(t_emb.float(), dim=-1)
+    return F.mse_loss(s @ s.T, t @ t.T)
