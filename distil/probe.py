@@ -6,8 +6,9 @@ split once into a train and a test side by group -- no group has rows on both si
 classifier cannot score by recognising a text it has seen -- and stratified by label
 (scikit-learn's StratifiedGroupKFold; the test side is one of round(1 / test_fraction) folds).
 Each model embeds every text, frozen (mean-pooled last hidden states, as `agreement` does);
-a logistic regression (on standardised embeddings) is fit on the train side and scored on
-the test side. Retention = the student's accuracy ÷ the teacher's, as DistilBERT reported
+a logistic regression (on standardised embeddings, its L2 strength chosen by a 3-fold
+cross-validation on the train side, folds by group as well) is fit on the train side and
+scored on the test side. Retention = the student's accuracy ÷ the teacher's, as DistilBERT reported
 "97% of BERT's GLUE score". The split, the classifier and its seed are the same for both
 models: the only difference is the representation.
 
@@ -140,17 +141,33 @@ def embed_texts(model, tokenizer, texts: list[str], max_len: int, batch_size: in
     return torch.cat(out)
 
 
-def score(embeddings: torch.Tensor, probe: Probe, seed: int = 0) -> dict:
-    """Accuracy and macro-F1 on the test side of a logistic regression fit on the train side."""
-    from sklearn.linear_model import LogisticRegression
+CS = np.logspace(-3, 1, 5)  # the L2 strengths the probe's cross-validation chooses from (C = 1 / strength)
+
+
+def score(embeddings: torch.Tensor, probe: Probe) -> dict:
+    """Accuracy and macro-F1 on the test side of a logistic regression fit on the train side;
+    C chosen by cross-validation over CS on the train side (3 folds by group). Measured on the
+    Brown genres, a fixed C = 1 overfit 1,200 passages of 384 dimensions (0.28 accuracy for
+    all-MiniLM-L6-v2, 0.37 with C chosen)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     x = embeddings.double().numpy()
-    y = np.asarray(probe.labels)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    clf.fit(x[probe.train], y[probe.train])
+    y, groups = np.asarray(probe.labels), np.asarray(probe.groups)
+    train = probe.train
+    folds = list(GroupKFold(n_splits=min(3, len(set(groups[train])))).split(x[train], y[train], groups[train]))
+    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=CS, cv=folds, max_iter=2000))
+    # A fold may miss a rare label; a strength may not converge (others are chosen); scikit-learn
+    # announces changes of its defaults (FutureWarning): none of it is the user's to act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (UserWarning, ConvergenceWarning, RuntimeWarning, FutureWarning))
+        clf.fit(x[train], y[train])
     predicted = clf.predict(x[probe.test])
     return {"accuracy": float(accuracy_score(y[probe.test], predicted)),
             "macro_f1": float(f1_score(y[probe.test], predicted, average="macro", zero_division=0))}
