@@ -10,6 +10,7 @@ setup:
 
 demo: setup
 	$(VENV)/bin/distil train --config configs/demo.yaml
+	$(VENV)/bin/distil eval runs/demo/model
 
 test: setup
 	$(VENV)/bin/python -m pytest

@@ -22,7 +22,7 @@ def test_demo_student_agrees_more_with_the_teacher_and_is_evaluated_from_elsewhe
         (project / name).symlink_to(ROOT / name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "distil.cli", "train", "--config", "configs/demo.yaml", "--set", "train.max_steps=40",
-            "--set", "checkpoint.every_steps=40", "--set", "train.progress_bar=false"]
+            "--set", "checkpoint.every_steps=40", "--set", "train.progress_bar=false", "--set", "eval.probe.path=null"]
     r = subprocess.run(args, cwd=project, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out agreement" in r.stdout
@@ -32,7 +32,8 @@ def test_demo_student_agrees_more_with_the_teacher_and_is_evaluated_from_elsewhe
     start, end = evals[0], evals[-1]
     assert start["step"] == 0 and end["step"] == 40
     assert end["eval/agreement"] > start["eval/agreement"] + 0.05
-    assert end["eval/cos"] < 0.6 * start["eval/cos"]
+    assert end["eval/similarity"] < 0.5 * start["eval/similarity"] and end["eval/sentence_mse"] < start["eval/sentence_mse"]
+    assert "eval_libreoffice_help_en/agreement" in end  # text of another domain, measured, never trained on
     # `distil eval` from another folder: the run's relative teacher and data are found from its model/
     ev = subprocess.run([sys.executable, "-m", "distil.cli", "eval", "../project/runs/demo/model", "--json",
                          "--max-sequences", "64"], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=600)
