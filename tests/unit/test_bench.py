@@ -72,3 +72,21 @@ def test_peak_rss_sees_a_short_lived_allocation(monkeypatch, how):
         del x
     assert (r._thread is None) == (how == "kernel")
     assert 63 * 2**20 <= r.peak - start <= 160 * 2**20
+
+
+def test_quality_bench_splits_its_text_and_tabulates_seeds(tmp_path):
+    """bench/quality.py: the test side is every 10th line and never on the train side; the
+    table's cells are the mean and half the spread over seeds (its runs take minutes: the
+    bench itself is run by hand, figures in bench/RESULTS.md)."""
+    sys.path.insert(0, str(ROOT / "bench"))  # the bench imports its sibling data_scale as a script does
+    from bench.quality import SOURCE, split_text, table
+
+    train, test = split_text(tmp_path)
+    lines = [x for x in SOURCE.read_text(encoding="utf-8").splitlines() if x.strip()]
+    tr, te = train.read_text().splitlines(), test.read_text().splitlines()
+    assert te == lines[::10] and tr == [x for i, x in enumerate(lines) if i % 10] and len(tr) + len(te) == len(lines)
+    rows = [{"variant": "full", "seed": s, "mlm_accuracy": a, "probe_accuracy": p, "agreement": g, "teacher_mlm_accuracy": 0.5,
+             "teacher_probe_accuracy": 0.4} for s, a, p, g in [(0, 0.30, 0.35, 0.8), (1, 0.34, 0.31, 0.9)]]
+    t = table(rows).splitlines()
+    assert t[2] == "| full | 0.320 ± 0.020 | 0.330 ± 0.020 | 0.850 ± 0.050 |"
+    assert t[3] == "| teacher | 0.500 | 0.400 | 1 |"
