@@ -78,7 +78,6 @@ def test_quality_bench_splits_its_text_and_tabulates_seeds(tmp_path):
     """bench/quality.py: the test side is every 10th line and never on the train side; the
     table's cells are the mean and half the spread over seeds (its runs take minutes: the
     bench itself is run by hand, figures in bench/RESULTS.md)."""
-    sys.path.insert(0, str(ROOT / "bench"))  # the bench imports its sibling data_scale as a script does
     from bench.quality import SOURCE, split_text, table
 
     train, test = split_text(tmp_path)
