@@ -145,18 +145,19 @@ def run_variant(work: Path, cfg: Path, test: Path, name: str, seed: int) -> dict
 
 
 def table(rows: list[dict]) -> str:
+    """Mean ± half the spread over seeds. A seed draws the evaluation's masks and the probe's
+    split too, so the teacher's figures are per seed as well (each seed weighs the same)."""
+    def cell(values: list[float]) -> str:
+        return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
     out = ["| variant | held-out MLM accuracy | genre probe accuracy | agreement |", "|---|---:|---:|---:|"]
     for name in VARIANTS:
         mine = [r for r in rows if r["variant"] == name]
-        if not mine:
-            continue
-        cells = []
-        for key in ("mlm_accuracy", "probe_accuracy", "agreement"):
-            v = [r[key] for r in mine]
-            cells.append(f"{statistics.mean(v):.3f} ± {(max(v) - min(v)) / 2:.3f}" if len(v) > 1 else f"{v[0]:.3f}")
-        out.append(f"| {name} | " + " | ".join(cells) + " |")
-    t = rows[0]
-    out.append(f"| teacher | {t['teacher_mlm_accuracy']:.3f} | {t['teacher_probe_accuracy']:.3f} | 1 |")
+        if mine:
+            out.append(f"| {name} | " + " | ".join(cell([r[k] for r in mine]) for k in ("mlm_accuracy", "probe_accuracy", "agreement")) + " |")
+    per_seed = {r["seed"]: r for r in rows}.values()
+    out.append(f"| teacher | {cell([r['teacher_mlm_accuracy'] for r in per_seed])} | "
+               f"{cell([r['teacher_probe_accuracy'] for r in per_seed])} | 1 |")
     return "\n".join(out)
 
 

@@ -84,8 +84,10 @@ def test_quality_bench_splits_its_text_and_tabulates_seeds(tmp_path):
     lines = [x for x in SOURCE.read_text(encoding="utf-8").splitlines() if x.strip()]
     tr, te = train.read_text().splitlines(), test.read_text().splitlines()
     assert te == lines[::10] and tr == [x for i, x in enumerate(lines) if i % 10] and len(tr) + len(te) == len(lines)
-    rows = [{"variant": "full", "seed": s, "mlm_accuracy": a, "probe_accuracy": p, "agreement": g, "teacher_mlm_accuracy": 0.5,
-             "teacher_probe_accuracy": 0.4} for s, a, p, g in [(0, 0.30, 0.35, 0.8), (1, 0.34, 0.31, 0.9)]]
+    rows = [{"variant": v, "seed": s, "mlm_accuracy": a, "probe_accuracy": p, "agreement": g, "teacher_mlm_accuracy": tm,
+             "teacher_probe_accuracy": 0.4} for v, s, a, p, g, tm in [("full", 0, 0.30, 0.35, 0.8, 0.5), ("full", 1, 0.34, 0.31, 0.9, 0.6),
+                                                                      ("no-kl", 0, 0.2, 0.3, 0.7, 0.5), ("no-kl", 1, 0.2, 0.3, 0.7, 0.6)]]
     t = table(rows).splitlines()
     assert t[2] == "| full | 0.320 ± 0.020 | 0.330 ± 0.020 | 0.850 ± 0.050 |"
-    assert t[3] == "| teacher | 0.500 | 0.400 | 1 |"
+    assert t[3] == "| no-kl | 0.200 ± 0.000 | 0.300 ± 0.000 | 0.700 ± 0.000 |"
+    assert t[4] == "| teacher | 0.550 ± 0.050 | 0.400 ± 0.000 | 1 |"  # the teacher per seed: its masks and split are the seed's
