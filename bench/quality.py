@@ -20,7 +20,7 @@ models) and the Brown genre probe (data/brown/brown_genres.tsv, 1,000 of its row
 demo; logistic regression on frozen mean-pooled embeddings, split by text). Each variant runs
 with every seed in --seeds; the table gives the mean and half the spread (max - min) over seeds.
 
-    .venv/bin/python bench/quality.py --steps 120 --teacher-steps 300 --seeds 0 1   # ~45 min on 2 cores
+    .venv/bin/python bench/quality.py --steps 120 --teacher-steps 300 --seeds 0 1   # ~30 min on 2 cores
     .venv/bin/python bench/quality.py --steps 60 --seeds 0 --teacher-steps 40   # a smoke run
 """
 
