@@ -163,7 +163,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=120, help="distillation steps of each student (64 lines a step)")
+    ap.add_argument("--steps", type=int, default=120, help="distillation steps of each student (--batch lines a step)")
     ap.add_argument("--batch", type=int, default=32, help="lines a distillation step (KL reads the 30k-way heads at every token)")
     ap.add_argument("--teacher-steps", type=int, default=300, help="MLM steps that make the teacher (64 lines a step)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="a run of every variant for each seed")
