@@ -105,14 +105,14 @@ def summary_lines(result: dict) -> list[str]:
     """The end of a run, for its log: where it got to, what this start cost (wall time, mean
     throughput), where the model is, and the held-out figures before and after training."""
     start, end = result["start"], result["end"]
-    wall = result["wall_s"]
+    wall = round(result["wall_s"], 1)  # (rounded first: 59.96 s is 1:00.0, not 0:60.0)
     lines = [f"done: step {result['step']}, {result['tokens']:,} tokens"
              + (f"; model in {result['model_dir']}" if result.get("model_dir") else ""),
              f"  this start: {result['steps_run']} steps in {int(wall // 3600)}:{int(wall % 3600 // 60):02d}:{wall % 60:04.1f} "
              f"(h:mm:ss), {result['tokens_per_s']:,.0f} tokens/s mean"]
     for key in sorted(end):
         group, _, metric = key.partition("/")  # eval/ (held-out), eval_<name>/ (eval.sources), probe/
-        if metric.endswith("_rows"):  # (a count: in the model card)
+        if metric.endswith("rows"):  # (a count: in the model card)
             continue
         name = f"{'held-out' if group == 'eval' else group.removeprefix('eval_')} {metric}"
         arrow = "(higher is better)" if metric == "agreement" or group == "probe" else ""

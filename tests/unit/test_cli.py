@@ -55,3 +55,14 @@ def test_result_only_on_stdout():
     r = subprocess.run([sys.executable, "-c", GUARDED], capture_output=True, text=True, check=True)
     assert r.stdout == json.dumps({"ok": True}) + "\n"
     assert "a library's line" in r.stderr and "a C library's line" in r.stderr
+
+
+def test_the_run_summary_rounds_its_wall_time_before_splitting_it():
+    """59.96 s is 0:01:00.0 -- it printed 0:00:60.0 -- and a probe's row count is no measure."""
+    from distil.metrics_log import summary_lines
+
+    result = {"start": {"probe/rows": 3000, "eval/agreement": 0.5}, "end": {"probe/rows": 3000, "eval/agreement": 0.75},
+              "wall_s": 59.96, "step": 8, "tokens": 1000, "steps_run": 8, "tokens_per_s": 16.7}
+    lines = summary_lines(result)
+    assert lines[1] == "  this start: 8 steps in 0:01:00.0 (h:mm:ss), 17 tokens/s mean"
+    assert lines[2:] == ["  held-out agreement          start 0.5000 -> end 0.7500 (higher is better)"]
