@@ -16,8 +16,8 @@ a step; the `distilbert` recipe reads the 30k-way heads of both models at every 
 
 and `distil eval` measures it against the teacher on the test side (a tenth of the sample's
 lines, never trained on by teacher or student): held-out MLM accuracy (same masks for both
-models) and the Brown genre probe (data/brown/brown_genres.tsv, 1,000 of its rows as in the
-demo; logistic regression on frozen mean-pooled embeddings, split by text). Each variant runs
+models) and the Brown genre probe (data/brown/brown_genres.tsv, 1,000 of its rows, two of each
+text; logistic regression on frozen mean-pooled embeddings, cross-validated by text). Each variant runs
 with every seed in --seeds; the table gives the mean and half the spread (max - min) over seeds.
 
     .venv/bin/python bench/quality.py --steps 120 --teacher-steps 300 --seeds 0 1   # ~30 min on 2 cores

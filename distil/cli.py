@@ -229,6 +229,8 @@ def _add_data_and_cluster_commands(sub) -> None:
     p.add_argument("--label-column", help="the probe's label column (default: the run's, else 'label')")
     p.add_argument("--group-column", help="rows of one group stay on one side of the probe's split (e.g. text_id)")
     p.add_argument("--probe-rows", type=int, help="use at most this many rows of the probe, evenly over its groups")
+    p.add_argument("--no-probe", action="store_true", help="leave out the run's probe (its end-of-run summary and model "
+                                                          "card already hold what it measured at the last step)")
     _add_k8s_commands(sub)
     p = sub.add_parser("plot", help="draw a run's metrics (loss terms, held-out, lr, tokens/s) to a PNG")
     p.add_argument("uri", help="a run folder or s3://bucket/prefix/RUN")
@@ -321,7 +323,10 @@ def _run_data_and_cluster_command(args) -> None:
 
             probe = {"path": args.probe, "text_column": args.text_column, "label_column": args.label_column,
                      "group_column": args.group_column, "max_rows": args.probe_rows}
-            report = evaluate_models(args.model, args.teacher, args.data, args.overrides, args.max_sequences, args.batch_size,
+            if args.no_probe and args.probe:
+                raise UserError("--probe and --no-probe ask for opposite things", where="distil eval", fix="give one of them")
+            overrides = [*args.overrides, "eval.probe.path=null"] if args.no_probe else args.overrides
+            report = evaluate_models(args.model, args.teacher, args.data, overrides, args.max_sequences, args.batch_size,
                                      probe=probe)
         print(json.dumps(report) if args.json else format_report(report))
     elif args.command == "plot":

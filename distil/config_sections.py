@@ -289,7 +289,9 @@ class ProbeSection(_Strict):
     label_column: str = Field("label", description="The column holding the class label.")
     group_column: str | None = Field(None, description=(
         "Rows of one group (e.g. one document) are all on one side of the train/test split; unset: rows split alone."))
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the groups held out to score the classifier.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "Share of the groups each fold holds out: round(1 / test_fraction) folds, every row predicted once by the "
+        "classifier of the fold that held its group out."))
     max_rows: int | None = Field(None, ge=10, description="At most this many rows, evenly over the groups (a forward pass each, per model).")
     max_len: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated.")
 

@@ -240,8 +240,8 @@ def format_report(r: dict) -> str:
                      f"sentences/s, teacher {v['teacher_sentences_per_s']:.1f} (x{v['speedup']:.2f})")
     if "probe" in r:
         p = r["probe"]
-        lines.append(f"  probe {p['name']}: {p['classes']} classes, {p['train_rows']} train / {p['test_rows']} test rows "
-                     f"({p['test_groups']} of {p['groups']} groups held out)")
+        lines.append(f"  probe {p['name']}: {p['classes']} classes, {p['rows']} rows of {p['groups']} groups, each predicted "
+                     f"by one of {p['folds']} classifiers that held its group out")
     rows = [("MLM accuracy", "mlm", "mlm_accuracy", "mlm_accuracy"), ("MLM loss (lower is better)", "mlm", "mlm_loss", "mlm_loss")]
     table = [(name, r[f"teacher_{src}"][key], r[f"student_{src}"][key], r["retention"][ret])
              for name, src, key, ret in rows if ret in r["retention"]]

@@ -211,7 +211,7 @@ class Trainer:
             model.train()
             self._probe_teacher = r["teacher"]
             out = {f"probe/{who}_{k}": v for who in ("teacher", "student", "retention") for k, v in r[who].items()}
-            out["probe/test_rows"] = r["test_rows"]
+            out["probe/rows"] = r["rows"]
         if self.world > 1:
             dist.barrier()
         return out

@@ -266,7 +266,7 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
     assert -1.0 <= rep["agreement"] <= 1.0
     # the run's probe (its config's `probe` section): the run measured the same at its last step
     probe = rep["probe"]
-    assert probe["name"] == "brown_genres" and probe["test_rows"] + probe["train_rows"] == 90
+    assert probe["name"] == "brown_genres" and probe["rows"] == 90 and probe["folds"] == 5
     last = [m for m in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if "probe/student_accuracy" in m][-1]
     assert probe["student"]["accuracy"] == pytest.approx(last["probe/student_accuracy"], abs=1e-9)
     assert probe["teacher"]["accuracy"] == pytest.approx(last["probe/teacher_accuracy"], abs=1e-9)
@@ -279,10 +279,13 @@ def test_eval_student_and_teacher(tmp_path, run, teacher_dir):
     assert "measure" in table.stdout and "retention" in table.stdout and "brown_genres accuracy" in table.stdout
     import re
 
-    rows = re.search(r"probe brown_genres: \d+ classes, (\d+) train / (\d+) test rows", table.stdout)
-    assert rows and int(rows.group(1)) + int(rows.group(2)) == 60, table.stdout
+    rows = re.search(r"probe brown_genres: \d+ classes, (\d+) rows of (\d+) groups, each predicted by one of 5", table.stdout)
+    assert rows and int(rows.group(1)) == int(rows.group(2)) == 60, table.stdout  # one row of each of 60 texts
     refused = distil("eval", str(run / "model"), "--probe-rows", "3")
     assert refused.returncode == 2 and "--probe-rows" in refused.stderr and "Traceback" not in refused.stderr
+    without = distil("eval", str(run / "model"), "--json", "--max-sequences", "16", "--no-probe")
+    assert without.returncode == 0, without.stderr[-3000:]
+    assert "probe" not in json.loads(without.stdout) and json.loads(without.stdout)["agreement"] == rep["agreement"]
 
     # The same batch, masked the same way, scored by transformers itself.
     cfg = load_config(run / "model" / "distil_config.yaml")

@@ -1,5 +1,5 @@
-"""The downstream probe (distil/probe.py): a split by group that no group crosses, stratified
-by label; a classifier whose scores behave as they must on embeddings built to be separable
+"""The downstream probe (distil/probe.py): folds by group that no group crosses, stratified
+by label, every row held out once; a classifier whose scores behave as they must on embeddings built to be separable
 or not; retention exactly 1 for a student that is its teacher; bad tables refused."""
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ def brown(**kw) -> Probe:
     return load_probe(BROWN, "passage", "genre", "text_id", **kw)
 
 
-def test_the_split_keeps_each_text_on_one_side_and_every_genre_in_the_test_side():
+def test_every_row_is_held_out_once_by_a_fold_that_keeps_its_text_whole():
     p = brown()
-    assert p.describe()["rows"] == 1500 and p.describe()["classes"] == 15 and p.describe()["groups"] == 500
-    train_groups, test_groups = {p.groups[i] for i in p.train}, {p.groups[i] for i in p.test}
-    assert not train_groups & test_groups and len(p.train) + len(p.test) == 1500
-    assert 0.15 < len(p.test) / 1500 < 0.25  # test_fraction 0.2: one fold of five
-    genres_of_texts = collections.Counter(g[:2] for g in test_groups)
-    assert {p.labels[i] for i in p.test} == set(p.labels)  # stratified: every genre is scored
-    assert len(genres_of_texts) == 15
+    assert p.describe() == {"name": "brown_genres", "rows": 3000, "classes": 15, "groups": 500, "folds": 5}
+    held_out = np.concatenate([test for _, test in p.folds])
+    assert sorted(held_out.tolist()) == list(range(3000))  # each row predicted exactly once
+    for train, test in p.folds:
+        assert not {p.groups[i] for i in train} & {p.groups[i] for i in test}
+        assert len(train) + len(test) == 3000 and 0.15 < len(test) / 3000 < 0.25  # test_fraction 0.2: five folds
+        assert {p.labels[i] for i in test} == set(p.labels)  # stratified: every genre is scored in every fold
     again = brown()
-    assert np.array_equal(again.test, p.test)  # the same split for every model and every call
-    assert not np.array_equal(brown(seed=1).test, p.test)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(again.folds, p.folds))  # the same folds for every model and call
+    assert not np.array_equal(brown(seed=1).folds[0][1], p.folds[0][1])
+    assert len(brown(test_fraction=0.25).folds) == 4
 
 
 def test_max_rows_draws_evenly_over_the_groups():
@@ -41,7 +42,7 @@ def test_max_rows_draws_evenly_over_the_groups():
     assert len(p.texts) == 600 and len(per_text) == 500 and max(per_text.values()) - min(per_text.values()) <= 1
 
 
-def test_scores_follow_the_embeddings():
+def test_scores_follow_the_embeddings(tmp_path):
     """Embeddings that hold the label give accuracy 1; embeddings that hold none give chance."""
     p = brown(max_rows=400)
     classes = sorted(set(p.labels))
@@ -49,8 +50,16 @@ def test_scores_follow_the_embeddings():
     separable = score(torch.cat([onehot, torch.randn(len(p.labels), 8, generator=torch.Generator().manual_seed(0))], 1), p)
     assert separable == {"accuracy": 1.0, "macro_f1": 1.0}
     noise = score(torch.randn(len(p.labels), 16, generator=torch.Generator().manual_seed(0)), p)
-    majority = max(collections.Counter(p.labels[i] for i in p.test).values()) / len(p.test)
+    majority = max(collections.Counter(p.labels).values()) / len(p.labels)
     assert noise["accuracy"] <= majority + 0.1
+    # An embedding that names the text (its genre follows) scores only if a text's rows were on
+    # both sides of a fold: the folds by group leave it at chance.
+    lines = BROWN.read_text(encoding="utf-8").splitlines()  # every 5th text, its 6 rows: 100 texts of 15 genres
+    (tmp_path / "b.tsv").write_text("\n".join(lines[:1] + [x for i, x in enumerate(lines[1:]) if i // 6 % 5 == 0]) + "\n")
+    few = load_probe(tmp_path / "b.tsv", "passage", "genre", "text_id")
+    texts = sorted(set(few.groups))
+    names_the_text = torch.tensor([[float(g == t) for t in texts] for g in few.groups])
+    assert score(names_the_text, few)["accuracy"] <= max(collections.Counter(few.labels).values()) / len(few.labels) + 0.1
 
 
 def test_a_student_equal_to_its_teacher_retains_everything(teacher_dir, tmp_path):
@@ -67,7 +76,7 @@ def test_a_student_equal_to_its_teacher_retains_everything(teacher_dir, tmp_path
     teacher, tokenizer = load_model(str(teacher_dir)), AutoTokenizer.from_pretrained(teacher_dir)
     same = evaluate_probe(p, teacher, load_model(str(teacher_dir)), tokenizer, max_len=32)
     assert same["teacher"] == same["student"] == {"accuracy": 1.0, "macro_f1": 1.0}
-    assert same["retention"] == {"accuracy": 1.0, "macro_f1": 1.0} and same["test_rows"] == len(p.test) and same["name"] == "easy"
+    assert same["retention"] == {"accuracy": 1.0, "macro_f1": 1.0} and same["rows"] == len(p.texts) and same["name"] == "easy"
     # the teacher's scores, measured once, are reused as given
     given = evaluate_probe(p, None, teacher, tokenizer, max_len=32, teacher_scores={"accuracy": 0.5, "macro_f1": 0.25})
     assert given["retention"] == {"accuracy": same["student"]["accuracy"] / 0.5, "macro_f1": same["student"]["macro_f1"] / 0.25}
