@@ -47,9 +47,11 @@ RESUMABLE = ("run.name", "train.max_steps", "train.log_every", "train.eval_every
 # Keys added after distil-run 0.1, with their defaults: left out of a derived run name when at
 # their default, so that a run started by 0.1 keeps its name (and resumes) after an upgrade.
 ADDED_SINCE_0_1 = {"student.hidden_size": None, "student.num_attention_heads": None, "student.intermediate_size": None,
-                   "student.init": "teacher", "loss.alpha_relation": 0.0, "loss.relation_heads": 12,
+                   "student.init": "teacher", "student.freeze_embeddings": False, "student.dropout": None,
+                   "loss.alpha_relation": 0.0, "loss.relation_heads": 12,
                    "loss.relation_teacher_layer": None, "loss.alpha_attention": 0.0,
-                   "loss.alpha_sentence_mse": 0.0, "loss.alpha_similarity": 0.0}
+                   "loss.alpha_sentence_mse": 0.0, "loss.alpha_similarity": 0.0,
+                   "loss.alpha_similarity_corr": 0.0}
 
 def looks_local(name: str) -> bool:
     """Whether a model name means a folder: hub ids are "name" or "org/name"."""

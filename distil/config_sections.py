@@ -72,6 +72,20 @@ class StudentSection(_Strict):
         "'teacher': copy the chosen teacher layers, embeddings and head (for a narrower student, the same evenly "
         "spaced subset of heads, dimensions and feed-forward units from every tensor: weight selection); "
         "'random': the architecture's own random initialisation (an ablation)."))
+    freeze_embeddings: bool = Field(False, description=(
+        "Keep the token embeddings copied from the teacher fixed (and so a tied MLM decoder): words the training "
+        "text lacks stay where the teacher put them, and the largest tensor's gradient and Adam update are saved; "
+        "needs init 'teacher' and the teacher's width."))
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description=(
+        "The student's dropout probability (every dropout: embeddings, attention, feed-forward) while it trains; "
+        "unset: the teacher's config. The exported config keeps the teacher's, for whoever fine-tunes the student."))
+
+    @model_validator(mode="after")
+    def _frozen_from_teacher(self) -> "StudentSection":
+        if self.freeze_embeddings and (self.init != "teacher" or self.hidden_size is not None):
+            raise ValueError("student.freeze_embeddings keeps the teacher's embeddings: it needs student.init 'teacher' "
+                             "and no student.hidden_size")
+        return self
 
     @property
     def resized(self) -> bool:
@@ -169,6 +183,9 @@ class LossSection(_Strict):
     alpha_similarity: float = Field(0.0, ge=0.0, description=(
         "Weight of the MSE between the two models' in-batch cosine-similarity matrices of sentence embeddings "
         "(what the held-out agreement measures; any widths)."))
+    alpha_similarity_corr: float = Field(0.0, ge=0.0, description=(
+        "Weight of 1 - the Pearson correlation of those two similarity matrices (off-diagonal entries): the "
+        "batch's relations up to an offset and a scale, nearer the rank correlation the agreement reports."))
     alpha_attention: float = Field(0.0, ge=0.0, description=(
         "Weight of TinyBERT's attention-score MSE: each student layer's scores (QK^T / sqrt(d), per head) against "
         "the teacher layer it maps to; needs equal head counts."))
@@ -191,7 +208,8 @@ class LossSection(_Strict):
     @model_validator(mode="after")
     def _some_loss(self) -> "LossSection":
         weights = [self.alpha_kl, self.alpha_mlm, self.alpha_cos, self.alpha_mse, self.alpha_mse_hidden, self.alpha_cos_intermediate,
-                   self.alpha_relation, self.alpha_attention, self.alpha_sentence_mse, self.alpha_similarity]
+                   self.alpha_relation, self.alpha_attention, self.alpha_sentence_mse, self.alpha_similarity,
+                   self.alpha_similarity_corr]
         if not any(w > 0 for w in weights):
             raise ValueError("every loss weight is 0: set at least one alpha_* above 0")
         return self

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 
-def collate(rows: list[list[int]], pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row, rounded up to a multiple of 8 (tensor-core friendly)."""
+def collate(rows: list[list[int]], pad_id: int, max_len: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row, rounded up to a multiple of `multiple`: 8 on a GPU (tensor-
+    core friendly); 1 on a CPU, where every pad position is compute spent (with sentences of ~19
+    tokens, rounding to 8 padded ~18% more positions)."""
     longest = max(len(r) for r in rows)
-    width = min(max_len, (longest + 7) // 8 * 8)
+    width = min(max_len, -(-longest // multiple) * multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):

@@ -15,6 +15,7 @@ Terms (each averaged over the positions it reads):
                      averaged over layers
   sentence_mse       MSE of the mean-pooled last hidden states (sentence embeddings; distil/sentence.py)
   similarity         MSE of the in-batch cosine-similarity matrices of those embeddings
+  similarity_corr    1 - the Pearson correlation of those matrices' off-diagonal entries
 
 A narrower student's hidden states go through its learned projection (MaskedLM.projection)
 before the hidden-state terms compare them with the teacher's.
@@ -33,7 +34,7 @@ from distil.fused_head import Rows, fused_head_loss
 from distil.masking import IGNORE
 from distil.model import HeadOutput
 from distil.relations import attention_score_mse, relation_kl
-from distil.sentence import mean_pool, sentence_mse, similarity_mse
+from distil.sentence import mean_pool, sentence_mse, similarity_corr, similarity_mse
 
 
 def kl_with_temperature(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, chunk: int = 4096) -> torch.Tensor:
@@ -76,7 +77,7 @@ class DistillationLoss:
         w = {"kl": c.alpha_kl, "mlm": c.alpha_mlm, "cos": c.alpha_cos, "mse": c.alpha_mse,
              "mse_hidden": c.alpha_mse_hidden, "cos_intermediate": c.alpha_cos_intermediate,
              "relation": c.alpha_relation, "attention": c.alpha_attention, "sentence_mse": c.alpha_sentence_mse,
-             "similarity": c.alpha_similarity}
+             "similarity": c.alpha_similarity, "similarity_corr": c.alpha_similarity_corr}
         return {k: v for k, v in w.items() if v > 0}
 
     def qkv_layers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -133,12 +134,14 @@ class DistillationLoss:
         if "cos_intermediate" in w:
             pairs = [_cos(student_at(s_hidden[i]), at(t_hidden[j])) for i, j in self.intermediate]
             terms["cos_intermediate"] = torch.stack(pairs).mean() if pairs else s_hidden[-1].new_zeros(())
-        if "sentence_mse" in w or "similarity" in w:  # every non-pad token, whatever the recipe
+        if {"sentence_mse", "similarity", "similarity_corr"} & w.keys():  # every non-pad token, whatever the recipe
             s_emb, t_emb = mean_pool(s_hidden[-1], attention_mask), mean_pool(t_hidden[-1], attention_mask)
             if "sentence_mse" in w:
                 terms["sentence_mse"] = sentence_mse(s_emb if project is None else project(s_emb), t_emb)
             if "similarity" in w:
                 terms["similarity"] = similarity_mse(s_emb, t_emb)
+            if "similarity_corr" in w:
+                terms["similarity_corr"] = similarity_corr(s_emb, t_emb)
         if "relation" in w:
             i, j = self.relation_pair
             terms["relation"] = relation_kl(s_qkv[i], t_qkv[j], attention_mask, self.cfg.relation_heads)

@@ -129,6 +129,14 @@ def load_teacher(cfg: DistilConfig, with_head: bool) -> nn.Module:
     return model
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of `model` to `p`, its config left as it is. Hugging Face's attention reads
+    its probability from the module (`self.dropout.p`), so this covers attention dropout too."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
 def build_student(teacher: nn.Module, layers: list[int], architecture: str = "same", shape: StudentShape | None = None,
                   init: str = "teacher") -> nn.Module:
     """A k-layer student whose tensors are copies of the teacher's chosen layers, embeddings and

@@ -9,7 +9,10 @@ teacher's, batch by batch:
   student's through its projection);
 - `similarity_mse`: the mean squared difference of the two models' in-batch cosine-similarity
   matrices, i.e. how each model relates the batch's sentences to each other -- what the
-  held-out agreement measures, for any widths.
+  held-out agreement measures, for any widths;
+- `similarity_corr`: one minus the Pearson correlation of the two matrices' off-diagonal entries:
+  the same relations up to an offset and a scale, closer to the Spearman correlation that
+  `agreement` reports (a rank correlation has no useful gradient).
 """
 
 from __future__ import annotations
@@ -30,3 +33,15 @@ def sentence_mse(s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
 def similarity_mse(s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
     s, t = F.normalize(s_emb.float(), dim=-1), F.normalize(t_emb.float(), dim=-1)
     return F.mse_loss(s @ s.T, t @ t.T)
+
+
+def similarity_corr(s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    """1 - Pearson r of the in-batch cosine similarities (each pair once); 0 for a batch of one."""
+    n = s_emb.shape[0]
+    if n < 3:  # fewer than two pairs: no correlation to speak of
+        return s_emb.new_zeros((), dtype=torch.float32)
+    i, j = torch.triu_indices(n, n, offset=1, device=s_emb.device)
+    s, t = F.normalize(s_emb.float(), dim=-1), F.normalize(t_emb.float(), dim=-1)
+    a, b = (s[i] * s[j]).sum(-1), (t[i] * t[j]).sum(-1)
+    a, b = a - a.mean(), b - b.mean()
+    return 1.0 - (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)

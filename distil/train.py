@@ -25,7 +25,7 @@ from distil.evaluate import agreement, embed
 from distil.losses import DistillationLoss, distillation_forward
 from distil.masking import EVAL_STEP, Masker
 from distil.metrics_log import MetricsLog
-from distil.model import MaskedLM, build_student, load_teacher, student_projection
+from distil.model import MaskedLM, build_student, load_teacher, set_dropout, student_projection
 from distil.run_setup import Prepared, deepspeed_config, lr_lambda
 from distil.student_shape import StudentShape
 
@@ -42,6 +42,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local_rank}") if prep.device.type == "cuda" else prep.device
+        self.pad_to = 8 if self.device.type == "cuda" else 1  # training batches' widths (distil.data.collate)
         torch.manual_seed(cfg.run.seed)
         needs_logits = cfg.loss.needs_logits
         teacher = load_teacher(cfg, with_head=needs_logits)
@@ -55,8 +56,13 @@ class Trainer:
         if cfg.train.compile:  # in place: parameter names, checkpoints and the export stay the eager ones
             self.teacher.model.base_model.compile()
             model.model.base_model.compile()
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]  # biases and LayerNorms, as BERT
+        if cfg.student.dropout is not None:
+            set_dropout(student, cfg.student.dropout)
+        if cfg.student.freeze_embeddings:
+            model.model.get_input_embeddings().weight.requires_grad_(False)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.ndim > 1]
+        no_decay = [p for p in trained if p.ndim <= 1]  # biases and LayerNorms, as BERT
         o = cfg.optim
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
@@ -124,7 +130,7 @@ class Trainer:
 
     def _make_batch(self, key: tuple[int, int], idx):
         step, micro = key
-        ids, attn = collate(self.prep.train.rows(idx), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
+        ids, attn = collate(self.prep.train.rows(idx), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len, self.pad_to)
         masked, labels = self.masker(ids, attn, step, micro, self.rank)  # a function of (seed, step, micro, rank)
         if self.device.type == "cuda":  # pinned here, off the step's thread; the step copies asynchronously
             masked, attn, labels = masked.pin_memory(), attn.pin_memory(), labels.pin_memory()
@@ -166,7 +172,7 @@ class Trainer:
         """This rank's share of `rows` (a TokenSplit or a list of sequences), collated 32 at a time."""
         shard = list(range(self.rank, len(rows), self.world))
         take = rows.rows if hasattr(rows, "rows") else (lambda idx: [rows[i] for i in idx])
-        return [collate(take(shard[i:i + 32]), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)
+        return [collate(take(shard[i:i + 32]), self.prep.tokenizer.pad_token_id, self.cfg.data.max_len)  # (as distil eval)
                 for i in range(0, len(shard), 32)]
 
     def _agreement(self, model, batches) -> tuple[int, float]:

@@ -91,3 +91,22 @@ def test_resume_on_another_worker_count_repartitions_zero2_state(two_rank_run, t
     # Its own checkpoints are ordinary ZeRO-2 ones, sharded for its own worker count.
     assert len(list((root / "step_00000006").glob("zero_pp_rank_*_optim_states.pt"))) == workers
     assert ckpt.read_complete(root / "step_00000006")["world_size"] == workers
+
+
+def test_frozen_embeddings_stay_the_teachers_through_a_resume_on_another_worker_count(tmp_path, teacher_dir):
+    """student.freeze_embeddings: the frozen tensor is no optimizer state, so DeepSpeed's
+    universal conversion must carry it in the module's state. 2 workers to step 3, then 1
+    worker to step 6: the exported embeddings are still the teacher's, bit for bit."""
+    from safetensors.torch import load_file
+
+    path = config(tmp_path, teacher_dir, "frozen")
+    cfg = __import__("yaml").safe_load(path.read_text())
+    cfg["student"]["freeze_embeddings"] = True
+    write_config(path, cfg)
+    torchrun(2, "-m", "distil.cli", "train", "--config", str(path), "--set", "train.max_steps=3")
+    out = torchrun(1, "-m", "distil.cli", "train", "--config", str(path))
+    assert "written by 2 workers, ZeRO-2 state re-partitioned for 1" in out, out[-3000:]
+    assert ckpt.read_trainer_state(tmp_path / "runs" / "frozen" / "step_00000006")["step"] == 6
+    key = "bert.embeddings.word_embeddings.weight"
+    exported = load_file(str(tmp_path / "runs" / "frozen" / "model" / "model.safetensors"))
+    assert torch.equal(exported[key], load_file(str(teacher_dir / "model.safetensors"))[key])

@@ -206,3 +206,19 @@ def test_a_narrower_student_trains_and_exports_without_its_projection(tmp_path, 
     with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "projection" in k]
     assert json.loads((run / "model" / "config.json").read_text())["hidden_size"] == 16
+
+
+def test_frozen_embeddings_are_exported_as_the_teachers_and_the_rest_trains(tmp_path, teacher_dir):
+    """student.freeze_embeddings through DeepSpeed ZeRO-2, a checkpoint and the export: the
+    exported token embeddings are the teacher's, bit for bit, while the layers have moved;
+    student.dropout leaves the exported config with the teacher's dropout."""
+    cfg = base_config(teacher_dir, tmp_path, student={"layers": [0, 2], "freeze_embeddings": True, "dropout": 0.0})
+    cli(write_config(tmp_path / "c.yaml", cfg))
+    teacher = load_file(str(teacher_dir / "model.safetensors"))
+    student = load_file(str(tmp_path / "runs" / "t" / "model" / "model.safetensors"))
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(student[key], teacher[key])
+    layer = "bert.encoder.layer.1.attention.self.query.weight"  # a copy of the teacher's layer 2 that trained
+    assert not torch.equal(student[layer], teacher[layer.replace("layer.1.", "layer.2.")])
+    exported = json.loads((tmp_path / "runs" / "t" / "model" / "config.json").read_text())
+    assert exported["hidden_dropout_prob"] == json.loads((teacher_dir / "config.json").read_text())["hidden_dropout_prob"] > 0

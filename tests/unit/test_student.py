@@ -78,3 +78,23 @@ def test_head_at_positions_equals_model_logits(kind):
     lazy = MaskedLM(model)(ids, attn, positions, lazy_logits=True)[1]
     assert torch.equal(lazy.logits(), logits)
     assert len(hidden) == model.config.num_hidden_layers + 1 if kind != "distilbert" else len(hidden) == 3
+
+
+@pytest.mark.parametrize("architecture", ["same", "distilbert"])
+def test_set_dropout_reaches_every_dropout_and_leaves_the_config(architecture):
+    """With dropout 0 a student in train mode computes what it does in eval mode; the config (what
+    export writes, for whoever fine-tunes the student) keeps the teacher's probabilities."""
+    from distil.model import set_dropout
+
+    teacher = tiny("bert")
+    teacher.config.hidden_dropout_prob = teacher.config.attention_probs_dropout_prob = 0.5
+    student = build_student(teacher, [0, 2], architecture)
+    ids, attn = torch.randint(5, 120, (3, 11)), torch.ones(3, 11, dtype=torch.long)
+    student.train()
+    noisy = student(input_ids=ids, attention_mask=attn).logits
+    assert not torch.equal(noisy, student(input_ids=ids, attention_mask=attn).logits)  # dropout is on: it can fail
+    set_dropout(student, 0.0)
+    trained_mode = student(input_ids=ids, attention_mask=attn).logits
+    assert torch.equal(trained_mode, student.eval()(input_ids=ids, attention_mask=attn).logits)
+    cfg = student.config.to_dict()
+    assert cfg.get("hidden_dropout_prob", cfg.get("dropout")) == 0.5

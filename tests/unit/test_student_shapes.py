@@ -184,7 +184,8 @@ def test_sentence_terms_equal_a_direct_computation_values_and_gradients():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     s_last = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     t_last = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
-    loss = DistillationLoss(LossSection(alpha_kl=0, alpha_mlm=0, alpha_cos=0, alpha_sentence_mse=1, alpha_similarity=1), [0])
+    loss = DistillationLoss(LossSection(alpha_kl=0, alpha_mlm=0, alpha_cos=0, alpha_sentence_mse=1, alpha_similarity=1,
+                                        alpha_similarity_corr=1), [0])
     positions = torch.nonzero(mask.reshape(-1)).squeeze(1)
     terms = loss((s_last,), (t_last,), None, None, positions, torch.full((3, 4), -100), attention_mask=mask)
 
@@ -197,6 +198,31 @@ def test_sentence_terms_equal_a_direct_computation_values_and_gradients():
     want_sim = sum((cos(ps[i], ps[j]) - cos(pt[i], pt[j])) ** 2 for i in range(3) for j in range(3)) / 9
     assert float(terms["sentence_mse"].detach()) == pytest.approx(float(want_mse.detach()), rel=1e-6)
     assert float(terms["similarity"].detach()) == pytest.approx(float(want_sim.detach()), rel=1e-5)
+    from distil.sentence import similarity_corr  # (its own test: below) on the same pooled embeddings
+    assert float(terms["similarity_corr"].detach()) == pytest.approx(float(similarity_corr(ps, pt).detach()), rel=1e-9)
     for got, want in ((terms["sentence_mse"], want_mse), (terms["similarity"], want_sim)):
         (a,), (b,) = torch.autograd.grad(got, s_last, retain_graph=True), torch.autograd.grad(want, s_last, retain_graph=True)
         assert torch.allclose(a.double(), b, atol=1e-6) and not a[0, 3].any()  # a pad token gets no gradient
+
+
+def test_similarity_corr_is_one_minus_pearson_of_the_pairs_values_and_gradients():
+    """1 - Pearson r of the off-diagonal cosine similarities, against numpy's corrcoef over the
+    pairs written out; the gradient against autograd through that direct computation."""
+    import numpy as np
+
+    from distil.sentence import similarity_corr
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    cos = lambda a, b: (a @ b) / (a.norm() * b.norm())  # noqa: E731
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    a, b = torch.stack([cos(s[i], s[j]) for i, j in pairs]), torch.stack([cos(t[i], t[j]) for i, j in pairs])
+    got = similarity_corr(s, t)
+    assert float(got.detach()) == pytest.approx(1 - np.corrcoef(a.detach().numpy(), b.numpy())[0, 1], rel=1e-6)
+    a0, b0 = a - a.mean(), b - b.mean()
+    want = 1 - (a0 * b0).sum() / (a0.norm() * b0.norm())
+    (dg,), (dw,) = torch.autograd.grad(got, s), torch.autograd.grad(want, s)
+    assert torch.allclose(dg.double(), dw, atol=1e-6) and dg.abs().sum() > 0
+    assert float(similarity_corr(s, 2 * s.detach() + 0)) == pytest.approx(0.0, abs=1e-6)  # the same relations, rescaled
+    assert float(similarity_corr(s[:2], t[:2])) == 0.0  # one pair: no correlation to speak of
