@@ -10,7 +10,7 @@ setup:
 
 demo: setup
 	$(VENV)/bin/distil train --config configs/demo.yaml
-	$(VENV)/bin/distil eval runs/demo/model
+	$(VENV)/bin/distil eval runs/demo/model --no-probe  # size and speed; the run printed the probe
 
 test: setup
 	$(VENV)/bin/python -m pytest
