@@ -8,9 +8,8 @@ student ranks every pair of sentences as the teacher does.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from distil.sentence import mean_pool
+from distil.sentence import mean_pool, pairwise_cosines
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -31,14 +30,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def pairwise_cosines(emb: torch.Tensor) -> torch.Tensor:
-    """Upper triangle (i < j) of the cosine-similarity matrix, flattened."""
-    e = F.normalize(emb.double(), dim=-1)
-    sims = e @ e.T
-    i, j = torch.triu_indices(len(e), len(e), offset=1)
-    return sims[i, j]
-
-
 @torch.no_grad()
 def embed(model, batches) -> torch.Tensor:
     """Mean-pooled last hidden states; `model` is a distil.model.MaskedLM (or DeepSpeed engine around one)."""
@@ -50,4 +41,4 @@ def embed(model, batches) -> torch.Tensor:
 
 
 def agreement(teacher_emb: torch.Tensor, student_emb: torch.Tensor) -> float:
-    return spearman(pairwise_cosines(teacher_emb), pairwise_cosines(student_emb))
+    return spearman(pairwise_cosines(teacher_emb.double()), pairwise_cosines(student_emb.double()))

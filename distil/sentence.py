@@ -35,13 +35,17 @@ def similarity_mse(s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(s @ s.T, t @ t.T)
 
 
+def pairwise_cosines(emb: torch.Tensor) -> torch.Tensor:
+    """Upper triangle (i < j) of the cosine-similarity matrix, flattened, in emb's dtype."""
+    e = F.normalize(emb, dim=-1)
+    i, j = torch.triu_indices(len(e), len(e), offset=1, device=e.device)
+    return (e @ e.T)[i, j]
+
+
 def similarity_corr(s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
     """1 - Pearson r of the in-batch cosine similarities (each pair once); 0 for a batch of one."""
-    n = s_emb.shape[0]
-    if n < 3:  # fewer than two pairs: no correlation to speak of
+    if s_emb.shape[0] < 3:  # fewer than two pairs: no correlation to speak of
         return s_emb.new_zeros((), dtype=torch.float32)
-    i, j = torch.triu_indices(n, n, offset=1, device=s_emb.device)
-    s, t = F.normalize(s_emb.float(), dim=-1), F.normalize(t_emb.float(), dim=-1)
-    a, b = (s[i] * s[j]).sum(-1), (t[i] * t[j]).sum(-1)
+    a, b = pairwise_cosines(s_emb.float()), pairwise_cosines(t_emb.float())
     a, b = a - a.mean(), b - b.mean()
     return 1.0 - (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)

@@ -1,6 +1,7 @@
 """The downstream probe (distil/probe.py): folds by group that no group crosses, stratified
-by label, every row held out once; a classifier whose scores behave as they must on embeddings built to be separable
-or not; retention exactly 1 for a student that is its teacher; bad tables refused."""
+by label, every row held out once; a classifier whose scores behave as they must on
+embeddings built to be separable or not; retention exactly 1 for a student that is its
+teacher; bad tables refused."""
 
 from __future__ import annotations
 
