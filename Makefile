@@ -8,9 +8,13 @@ export TOKENIZERS_PARALLELISM ?= false
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
+# DEMO_SET: overrides for the demo, e.g. "train.time_budget_minutes=null" (all its steps, however
+# long); DEMO_RUN: its run name (a run with other settings is another run).
+DEMO_SET ?=
+DEMO_RUN ?= demo
 demo: setup
-	$(VENV)/bin/distil train --config configs/demo.yaml
-	$(VENV)/bin/distil eval runs/demo/model --no-probe  # size and speed; the run printed the probe
+	$(VENV)/bin/distil train --config configs/demo.yaml --set run.name=$(DEMO_RUN) $(foreach o,$(DEMO_SET),--set $(o))
+	$(VENV)/bin/distil eval runs/$(DEMO_RUN)/model --no-probe  # size and speed; the run printed the probe
 
 test: setup
 	$(VENV)/bin/python -m pytest

@@ -287,7 +287,8 @@ def finalize(root: Path, tag: str, trainer_state: dict, config_yaml: str, keep_l
     _atomic_write(ckpt / "config.yaml", config_yaml)
     manifest = {**manifest, **rank_manifest(ckpt, 0)}  # now with the files written just above
     complete = {"step": trainer_state["step"], "world_size": trainer_state["world_size"],
-                "tokens": trainer_state["tokens"], **summary, "files": manifest}
+                "tokens": trainer_state["tokens"], "planned_steps": trainer_state.get("planned_steps"),
+                **summary, "files": manifest}
     _atomic_write(ckpt / COMPLETE, json.dumps(complete, indent=1))
     _atomic_write(root / LATEST, tag)
     for old in complete_tags(root)[:-keep_last]:

@@ -51,7 +51,7 @@ ADDED_SINCE_0_1 = {"student.hidden_size": None, "student.num_attention_heads": N
                    "loss.alpha_relation": 0.0, "loss.relation_heads": 12,
                    "loss.relation_teacher_layer": None, "loss.alpha_attention": 0.0,
                    "loss.alpha_sentence_mse": 0.0, "loss.alpha_similarity": 0.0,
-                   "loss.alpha_similarity_corr": 0.0}
+                   "loss.alpha_similarity_corr": 0.0, "train.time_budget_minutes": None}
 
 def looks_local(name: str) -> bool:
     """Whether a model name means a folder: hub ids are "name" or "org/name"."""

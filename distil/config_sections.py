@@ -232,7 +232,12 @@ class OptimSection(_Strict):
 
 
 class TrainSection(_Strict):
-    max_steps: int = Field(ge=1, description="Optimizer steps of the run.")
+    max_steps: int = Field(ge=1, description="Optimizer steps of the run (with time_budget_minutes: at most).")
+    time_budget_minutes: float | None = Field(None, gt=0, description=(
+        "Wall-clock minutes for the optimizer steps; unset: the run takes max_steps, however long. Set: the run "
+        "times its first 36 steps, plans the steps that fit (at most max_steps), decays the learning rate to that "
+        "plan and ends there; the plan is saved with every checkpoint, so a resumed run ends at the same step with "
+        "the same weights. Evaluations and checkpoint saves come on top (distil/budget.py)."))
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward/backward.")
     global_batch_size: int = Field(
         8, ge=1, description="Sequences per optimizer step over all workers; reached by gradient accumulation."

@@ -61,10 +61,16 @@ def check_continuation(cfg: DistilConfig, saved_yaml: str, where: str) -> list[s
     return allowed
 
 
-def finished_message(cfg: DistilConfig, step: int, where: str) -> str | None:
-    """The message for a run that has nothing left to do, or None."""
-    if step < cfg.train.max_steps:
+def finished_message(cfg: DistilConfig, step: int, where: str, planned: int | None = None) -> str | None:
+    """The message for a run that has nothing left to do, or None. `planned`: the steps its time
+    budget planned (COMPLETE's planned_steps), if it has one."""
+    end = min(planned, cfg.train.max_steps) if planned is not None else cfg.train.max_steps
+    if step < end:
         return None
+    if planned is not None and planned < cfg.train.max_steps:
+        return (f"run {cfg.run_name()} is already finished: its checkpoint {where} is at step {step}, the "
+                f"{planned:,} steps its time budget (train.time_budget_minutes) planned. Nothing was trained or changed. "
+                "For a new run (e.g. with a longer budget), set a new run.name.")
     return (f"run {cfg.run_name()} is already finished: its checkpoint {where} is at step {step} and train.max_steps "
             f"is {cfg.train.max_steps}. Nothing was trained or changed. To train further, raise train.max_steps; "
             "for a new run, set a new run.name.")
@@ -118,7 +124,8 @@ def local_resume_point(cfg: DistilConfig, run_dir, rank: int, log) -> tuple[str 
     allowed = check_continuation(cfg, (root / tag / "config.yaml").read_text(), str(root / tag))
     if allowed:
         say("resuming with changed settings: " + "; ".join(allowed))
-    return tag, finished_message(cfg, ckpt.step_of(tag), str(root / tag))
+    planned = ckpt.read_complete(root / tag).get("planned_steps")
+    return tag, finished_message(cfg, ckpt.step_of(tag), str(root / tag), planned)
 
 
 def stored_resume_point(cfg: DistilConfig, log) -> str | None:
@@ -143,4 +150,4 @@ def stored_resume_point(cfg: DistilConfig, log) -> str | None:
     allowed = check_continuation(cfg, saved, where)
     if allowed:
         log("resuming with changed settings: " + "; ".join(allowed))
-    return finished_message(cfg, newest.step, where)
+    return finished_message(cfg, newest.step, where, (newest.meta or {}).get("planned_steps"))

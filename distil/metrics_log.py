@@ -106,7 +106,9 @@ def summary_lines(result: dict) -> list[str]:
     throughput), where the model is, and the held-out figures before and after training."""
     start, end = result["start"], result["end"]
     wall = round(result["wall_s"], 1)  # (rounded first: 59.96 s is 1:00.0, not 0:60.0)
+    planned = result.get("planned_steps")
     lines = [f"done: step {result['step']}, {result['tokens']:,} tokens"
+             + (" (the steps its time budget planned)" if planned is not None and planned == result["step"] else "")
              + (f"; model in {result['model_dir']}" if result.get("model_dir") else ""),
              f"  this start: {result['steps_run']} steps in {int(wall // 3600)}:{int(wall % 3600 // 60):02d}:{wall % 60:04.1f} "
              f"(h:mm:ss), {result['tokens_per_s']:,.0f} tokens/s mean"]

@@ -46,6 +46,15 @@ def _held_out(ckpt_dir: Path, step: int) -> list[str]:
             if any(k.startswith("probe/") for k in keys) else "")]
 
 
+def _planned(state: dict, train: dict) -> str:
+    """'N of M steps': M is max_steps, or what the run's time budget planned."""
+    planned, max_steps = state.get("planned_steps"), train.get("max_steps")
+    if planned is None or planned == max_steps:
+        return f"{state['step']:,} of {max_steps:,} steps" if isinstance(max_steps, int) else f"{state['step']:,} steps"
+    return (f"{state['step']:,} of {planned:,} steps (what a {train.get('time_budget_minutes', 0):g}-minute time budget "
+            f"planned; max_steps {max_steps:,})")
+
+
 def model_card(ckpt_dir: Path, has_mlm_head: bool) -> str:
     ckpt_dir = Path(ckpt_dir)
     cfg = yaml.safe_load((ckpt_dir / "config.yaml").read_text()) if (ckpt_dir / "config.yaml").is_file() else {}
@@ -65,7 +74,7 @@ def model_card(ckpt_dir: Path, has_mlm_head: bool) -> str:
             ("objective", f"recipe `{loss.get('recipe', '?')}`, T = {loss.get('temperature', '?')}: " + "; ".join(terms)),
             ("data", ", ".join(f"`{s}`" for s in data.get("sources", [])) + f"; sequences of at most {data.get('max_len', '?')} "
                      f"tokens, packing `{data.get('packing', '?')}`"),
-            ("trained", f"{state['step']:,} of {train.get('max_steps', '?'):,} steps, {state['tokens']:,} tokens, "
+            ("trained", f"{_planned(state, train)}, {state['tokens']:,} tokens, "
                         f"{train.get('global_batch_size', '?')} sequences a step on {state.get('world_size', '?')} worker(s)"),
             ("checkpoint", f"`{ckpt_dir.name}`, saved {complete.get('saved_at', '?')}, training loss {complete.get('loss', float('nan')):.4f}")]
     body = [f"# {cfg.get('run', {}).get('name') or ckpt_dir.parent.name}", "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,13 +131,16 @@ def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int, load_univer
     }
 
 
-def lr_lambda(cfg: DistilConfig):
+def lr_lambda(cfg: DistilConfig, end_step: Callable[[], int] | None = None):
+    """Linear warmup over warmup_ratio x max_steps, then constant or linear decay to `end_step()`
+    (a time budget's plan once it is made, distil/budget.py; max_steps without one)."""
     warmup = int(cfg.optim.warmup_ratio * cfg.train.max_steps)
-    total = cfg.train.max_steps
+    end = end_step or (lambda: cfg.train.max_steps)
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        total = end()
         return 1.0 if cfg.optim.schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))
     return f
 

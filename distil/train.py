@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distil import zero_foreach
+from distil.budget import TimeBudget
 from distil.checkpoint_stores import CheckpointStore, LocalCheckpointStore
 from distil.checkpointer import Checkpointer
 from distil.data import Lookahead, ResumableSampler, collate
@@ -66,7 +67,8 @@ class Trainer:
         o = cfg.optim
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.budget = TimeBudget(cfg.train.time_budget_minutes, cfg.train.max_steps, self.device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.budget.end_step))
         # Before the engine exists: a checkpoint from another worker count needs an engine that
         # loads DeepSpeed's universal layout.
         self.checkpointer = Checkpointer(cfg, self.run_dir, store or LocalCheckpointStore(), self.device, log)
@@ -91,11 +93,13 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(), "world_size": self.world}
+        return {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(), "world_size": self.world,
+                **self.budget.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])
+        self.budget.load_state_dict(state)
 
     def _sync_tokens(self) -> int:
         """Add every rank's tokens since the last sync to the global count; returns the increase."""
@@ -237,15 +241,22 @@ class Trainer:
         self._open_window()
         end_metrics: dict[str, float] = {}
         stop = False
-        while self.step < t.max_steps and not stop:
+        self.budget.begin(self.step)
+        while self.step < self.budget.end_step() and not stop:
             for k, v in self.train_step().items():
                 self._window[k] = self._window.get(k, 0.0) + v
             self._window_steps += 1
+            plan = self.budget.after_step(self.step)
+            if plan and self.rank == 0:
+                self.log(plan)
+                if bar is not None:
+                    bar.total = self.budget.end_step()
+                    bar.refresh()
             # A pod drain or Ray's notice: a checkpoint now, uploaded. SIGTERM: stop after this step.
             stop = self.checkpointer.preempted(self.step, save=lambda: self.save_checkpoint(wait=True))
             if bar is not None:
                 bar.update(1)
-            last = self.step == t.max_steps
+            last = self.step == self.budget.end_step()
             if self.step % t.log_every == 0 or last or stop:
                 row = self._log_window()
                 if bar is not None:
@@ -265,6 +276,7 @@ class Trainer:
         self.checkpointer.close()  # the history's copy, and any upload still in flight
         wall = time.perf_counter() - started
         return {"step": self.step, "tokens": self.tokens, "start": start_metrics, "end": {} if stop else end_metrics,
+                "planned_steps": self.budget.planned if self.budget.end_step() < t.max_steps else None,  # a budget cut it short
                 "stopped": stop, "wall_s": wall, "steps_run": self.step - first_step, "tokens_per_s": (self.tokens - first_tokens) / wall}
 
     def _open_window(self) -> None:
@@ -274,8 +286,8 @@ class Trainer:
 
     def _log_window(self) -> dict:
         """One metrics row: every loss term averaged over the window's steps and the ranks, lr,
-        grad norm, throughput and the time to max_steps at this pace."""
-        t, n = self.cfg.train, self._window_steps
+        grad norm, throughput and the time to the last step at this pace."""
+        n = self._window_steps
         self._sync_tokens()
         vec = torch.stack([self._window[k] for k in sorted(self._window)])
         dist.all_reduce(vec)
@@ -283,7 +295,7 @@ class Trainer:
         row = {"step": self.step, **{f"train/{k}": float(v) / self.world / n for k, v in zip(sorted(self._window), vec)},
                "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                "tokens": self.tokens, "tokens_per_s": (self.tokens - self._window_tokens) / elapsed,
-               "eta_s": (t.max_steps - self.step) * elapsed / n}
+               "eta_s": (self.budget.end_step() - self.step) * elapsed / n}
         if self.engine.fp16_enabled():
             row["loss_scale"] = float(self.engine.optimizer.loss_scale)
         self.metrics.write(row)
@@ -296,4 +308,4 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="distil", unit="step", dynamic_ncols=True)
+        return tqdm(total=self.budget.end_step(), initial=self.step, desc="distil", unit="step", dynamic_ncols=True)
