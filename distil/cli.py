@@ -76,6 +76,12 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
         print(f"run {cfg.run_name()} -> {run_dir} ({len(prep.train):,} training / {len(prep.eval):,} held-out sequences, "
               f"{prep.device.type} {prep.dtype}, {trainer.world} worker(s))", flush=True)
     result = trainer.train()
+    # Every collective is done. A gloo rank that exits with its process group open can abort at
+    # interpreter exit (SIGABRT, "terminate called without an active exception":
+    # pytorch/pytorch#190489), failing a run that finished; so every rank closes it now.
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
     if result["stopped"]:
         if trainer.rank == 0:
             print(f"stopped by SIGTERM at step {result['step']}: checkpoint saved in {run_dir}; "
