@@ -450,11 +450,12 @@ class CuttableProxy:
 
 
 def test_s3_outage_during_uploads_training_goes_on_and_the_run_ends_complete(tmp_path, s3_run, s3_endpoint):
-    """The object store unreachable from just before the step-10 checkpoint until step 15 (or
-    30 s): uploads are asynchronous, so the workers hand the checkpoint over and train steps
-    11.. while its upload retries with backoff (storage.max_attempts; a synchronous upload held
-    them until the store came back); the step-20 checkpoint waits for it; the run completes,
-    and nothing incomplete is resumed."""
+    """The object store unreachable from step 3, well before the step-10 checkpoint, until step
+    15 (or 30 s): uploads are asynchronous, so the workers hand the checkpoint over and train
+    steps 11.. while its upload retries with backoff (storage.max_attempts; a synchronous upload
+    held them until the store came back); the step-20 checkpoint waits for it; the run
+    completes, and nothing incomplete is resumed. (The cut waits for a step's log line, which
+    reaches this test late: cut at step 9, the step-10 upload was sometimes done before it.)"""
     s3, bucket, cfg = s3_run
     proxy = CuttableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     cfg["storage"]["endpoint_url"] = f"http://127.0.0.1:{proxy.port}"
@@ -465,7 +466,7 @@ def test_s3_outage_during_uploads_training_goes_on_and_the_run_ends_complete(tmp
     for line in proc.stdout:
         lines.append(line)
         m = re.search(r"step=(\d+) .*train/loss=", line)
-        if m and int(m.group(1)) == 9 and not proxy.is_cut:
+        if m and int(m.group(1)) == 3 and not proxy.is_cut:
             proxy.cut()
             cut_at = time.monotonic()
         elif m and proxy.is_cut:
