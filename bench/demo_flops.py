@@ -78,23 +78,25 @@ def main(argv=None) -> dict:
     fit_error = (a * 32 + b * 32 * 32) / f32 - 1
 
     lengths = prep.train.lengths()
+
+    def width(idx) -> int:  # what collate pads a batch to on a CPU
+        return int(min(cfg.data.max_len, lengths[idx].max()))
+
+    def batch_flops(w: int) -> float:
+        return m * (a * w + b * w * w)
+
     sampler = ResumableSampler(len(prep.train), cfg.run.seed, lengths if cfg.data.group_by_length else None)
     total = padded = real = 0
     for _ in range(cfg.train.max_steps):
         idx = sampler.next_indices(m, 0, m)
-        w = int(min(cfg.data.max_len, lengths[idx].max()))
-        total += m * (a * w + b * w * w)
-        padded, real = padded + m * w, real + int(lengths[idx].sum())
-
-    def next_width() -> int:
-        return int(min(cfg.data.max_len, lengths[trainer.sampler.peek(m, 0, m)].max()))
+        total += batch_flops(width(idx))
+        padded, real = padded + m * width(idx), real + int(lengths[idx].sum())
 
     for _ in range(5):  # the demo's own batches, in its order
         trainer.train_step()
     times, timed_flops = [], 0.0
     for _ in range(args.time_steps):
-        w = next_width()
-        timed_flops += m * (a * w + b * w * w)
+        timed_flops += batch_flops(width(trainer.sampler.peek(m, 0, m)))
         t0 = time.perf_counter()
         trainer.train_step()
         times.append(time.perf_counter() - t0)
