@@ -13,6 +13,7 @@ any worker starts, so the workers never tokenize.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -23,7 +24,8 @@ import numpy as np
 from distil import token_store as ts
 from distil.config import DistilConfig
 from distil.errors import UserError
-from distil.paths import is_s3
+from distil.paths import is_s3, remove_tree
+from distil.token_check import DamagedData, manifest_problem
 
 
 def data_storage(cfg: DistilConfig, fingerprint: str | None = None):
@@ -254,22 +256,69 @@ def ensure_prepared(cfg: DistilConfig, tokenizer, per_step: int = 1, log=print, 
     Ray driver only needs the fingerprint to hand to the workers)."""
     listing = source_listing(cfg)
     fp, info = _info(cfg, tokenizer, listing)
-    if not _is_prepared(cfg, fp):
-        _prepare(cfg, tokenizer, fp, info, listing, per_step, log, _use_ray(listing) if use_ray is None else use_ray, workers)
-    manifest = _manifest(cfg, fp)
+    where = data_storage(cfg, fp)
+    use_ray = _use_ray(listing) if use_ray is None else use_ray
+    if where.is_s3:
+        if not _is_prepared(cfg, fp):
+            _prepare(cfg, tokenizer, fp, info, listing, per_step, log, use_ray, workers)
+        manifest = _manifest(cfg, fp)
+    else:
+        # One process of a host at a time checks, discards and prepares a fingerprint: the ranks
+        # of a torchrun wait for the first, then find its data (and its record of the check).
+        folder = where.local()
+        with _host_lock(folder):
+            _discard_if_damaged(folder, log)
+            if not (folder / ts.MANIFEST).is_file():
+                _prepare(cfg, tokenizer, fp, info, listing, per_step, log, use_ray, workers)
+            manifest = ts.TokenStore(folder).manifest  # checked once on this host (a record makes the next opens cheap)
     if manifest.get("prepared") != info["prepared"]:
-        raise UserError(f"{data_storage(cfg, fp).uri} was prepared from other inputs than its name says",
+        raise UserError(f"{where.uri} was prepared from other inputs than its name says",
                         fix="delete that folder (or prefix) and prepare again")
     check_enough(manifest["splits"]["train"]["sequences"], per_step)
     return manifest
 
 
+@contextlib.contextmanager
+def _host_lock(folder: Path):
+    """An exclusive lock on `folder` among this host's processes, kept in the temporary folder
+    (never in storage: bad input leaves nothing there, not even a lock file)."""
+    import hashlib
+
+    locks = Path(tempfile.gettempdir()) / "distil-locks"
+    locks.mkdir(exist_ok=True)
+    name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    with open(locks / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _discard_if_damaged(folder: Path, log) -> None:
+    """A local prepared folder that is incomplete or damaged is never trained on: it is deleted
+    (it holds nothing but what preparing again writes), with a line saying why."""
+    if not folder.exists():
+        return
+    if not (folder / ts.MANIFEST).is_file():
+        why = f"{folder} holds no {ts.MANIFEST} (a preparation cut short, or damaged)"
+    else:
+        try:
+            ts.TokenStore(folder)
+            return
+        except DamagedData as e:
+            why = e.what
+    log(f"warning: {why}; preparing it again")
+    remove_tree(folder, folder.parent)
+
+
 def _manifest(cfg: DistilConfig, fp: str) -> dict:
     where = data_storage(cfg, fp)
     try:
-        return json.loads(where.read_bytes(ts.MANIFEST))
+        manifest = json.loads(where.read_bytes(ts.MANIFEST))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{where.uri}/{ts.MANIFEST} is not valid JSON", fix="delete the folder and prepare again") from None
+        manifest = None
+    problem = "not valid JSON" if manifest is None else manifest_problem(manifest)
+    if problem:
+        raise DamagedData(where.uri, {ts.MANIFEST: problem}, fix="delete the prefix and prepare again")
+    return manifest
 
 
 def _prepare(cfg: DistilConfig, tokenizer, fp: str, info: dict, listing: list[dict], per_step: int, log, use_ray: bool,
@@ -301,6 +350,6 @@ def _open(cfg: DistilConfig, fp: str, expect: dict, per_step: int) -> ts.TokenSt
         cache = Path(cfg.data.cache_dir or os.path.expanduser("~/.cache/distil")) / "prepared"
         store = ts.open_remote(where, cache, expect=expect)
     else:
-        store = ts.TokenStore(where.local(), expect=expect, verify=False)
+        store = ts.TokenStore(where.local(), expect=expect)  # hashed once on this host, then a stat per file
     check_enough(len(store["train"]), per_step)
     return store

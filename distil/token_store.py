@@ -40,8 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distil.checkpoint import sha256_file, verify
+from distil import token_check
+from distil.checkpoint import sha256_file
 from distil.errors import UserError
+from distil.token_check import DamagedData, check_once, files_of, manifest_problem
 
 FORMAT = "distil-tokens/2"  # 2: packing carries across batches; bottom-k held-out split
 MANIFEST = "MANIFEST.json"
@@ -71,11 +73,14 @@ def fingerprint(data_section: dict, tokenizer: dict, sources: list[dict]) -> tup
 
 
 def local_sources(files: list[Path]) -> list[dict]:
-    """The listing of local source files that a fingerprint covers."""
+    """The listing of local source files that a fingerprint covers: each by its absolute path as
+    named, not resolved -- a file reached through a symbolic link keeps the name (and the suffix,
+    which says its format) it was given, as in the hub's cache (snapshots/.../train.txt ->
+    blobs/9f86...) -- with the size and mtime of what it points at."""
     out = []
     for f in files:
         st = Path(f).stat()
-        out.append({"name": str(Path(f).resolve()), "size": st.st_size, "version": st.st_mtime_ns})
+        out.append({"name": os.path.abspath(os.path.expanduser(f)), "size": st.st_size, "version": st.st_mtime_ns})
     return out
 
 
@@ -270,51 +275,53 @@ class TokenSplit:
 
 
 class TokenStore:
-    """A prepared folder, its files checked against the manifest (sizes; sha256 with verify).
-    `lazy`: token shards not present yet are left to `fetch` (a cache of a remote store)."""
+    """A prepared folder, its manifest and files checked (distil/token_check.py). `check`:
+    "once" (sha256 and contents, once per host: a record of the check makes a restart cost a
+    stat per file), "full" (every time) or "sizes" (sizes only). With `fetch` (a cache of a
+    remote store) a file is checked when it is fetched instead."""
 
-    def __init__(self, folder: Path, expect: dict | None = None, verify: bool = True, fetch=None):
+    def __init__(self, folder: Path, expect: dict | None = None, check: str = "once", fetch=None):
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
             raise UserError(f"{folder} holds no prepared data (no {MANIFEST}: never prepared, or cut short)",
                             fix="prepare it again (`distil prepare`)")
+        raw = path.read_bytes()
         try:
-            self.manifest = json.loads(path.read_text())
+            self.manifest = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UserError(f"{path} is not valid JSON", fix="delete the folder and prepare again") from None
-        if self.manifest.get("format") != FORMAT:
-            raise UserError(f"{folder} was prepared in format {self.manifest.get('format')!r}, this distil-run reads {FORMAT!r}",
+            raise DamagedData(str(folder), {MANIFEST: "not valid JSON"}, fix=_FIX) from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise UserError(f"{folder} was prepared in format {found!r}, this distil-run reads {FORMAT!r}",
                             fix="prepare it again")
+        problem = manifest_problem(self.manifest)
+        if problem:
+            raise DamagedData(str(folder), {MANIFEST: problem}, fix=_FIX)
         made_from = self.manifest.get("prepared") or {}
         if expect is not None and {k: made_from.get(k) for k in expect} != expect:  # (a rank checks all but the sources)
             raise UserError(f"{folder} was prepared from other sources, another tokenizer or another data section "
                             f"(differs in: {', '.join(_differing({k: made_from.get(k) for k in expect}, expect))})",
                             fix="prepare again for this config; a folder is only ever read for the inputs it was made from")
         self.folder, self.dtype = folder, np.dtype(self.manifest["dtype"])
-        if fetch is None:  # a local folder: everything is checked now
-            problems = self.check(hashes=verify)
+        if fetch is None:  # a local folder: its files are checked now
+            problems = (check_once(folder, raw, self.manifest) if check == "once"
+                        else token_check.check(folder, self.manifest, hashes=check == "full"))
             if problems:
-                raise UserError(f"prepared data in {folder} is damaged: " + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3]),
-                                fix="delete the folder and prepare again")
+                raise DamagedData(str(folder), problems, fix=_FIX)
         self.splits = {name: TokenSplit(folder, meta, self.dtype, fetch) for name, meta in self.manifest["splits"].items()}
 
     def files(self) -> dict[str, dict]:
-        out = {COUNTS: self.manifest["counts"]}
-        for split in self.manifest["splits"].values():
-            for shard in split["shards"]:
-                out.update(shard["files"])
-        return out
-
-    def check(self, hashes: bool = True) -> dict[str, str]:
-        """{file: what is wrong} against the manifest; {} when every file is whole."""
-        return verify(self.folder, self.files(), hashes=hashes)
+        return files_of(self.manifest)
 
     def counts(self) -> np.ndarray:
         return np.load(self.folder / COUNTS)  # (a remote store's cache fetches it on open)
 
     def __getitem__(self, split: str) -> TokenSplit:
         return self.splits[split]
+
+
+_FIX = "delete the folder and prepare again (`distil prepare`, or start the run: it prepares what is missing)"
 
 
 def _differing(a: dict, b: dict) -> list[str]:
@@ -331,7 +338,7 @@ def publish(folder: Path, storage) -> None:
 
     from distil.storage import s3_errors
 
-    store = TokenStore(folder)
+    store = TokenStore(folder, check="full")  # (a new folder, published once: no record of the check)
     with s3_errors(storage.uri, storage.endpoint_url):
         client = storage.client()
         for rel in [*sorted(store.files()), MANIFEST]:  # the manifest last
@@ -354,9 +361,14 @@ def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
         raise UserError(f"{storage.uri} holds no prepared data (no {MANIFEST}: never prepared, or cut short)",
                         fix="prepare it (`distil prepare`)")
     local.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads(storage.read_bytes(MANIFEST))
-    wanted = {COUNTS: manifest["counts"], **{rel: meta for split in manifest["splits"].values()
-                                               for shard in split["shards"] for rel, meta in shard["files"].items()}}
+    try:
+        manifest = json.loads(storage.read_bytes(MANIFEST))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    problem = "not valid JSON" if manifest is None else manifest_problem(manifest)
+    if problem:
+        raise DamagedData(storage.uri, {MANIFEST: problem}, fix="prepare the data again (delete the prefix first)")
+    wanted = files_of(manifest)
     with s3_errors(storage.uri, storage.endpoint_url):
         client = storage.client(max_pool_connections=4)  # one for every fetch: boto3 clients are thread-safe
 
@@ -373,21 +385,24 @@ def open_remote(storage, cache: Path, expect: dict | None = None) -> TokenStore:
             return _fetch_locked(rel, want, dest, whole)
 
     def _fetch_locked(rel: str, want: dict, dest: Path, whole) -> Path:
-        for _ in range(2):  # a cached copy, or a fresh one, or one more fresh one
-            if whole():
-                return dest
+        fetched = 0
+        while not whole():  # a cached copy, or a fresh one, or one more fresh one
             dest.unlink(missing_ok=True)
             obj = listing.get(rel)
             if obj is None:
                 raise UserError(f"{storage.uri}/{rel} is missing", fix="prepare the data again")
+            if fetched == 2:
+                raise UserError(f"{storage.uri}/{rel} does not match its manifest (size or sha256), fetched twice",
+                                fix="prepare the data again (delete the prefix first)")
             with s3_errors(storage.uri, storage.endpoint_url):
                 download(client, storage.bucket, [Item(storage.key(rel), dest, obj["size"], obj["etag"])],
                          workers=4, progress=False)
-        if whole():
-            return dest
-        dest.unlink(missing_ok=True)
-        raise UserError(f"{storage.uri}/{rel} does not match its manifest (size or sha256), fetched twice",
-                        fix="prepare the data again (delete the prefix first)")
+            fetched += 1
+        problem = token_check.file_problem(dest, rel, manifest)  # bytes as listed, but do they make sense?
+        if problem:
+            dest.unlink(missing_ok=True)
+            raise DamagedData(storage.uri, {rel: problem}, fix="prepare the data again (delete the prefix first)")
+        return dest
 
     fetch(COUNTS)
     tmp = local / f".{MANIFEST}.tmp.{os.getpid()}.{threading.get_ident()}"  # ranks of a node share the cache

@@ -1,7 +1,7 @@
 """`distil prepare` through the real command line: it prepares once and says so, a later
 prepare or run opens what is there; a preparation killed with SIGKILL leaves nothing that is
-read, and the next one completes (and clears what the dead one left); bad corpora are one
-message, exit 2, nothing written."""
+read, and the next one completes (and clears what the dead one left); a damaged or
+incomplete folder is prepared again; bad corpora are one message, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -57,12 +57,26 @@ def test_killed_preparation_is_never_read_and_the_next_completes(tmp_path, teach
     assert r.returncode == 0, r.stdout + r.stderr
     assert "preparing the data once" in r.stdout
     (folder,) = data.iterdir()  # the dead writer's folder is gone
-    store = ts.TokenStore(folder, verify=True)  # every file whole, sha256 checked
+    store = ts.TokenStore(folder, check="full")  # every file whole, sha256 and contents checked
     assert store.manifest["splits"]["train"]["sequences"] > 10000
 
     again = distil("prepare", "--config", str(config))
     assert again.returncode == 0 and "preparing" not in again.stdout, again.stdout + again.stderr
     assert f"in {folder}" in again.stdout
+    assert [p.name for p in data.iterdir()] == [folder.name]
+
+    # Issue 27: `distil prepare` reported a damaged folder healthy, and a folder whose manifest
+    # was deleted made every later start fail with `OSError: Directory not empty`.
+    shard = folder / "train_00000.tokens"
+    shard.write_bytes(bytes(shard.stat().st_size))  # zero-filled: sizes as the manifest says
+    r = distil("prepare", "--config", str(config), "--in-process")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "train_00000.tokens: sha256 differs from the manifest; preparing it again" in r.stdout, r.stdout
+    assert ts.TokenStore(folder, check="full").manifest == store.manifest
+    (folder / ts.MANIFEST).unlink()
+    r = distil("prepare", "--config", str(config), "--in-process")
+    assert r.returncode == 0 and "holds no MANIFEST.json" in r.stdout, r.stdout + r.stderr
+    assert ts.TokenStore(folder, check="full").manifest == store.manifest
     assert [p.name for p in data.iterdir()] == [folder.name]
 
 

@@ -1,6 +1,6 @@
 """A run's data is prepared once (distil/prepared.py): later starts open it without
 tokenizing; changed sources, tokenizer or data section give a new folder, never a mix; a
-damaged folder is refused; a corpus too small for a batch writes nothing."""
+damaged folder is never trained on; a corpus too small for a batch writes nothing."""
 
 from __future__ import annotations
 
@@ -80,13 +80,94 @@ def test_a_changed_hub_data_set_gets_a_new_folder(setup, tmp_path):
     second = prepared.open_prepared(hub, tok, per_step=8, log=lambda _: None)
     assert second.folder != first.folder and len(second["train"]) + len(second["eval"]) > n_first
 
-def test_damaged_prepared_data_is_refused(setup):
+def _damage(folder, how: str, vocab: int) -> None:
+    """Damage a prepared folder the ways issue 27 found trained on, or crashing."""
+    import hashlib
+
+    import numpy as np
+
+    shard, held_out, manifest = folder / "train_00000.tokens", folder / "eval_00000.tokens", folder / ts.MANIFEST
+    if how == "every id + 1":
+        ids = np.fromfile(shard, dtype="<u2")
+        (ids + 1).astype("<u2").tofile(shard)  # the same size, other tokens
+    elif how == "zero-filled":
+        shard.write_bytes(bytes(shard.stat().st_size))
+    elif how == "held-out ids edited":
+        ids = np.fromfile(held_out, dtype="<u2")
+        ids[:5] = ids[5:10]
+        ids.tofile(held_out)
+    elif how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif how == "manifest deleted":
+        manifest.unlink()
+    elif how == "id outside the vocabulary, manifest re-hashed":
+        ids = np.fromfile(shard, dtype="<u2")
+        ids[3] = vocab + 5
+        ids.tofile(shard)
+        m = json.loads(manifest.read_text())
+        m["splits"]["train"]["shards"][0]["files"][shard.name]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+        manifest.write_text(json.dumps(m))
+    elif how == "dtype edited":
+        m = json.loads(manifest.read_text())
+        m["dtype"] = "<u4"
+        manifest.write_text(json.dumps(m))
+
+
+DAMAGE = {"every id + 1": "train_00000.tokens: sha256 differs", "zero-filled": "train_00000.tokens: sha256 differs",
+          "held-out ids edited": "eval_00000.tokens: sha256 differs", "truncated": "train_00000.tokens: ",
+          "manifest deleted": "no MANIFEST.json", "dtype edited": "dtype <u4 does not fit vocab_size",
+          "id outside the vocabulary, manifest re-hashed": "train_00000.tokens: holds token id"}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_damaged_local_data_is_never_trained_on(setup, how):
+    """Issue 27: local prepared data was opened with sizes checked only -- flipped or zeroed
+    tokens, edited held-out ids trained on silently; an id past the vocabulary or an edited
+    dtype crashed; a deleted manifest made every later start fail (OSError). Now a worker that
+    is handed the data refuses it with one message, and a start that prepares (the driver, a
+    local run, `distil prepare`) says what is damaged and prepares it again: the same sequences."""
     cfg, _, tok = setup
     store = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
-    shard = store.folder / "train_00000.tokens"
-    shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(UserError, match="train_00000.tokens: .* bytes, expected"):
-        prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
+    before = {s: store[s].rows(range(len(store[s]))) for s in ("train", "eval")}
+    fingerprint = store.manifest["fingerprint"]
+    _damage(store.folder, how, len(tok))
+    with pytest.raises(UserError) as refused:  # a Ray worker: the driver prepared it, it only opens it
+        prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None, fingerprint=fingerprint)
+    assert DAMAGE[how] in str(refused.value) and "prepare" in refused.value.fix
+    said = []
+    again = prepared.open_prepared(cfg, tok, per_step=8, log=said.append)
+    assert said[0].startswith("warning: ") and DAMAGE[how] in said[0] and said[0].endswith("preparing it again")
+    assert "preparing the data once" in said[1]
+    assert {s: again[s].rows(range(len(again[s]))) for s in ("train", "eval")} == before
+    assert ts.TokenStore(again.folder, check="full").manifest["fingerprint"] == fingerprint
+
+
+def test_a_check_is_recorded_once_per_host_and_a_changed_file_is_checked_again(setup, monkeypatch):
+    """Hashing a corpus at every restart of every rank would cost minutes: the first open on a
+    host hashes and records it; later opens trust the files while their stat is unchanged. A
+    file written since -- even with its mtime set back -- has another ctime, and is hashed again."""
+    import os
+
+    from distil import token_check
+
+    cfg, _, tok = setup
+    store = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
+    assert list(store.folder.glob(".verified-*.json"))
+    real_check = token_check.check
+    monkeypatch.setattr(token_check, "check", lambda *a, **k: pytest.fail("hashed again"))
+    prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)  # trusted: nothing changed
+    ts.TokenStore(store.folder, expect=store.manifest["prepared"])
+    shard = store.folder / "eval_00000.tokens"
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 1
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime as it was: only the ctime tells
+    hashed = []
+    monkeypatch.setattr(token_check, "check", lambda *a, **k: hashed.append(1) or real_check(*a, **k))
+    with pytest.raises(UserError, match="eval_00000.tokens: sha256 differs"):
+        ts.TokenStore(store.folder)
+    assert hashed
 
 
 def test_too_small_a_corpus_writes_nothing(setup, tmp_path):
@@ -148,3 +229,21 @@ def test_a_ray_worker_opens_the_drivers_data_by_fingerprint(setup, tmp_path):
         prepared.open_prepared(other, tok, per_step=8, fingerprint=fp)
     with pytest.raises(UserError, match="holds no prepared data"):
         prepared.open_prepared(cfg, tok, per_step=8, fingerprint="0" * 20)
+
+
+def test_a_source_reached_through_a_link_without_a_suffix(setup, tmp_path):
+    """Issue 27: the hub's cache names a file snapshots/<commit>/train.txt, a link to
+    blobs/<sha>; the source listing resolved the link and lost the suffix that says the format
+    (KeyError: ''). The file is read as named, with the same sequences as the file itself."""
+    cfg, corpus, tok = setup
+    blob = tmp_path / "hub" / "blobs" / "9f86d081884c7d659a2feaa0c55ad015"
+    blob.parent.mkdir(parents=True)
+    shutil.copy(corpus, blob)
+    link = tmp_path / "hub" / "snapshots" / "0123abcd" / "train.txt"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    linked = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [str(link.parent)]})})
+    via_link = prepared.open_prepared(linked, tok, per_step=8, log=lambda _: None)
+    direct = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
+    assert via_link.manifest["prepared"]["sources"][0]["name"] == str(link)
+    assert all(via_link[s].rows(range(len(via_link[s]))) == direct[s].rows(range(len(direct[s]))) for s in ("train", "eval"))
