@@ -34,6 +34,7 @@ from distil.config_sections import (
 )
 from distil.errors import UserError
 from distil.paths import is_s3
+from distil.secrets import check_tree
 
 
 # Keys that may change when a run is resumed (the rest define the run: distil/continuity.py);
@@ -73,6 +74,12 @@ class DistilConfig(_Strict):
     storage: StorageSection = Field(default_factory=StorageSection, description="Where checkpoints and metrics go.")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Workers and resources.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Out-of-domain agreement and a downstream probe.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data):
+        check_tree(data, "config")  # a UserError naming the keys (never their values), not a ValidationError
+        return data
 
     @model_validator(mode="after")
     def _masking_needed(self) -> "DistilConfig":
@@ -174,8 +181,8 @@ def apply_override(data: dict, assignment: str) -> None:
         raise UserError(f"--set {assignment!r} is not KEY=VALUE", fix="write it as --set loss.temperature=3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {assignment!r}: value is not valid YAML ({e})", fix="quote it, e.g. --set run.name='\"x\"'") from None
+    except yaml.YAMLError:  # (its message would repeat the value, which may be anything)
+        raise UserError(f"--set {key.strip()}=...: the value is not valid YAML", fix="quote it, e.g. --set run.name='\"x\"'") from None
     node = data
     parts = key.strip().split(".")
     for p in parts[:-1]:
@@ -206,6 +213,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise UserError("the top level must be a mapping of sections", where=source)
     for o in overrides:
         apply_override(data, o)
+    check_tree(data, source)
     try:
         return DistilConfig.model_validate(data)
     except ValidationError as e:

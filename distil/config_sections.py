@@ -3,14 +3,13 @@ pydantic model per component, every field with a one-line description, unknown k
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Names of keys that hold credentials; such values are never accepted in a config (which is
-# saved with every checkpoint and the exported model) -- they come from the environment.
-SECRET_KEY = re.compile(r"(?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|(^|[_-])auth($|[_-]))")
+# Names of keys that hold credentials (distil/secrets.py): such values are never accepted in a
+# config (which is saved with every checkpoint and the exported model); they come from the environment.
+from distil.secrets import SECRET_KEY
 
 
 def flat_keys(tree: Any, prefix: str = "") -> list[str]:
@@ -233,11 +232,11 @@ class OptimSection(_Strict):
 
 class TrainSection(_Strict):
     max_steps: int = Field(ge=1, description="Optimizer steps of the run (with time_budget_minutes: at most).")
-    time_budget_minutes: float | None = Field(None, gt=0, description=(
+    time_budget_minutes: float | None = Field(None, gt=0, le=1_000_000, description=(
         "Wall-clock minutes for the optimizer steps; unset: the run takes max_steps, however long. Set: the run "
         "times its first 36 steps, plans the steps that fit (at most max_steps), decays the learning rate to that "
         "plan and ends there; the plan is saved with every checkpoint, so a resumed run ends at the same step with "
-        "the same weights. Evaluations and checkpoint saves come on top (distil/budget.py)."))
+        "the same weights. Evaluations and checkpoint saves come on top (distil/budget.py). At most 1,000,000 (1.9 years)."))
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward/backward.")
     global_batch_size: int = Field(
         8, ge=1, description="Sequences per optimizer step over all workers; reached by gradient accumulation."

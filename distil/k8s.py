@@ -33,7 +33,11 @@ ENDED = {"Failed", "Complete"}  # jobDeploymentStatus values after which KubeRay
 
 
 MAX_RAYJOB_NAME = 47  # KubeRay: a RayCluster name is at most 53 characters, and a RayJob's gets 6 more
-QUANTITY = re.compile(r"^[0-9.]+([eE][0-9]+|[numkMGTPE]i?)?$")
+# A Kubernetes quantity without a sign (the chart's values.schema.json has the same pattern).
+QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]i?)?$")
+# The API's integer fields: int32 (replicas, backoffLimit), and int64 ones (terminationGracePeriodSeconds)
+# up to the largest whole number Helm's float64 arithmetic holds exactly (as the chart's schema says).
+INT32_MAX, INT64_SAFE_MAX = 2**31 - 1, 2**53 - 1
 
 
 def k8s_name(run: str) -> str:
@@ -51,11 +55,15 @@ def k8s_name(run: str) -> str:
 def check_submit_flags(workers: int, gpus_per_pod: int, cpu: str, memory: str, shm_size: str, backoff_limit: int,
                        grace_period: int) -> None:
     """What `distil k8s submit` would otherwise render into objects a cluster refuses."""
-    for flag, value, least in (("--workers", workers, 1), ("--gpus-per-pod", gpus_per_pod, 1), ("--backoff-limit", backoff_limit, 0),
-                               ("--grace-period", grace_period, 30)):
+    for flag, value, least, most in (("--workers", workers, 1, INT32_MAX), ("--gpus-per-pod", gpus_per_pod, 1, INT32_MAX),
+                                     ("--backoff-limit", backoff_limit, 0, INT32_MAX),
+                                     ("--grace-period", grace_period, 30, INT64_SAFE_MAX)):
         if value < least:
             why = " (the workers need time to checkpoint after SIGTERM)" if flag == "--grace-period" else ""
             raise UserError(f"{flag} {value}: must be at least {least}{why}", where=flag, fix=f"give {flag} {least} or more")
+        if value > most:
+            raise UserError(f"{flag} {value}: more than the Kubernetes field holds ({most:,})", where=flag,
+                            fix=f"give {flag} {most} or less")
     for flag, value in (("--cpu", cpu), ("--memory", memory), ("--shm-size", shm_size)):
         if not QUANTITY.match(str(value)):
             raise UserError(f"{flag} {value!r} is not a Kubernetes quantity", where=flag, fix="write e.g. 8, 500m, 48Gi")
@@ -334,8 +342,9 @@ def _with_workers(spec: dict, workers: int, config_yaml: str) -> dict:
 
     import yaml
 
-    if workers < 1:
-        raise UserError(f"--workers {workers}: a run needs at least one worker pod", where="--workers")
+    if not 1 <= workers <= INT32_MAX:
+        raise UserError(f"--workers {workers}: a run needs at least one worker pod, and at most {INT32_MAX:,} (int32 replicas)",
+                        where="--workers")
     spec = copy.deepcopy(spec)
     group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     gpus = int(group.get("rayStartParams", {}).get("num-gpus", "1"))

@@ -24,6 +24,7 @@ from distil.config import DistilConfig, load_config
 from distil.data import collate
 from distil.errors import UserError
 from distil.paths import is_s3
+from distil.secrets import check_uri
 from distil.evaluate import agreement, embed
 from distil.export import RUN_CONFIG
 from distil.masking import IGNORE, Masker
@@ -76,7 +77,8 @@ def _config_for(student: Path, teacher: str | None, data: list[str] | None, over
 def _from_where_the_run_started(cfg: DistilConfig, student: Path) -> DistilConfig:
     """A run's own `model/` (STORAGE/RUN/model) evaluated from another folder: the relative
     paths of its config (teacher, data, storage) were relative to the folder the run was
-    started from: the model's folder less `RUN/model` and a relative storage.uri. Paths that already exist from here, and absolute ones, are kept."""
+    started from: the model's folder less `RUN/model` and a relative storage.uri. So are the
+    probe's file and eval.sources. Paths that already exist from here, and absolute ones, are kept."""
     uri = cfg.storage.uri
     if is_s3(uri) or uri.startswith(("/", "~")):
         return cfg
@@ -97,9 +99,11 @@ def _from_where_the_run_started(cfg: DistilConfig, student: Path) -> DistilConfi
     data = {"sources": [s if is_s3(s) or is_hub_name(s) else moved(s) for s in cfg.data.sources]}
     if cfg.data.cache_dir:
         data["cache_dir"] = moved(cfg.data.cache_dir)
+    probe = cfg.eval.probe.model_copy(update={"path": cfg.eval.probe.path and moved(cfg.eval.probe.path)})
+    evaluation = cfg.eval.model_copy(update={"probe": probe, "sources": [s if is_s3(s) else moved(s) for s in cfg.eval.sources]})
     return cfg.model_copy(update={
         "teacher": cfg.teacher.model_copy(update={"name_or_path": moved(teacher) if looks_local(teacher) else teacher}),
-        "data": cfg.data.model_copy(update=data),
+        "data": cfg.data.model_copy(update=data), "eval": evaluation,
         "storage": cfg.storage.model_copy(update={"uri": moved(uri)})})
 
 
@@ -148,6 +152,7 @@ def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str
     from distil.masking import EVAL_STEP
     from distil.run_setup import load_tokenizer
 
+    check_flags(teacher, data, max_sequences, batch_size, probe or {})
     student_path = Path(student_dir).expanduser()
     cfg = _config_for(student_path, teacher, data, list(overrides))
     tokenizer = load_tokenizer(cfg)
@@ -179,6 +184,18 @@ def evaluate_models(student_dir: str, teacher: str | None = None, data: list[str
         out["probe"] = _probe(section, teacher_model, student, tokenizer, batch_size, cfg.run.seed)
     out["retention"] = _retention(out)
     return out
+
+
+def check_flags(teacher: str | None, data: list[str] | None, max_sequences: int, batch_size: int, probe: dict) -> None:
+    """distil eval's flags, before anything is loaded: counts of at least 1, and no URI that
+    carries a credential (distil/secrets.py; the message never repeats it)."""
+    for flag, value in (("--max-sequences", max_sequences), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be 1 or more", where=flag, fix=f"give {flag} 1 or more (see `distil eval --help`)")
+    check_uri(teacher, "--teacher")
+    for source in data or []:
+        check_uri(source, "--data")
+    check_uri(probe.get("path"), "--probe")
 
 
 def _timed_embed(model: MaskedLM, batches) -> tuple[torch.Tensor, float]:

@@ -48,17 +48,38 @@ class Probe:
 
 
 def _rows(path: Path) -> list[dict]:
+    """The rows of a probe file. A .tsv has no quoting (IANA's text/tab-separated-values: a
+    field holds no tab or newline), so a text that begins with a quote is read as it is; a .csv
+    is RFC 4180 (quoted fields). A row with another number of fields than the header is refused
+    with its line, never read shifted or merged into the next."""
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    out.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict):
                     raise UserError(f"{path}:{n} is not a JSON object", where="--probe", fix="one JSON object a line") from None
+                out.append(row)
         return out
+    tsv = path.suffix == ".tsv"
     with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        try:
+            header = next(reader, None)
+            rows = []
+            for fields in reader:
+                if fields and len(fields) != len(header):
+                    raise UserError(f"{path}:{reader.line_num} has {len(fields)} fields, the header {len(header)}",
+                                    where="--probe", fix="one row a line, " + ("tab-separated, no tab inside a field" if tsv
+                                                                             else "fields with a comma or quote quoted as RFC 4180 says"))
+                if fields:
+                    rows.append(dict(zip(header, fields)))
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num} is not valid {'TSV' if tsv else 'CSV'} ({e})", where="--probe") from None
+    return rows
 
 
 def load_probe(path: str | Path, text_column: str = "text", label_column: str = "label", group_column: str | None = None,
@@ -67,7 +88,10 @@ def load_probe(path: str | Path, text_column: str = "text", label_column: str = 
     this many rows, drawn evenly over the groups with a seeded order (the cost of a probe is
     one forward pass per row and model)."""
     path = Path(path).expanduser()
-    if path.suffix not in FORMATS or not path.is_file():
+    if not path.is_file():
+        raise UserError(f"probe file {path} does not exist (from {Path.cwd()})", where="--probe",
+                        fix="give its path with --probe (or leave the probe out: --no-probe)")
+    if path.suffix not in FORMATS:
         raise UserError(f"{path} is not a {'/'.join(FORMATS)} file", where="--probe",
                         fix="give a table with a text and a label column (e.g. data/brown/brown_genres.tsv)")
     if not 0 < test_fraction < 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distil.errors import UserError
 from distil.paths import S3, check_relative, is_s3, safe_join, symlink_in
+from distil.secrets import check_uri, uri_problem
 
 __all__ = ["Storage", "check_endpoint_url", "check_storage_folder", "s3_errors", "safe_join", "split_s3"]
 
@@ -41,8 +42,9 @@ def endpoint_url_problem(url: str) -> str | None:
         return "is not a URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "is not an http:// or https:// URL with a host (e.g. http://minio:9000)"
-    if parts.username is not None or parts.password is not None:
-        return ("holds credentials (user:password@): they would be written into saved configs and logs; "
+    credentials = uri_problem(url)
+    if credentials:
+        return (f"{credentials}: they would be written into saved configs and logs; "
                 "give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY instead")
     return None
 
@@ -98,6 +100,7 @@ class Storage:
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
                  max_attempts: int = MAX_ATTEMPTS):
         check_endpoint_url(endpoint_url)
+        check_uri(uri, "storage URI")  # before it is repeated in any message
         self.uri = uri.rstrip("/")
         self.is_s3 = is_s3(uri)
         self.endpoint_url, self.region, self.max_attempts = endpoint_url, region, max_attempts

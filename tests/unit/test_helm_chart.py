@@ -105,7 +105,7 @@ def test_job_fields_that_matter():
 
     docs = by_kind(render("-f", str(CHART / "ci" / "spot-values.yaml")))
     job = docs["RayJob"]["spec"]
-    assert job["entrypoint"] == 'python jobs/distill.py --config /etc/distil/config.yaml --set "checkpoint.every_steps=500"'
+    assert job["entrypoint"] == "python jobs/distill.py --config /etc/distil/config.yaml --set 'checkpoint.every_steps=500'"
     assert job["rayClusterSpec"]["rayVersion"] == "2.60.0"  # the Ray pinned in pyproject.toml
     assert job["backoffLimit"] == 10 and job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] == 3600
     groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
@@ -221,20 +221,75 @@ GROUP = {"name": "gpu", "replicas": 2, "gpusPerPod": 1, "resources": {"limits": 
     ({"config": {"storage": {"endpoint_url": "http://ak:sk@minio:9000"}}}, "endpoint_url holds credentials"),
     ({"job": {"extraArgs": ["data.hub_kwargs.api_key=x"]}}, "job.extraArgs[data.hub_kwargs.api_key]"),
     ({"head": {"rayStartParams": {"redis-password": "x"}}}, "head.rayStartParams.redis-password"),
+    # issue 27: credentials inside URIs, anywhere a value can hold one; the message never repeats them
+    ({"config": {"storage": {"uri": "s3://AKIA:CANARY@bucket/runs"}}}, "config.storage.uri: credentials never go into values"),
+    ({"config": {"data": {"sources": ["s3://b/x", "https://u:CANARY@host/x.txt"]}}}, "config.data.sources[1]: credentials"),
+    ({"config": {"teacher": {"name_or_path": "https://user:CANARY@host/bert"}}}, "config.teacher.name_or_path: credentials"),
+    ({"config": {"data": {"hub_kwargs": {"data_files": "https://host/x.txt?token=CANARY"}}}}, "config.data.hub_kwargs.data_files"),
+    ({"config": {"eval": {"sources": ["https://h/x.txt?X-Amz-Signature=CANARY"]}}}, "config.eval.sources[0]"),
+    ({"job": {"extraArgs": ["data.sources=[s3://K:CANARY@b/x]"]}}, "job.extraArgs[data.sources]: credentials"),
+    ({"extraEnv": [{"name": "CORPUS_URL", "value": "https://u:CANARY@h/x"}]}, "extraEnv[0].value: credentials"),
+    ({"extraEnv": [{"name": "DB_PASS", "value": "CANARY"}]}, "extraEnv[0].value: credentials"),
+    ({"extraEnv": [{"name": "X", "value": "1"}, {"name": "S3_KEY", "value": "CANARY"}]}, "extraEnv[1].value: credentials"),
+    # issue 27: what the chart checks cannot be overridden around it; what the chart labels is its own
+    ({"job": {"extraArgs": ["storage.uri=runs"]}}, "job.extraArgs sets storage.uri, which the chart checks"),
+    ({"job": {"extraArgs": ["train.global_batch_size=7"]}}, "job.extraArgs sets train.global_batch_size"),
+    ({"job": {"extraArgs": ["scaling.num_workers=9"]}}, "job.extraArgs sets scaling.num_workers"),
+    ({"podLabels": {"distil-run/run": "other"}}, "podLabels.distil-run/run: the chart sets"),
+    ({"head": {"rayStartParams": {"num-cpus": "$(curl evil)"}}}, "head.rayStartParams.num-cpus holds a shell character"),
+    # issue 27: integers the API holds (int32 replicas, backoffLimit, ttl; int64 grace period), quantities
+    ({"terminationGracePeriodSeconds": 10**20}, "at '/terminationGracePeriodSeconds': maximum"),
+    ({"job": {"ttlSecondsAfterFinished": 10**20}}, "at '/job/ttlSecondsAfterFinished': maximum"),
+    ({"job": {"backoffLimit": 2**31}}, "at '/job/backoffLimit': maximum"),
+    ({"workerGroups": [{**GROUP, "replicas": 2**31}]}, "at '/workerGroups/0/replicas': maximum"),
+    ({"dataWorkers": {"replicas": 1, "idleTimeoutSeconds": 2**31}}, "at '/dataWorkers/idleTimeoutSeconds': maximum"),
+    ({"workerGroups": [{**GROUP, "resources": {"limits": {"cpu": "..."}}}]}, "does not match pattern"),
 ])
 def test_inconsistent_values_fail(tmp_path, values, message):
     f = tmp_path / "bad-values.yaml"
     f.write_text(yaml.safe_dump(values))
     r = helm("template", "rel", str(CHART), "-f", str(f))
     assert r.returncode != 0 and message in r.stderr, r.stderr
-    assert "hf_x" not in r.stderr and ":sk@" not in r.stderr
+    assert "hf_x" not in r.stderr and ":sk@" not in r.stderr and "CANARY" not in r.stderr
+
+
+def test_the_chart_finds_credential_uris_by_distils_own_rule(tmp_path):
+    """One rule for credentials in URIs (distil/secrets.py `uri_problem`): the chart flags exactly
+    the strings distil refuses, in one render (it lists every place)."""
+    from distil.secrets import uri_problem
+
+    cases = ["s3://bucket/prefix", "s3://AK:SK@bucket/prefix", "s3://AK@bucket", "https://host/a@b/c.txt",
+             "https://u:p@host:8443/x", "/local/user@host/file.txt", "data/brown", "https://host/x?token=t",
+             "https://host/x?a=1&X-Amz-Credential=c", "https://host/x?X-Amz-Signature=s", "https://host/x?sig=s",
+             "https://host/x?page=2&lang=pl", "https://host/x#api_key=k", "bert-base-uncased", "hf://datasets/x@main/y",
+             "https://host/x?monkey=1", "https://host/x?key=1", "mailto:someone@example.com"]
+    f = tmp_path / "v.yaml"
+    f.write_text(yaml.safe_dump({"config": {"eval": {"sources": cases}}}))
+    r = helm("template", "rel", str(CHART), "-f", str(f))
+    flagged = {int(i) for i in __import__("re").findall(r"config\.eval\.sources\[(\d+)\]", r.stderr)}
+    assert flagged == {i for i, c in enumerate(cases) if uri_problem(c)}, r.stderr
+    assert flagged == {1, 2, 4, 7, 8, 9, 10, 12, 16}
+
+
+def test_extra_args_are_one_shell_word_each(tmp_path):
+    """KubeRay runs the entrypoint in a shell: a `--set` value in double quotes still ran $(...)
+    (issue 27). Each is now single-quoted, so bash hands it over unchanged and runs nothing."""
+    import shlex
+
+    value = "eval.sources=[\"it's $(touch PWNED) `touch PWNED2` $HOME\"]"
+    docs = by_kind(render("-f", str(CHART / "ci" / "default-values.yaml"), "--set-json", f"job.extraArgs={__import__('json').dumps([value])}"))
+    entrypoint = docs["RayJob"]["spec"]["entrypoint"]
+    assert shlex.split(entrypoint)[-2:] == ["--set", value]
+    shown = subprocess.run(["bash", "-c", entrypoint.replace("python jobs/distill.py", "printf '%s\\n'", 1)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=30)
+    assert shown.stdout.splitlines()[-1] == value and not list(tmp_path.iterdir())
 
 
 def test_the_chart_refuses_credentials_by_distils_own_pattern():
-    """One pattern for credential-like key names: the chart's copy is distil.config_sections.SECRET_KEY."""
+    """One pattern for credential-like key names: the chart's copy is distil.secrets.SECRET_KEY."""
     import re
 
-    from distil.config_sections import SECRET_KEY
+    from distil.secrets import SECRET_KEY
 
     helpers = (CHART / "templates" / "_validate.tpl").read_text()
     chart_pattern = re.search(r'define "distil-run.secretPattern" -}}\n(.*)\n', helpers).group(1)

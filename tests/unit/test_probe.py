@@ -6,6 +6,7 @@ teacher; bad tables refused."""
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,8 +87,11 @@ def test_a_student_equal_to_its_teacher_retains_everything(teacher_dir, tmp_path
 def test_bad_tables_are_one_message(tmp_path):
     with pytest.raises(UserError, match=r"no column 'label' \(it has: text_id, genre, passage\)"):
         load_probe(BROWN, "passage", "label")
-    with pytest.raises(UserError, match="is not a .tsv/.csv/.jsonl file"):
+    with pytest.raises(UserError, match="probe file .*missing.tsv does not exist"):  # (issue 26: not "not a .tsv file")
         load_probe(tmp_path / "missing.tsv")
+    (tmp_path / "table.xlsx").write_text("x")
+    with pytest.raises(UserError, match="is not a .tsv/.csv/.jsonl file"):
+        load_probe(tmp_path / "table.xlsx")
     few = tmp_path / "few.csv"
     few.write_text("text,label\na b c,x\nd e f,y\ng h i,x\n")
     with pytest.raises(UserError, match="too few for a 5-fold split"):
@@ -96,3 +100,34 @@ def test_bad_tables_are_one_message(tmp_path):
     bad.write_text('{"text": "a", "label": "x"}\nnot json\n')
     with pytest.raises(UserError, match="bad.jsonl:2 is not a JSON object"):
         load_probe(bad)
+
+    listed = tmp_path / "listed.jsonl"  # issue 27: a line that is JSON but not an object ended in AttributeError
+    listed.write_text('{"text": "a", "label": "x"}\n["a", "x"]\n')
+    with pytest.raises(UserError, match="listed.jsonl:2 is not a JSON object"):
+        load_probe(listed)
+
+
+def _table(tmp_path, name: str, rows: list[tuple[str, str]], sep: str) -> Path:
+    path = tmp_path / name
+    path.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{lab}\n" for t, lab in rows), encoding="utf-8")
+    return path
+
+
+def test_a_tsv_text_that_begins_with_a_quote_is_read_as_it_is(tmp_path):
+    """Issue 27: the TSV reader took `"` as a quote and merged rows up to the next one (20 rows
+    read as 12, silently). A .tsv has no quoting: every line is one row, texts unchanged."""
+    texts = [f'"Quoted" opening {i}' if i % 3 == 0 else f'"unbalanced {i}' if i % 5 == 1 else f'plain, {i} "inner" quotes'
+             for i in range(20)]
+    rows = [(t, "ab"[i % 2]) for i, t in enumerate(texts)]
+    probe = load_probe(_table(tmp_path, "q.tsv", rows, "\t"))
+    assert probe.texts == texts and probe.labels == [lab for _, lab in rows]
+
+
+def test_a_row_with_another_number_of_fields_is_refused_by_line(tmp_path):
+    path = _table(tmp_path, "t.tsv", [(f"text {i}", "ab"[i % 2]) for i in range(20)], "\t")
+    path.write_text(path.read_text() + "one\ttoo\tmany\n")
+    with pytest.raises(UserError, match="t.tsv:22 has 3 fields, the header 2"):
+        load_probe(path)
+    csv_path = tmp_path / "t.csv"  # a .csv keeps RFC 4180 quoting: a quoted comma is one field
+    csv_path.write_text("text,label\n" + "".join(f'"a, b {i}",{"ab"[i % 2]}\n' for i in range(20)))
+    assert load_probe(csv_path).texts[3] == "a, b 3"

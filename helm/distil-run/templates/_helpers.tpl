@@ -271,3 +271,9 @@ workerGroupSpecs:
   {{- end }}
   {{- end }}
 {{- end }}
+
+{{/* A value as one shell word: single-quoted, each ' written as '\'' (KubeRay runs the entrypoint
+in a shell; inside double quotes $(...) and `...` would still run). */}}
+{{- define "distil-run.shellQuote" -}}
+'{{ replace "'" "'\\''" (toString .) }}'
+{{- end }}

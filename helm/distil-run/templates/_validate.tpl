@@ -3,10 +3,37 @@ Inconsistent or unsafe values fail `helm install` / `helm template` here, with w
 Included by configmap.yaml (so every render checks) and NOTES.txt.
 */}}
 
-{{/* Key names that hold credentials. The same pattern as distil.config_sections.SECRET_KEY (a test
-compares them): such keys are refused in `config`, `job.extraArgs` and `head.rayStartParams`. */}}
+{{/* Key names that hold credentials. The same pattern as distil.secrets.SECRET_KEY (a test
+compares them): such keys are refused in `config`, `job.extraArgs`, `head.rayStartParams` and as
+the names of literal `extraEnv` values. */}}
 {{- define "distil-run.secretPattern" -}}
-(?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|(^|[_-])auth($|[_-]))
+(?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|(^|[_-])(auth|key|pass|pwd|dsn)($|[_-]))
+{{- end }}
+
+{{/* "yes" when a string is a URI that carries a credential: user information before the host, or
+a query parameter named like a credential or a signature (distil.secrets.uri_problem, the same
+rule; a test compares them). */}}
+{{- define "distil-run.uriHasCredentials" -}}
+{{- $v := trim (toString .) }}
+{{- $scheme := "^[A-Za-z][A-Za-z0-9+.-]*://" }}
+{{- if regexMatch (printf "%s[^/?#]*@" $scheme) $v }}yes
+{{- else if regexMatch (printf "%s[^?#]*[?#]" $scheme) $v }}
+{{- range splitList "&" (regexReplaceAll (printf "%s[^?#]*[?#]" $scheme) $v "") }}
+{{- $name := first (splitList "=" .) }}
+{{- if or (regexMatch (include "distil-run.secretPattern" nil) $name) (regexMatch "(?i)(signature|^sig$)" $name) }}yes{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Paths of the strings in a nested value that are URIs with credentials, one a line. Args: dict path, value. */}}
+{{- define "distil-run.credentialUris" -}}
+{{- if kindIs "string" .value }}
+{{- if include "distil-run.uriHasCredentials" .value }}{{ .path }}{{ "\n" }}{{ end }}
+{{- else if kindIs "map" .value }}
+{{- range $k, $v := .value }}{{ include "distil-run.credentialUris" (dict "path" (printf "%s.%s" $.path $k) "value" $v) }}{{ end }}
+{{- else if kindIs "slice" .value }}
+{{- range $i, $v := .value }}{{ include "distil-run.credentialUris" (dict "path" (printf "%s[%d]" $.path $i) "value" $v) }}{{ end }}
+{{- end }}
 {{- end }}
 
 {{/* Paths of credential-like keys in a nested map, one a line. Args: dict path, value. */}}
@@ -109,8 +136,44 @@ compares them): such keys are refused in `config`, `job.extraArgs` and `head.ray
 {{- $secrets = cat $secrets (printf "job.extraArgs[%s]" (first (splitList "=" .))) }}
 {{- end }}
 {{- end }}
+{{- /* ... and never inside a URI (s3://KEY:SECRET@bucket, https://user:token@host, ?token=) */}}
+{{- $secrets = cat $secrets (include "distil-run.credentialUris" (dict "path" "config" "value" .Values.config)) }}
+{{- $secrets = cat $secrets (include "distil-run.credentialUris" (dict "path" "head.rayStartParams" "value" .Values.head.rayStartParams)) }}
+{{- range $i, $e := .Values.extraEnv }}
+{{- if and (hasKey $e "value") (include "distil-run.uriHasCredentials" $e.value) }}
+{{- $secrets = cat $secrets (printf "extraEnv[%d].value" $i) }}
+{{- end }}
+{{- end }}
+{{- range .Values.job.extraArgs }}
+{{- $arg := . }}
+{{- /* the value is YAML (a list, a quoted string): each word of it is looked at */}}
+{{- range regexSplit "[\\[\\],'\"\\s]+" (join "=" (rest (splitList "=" $arg))) -1 }}
+{{- if include "distil-run.uriHasCredentials" . }}
+{{- $secrets = cat $secrets (printf "job.extraArgs[%s]" (first (splitList "=" $arg))) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if trim $secrets }}
-{{- fail (printf "%s: credentials never go into values (they end up in the ConfigMap, the RayJob and every checkpoint's config); put S3 keys in a Secret (storage.credentialsSecret) and other tokens in the pods' environment from a Secret" (join ", " (splitList " " (trim (regexReplaceAll "\\s+" $secrets " "))))) }}
+{{- fail (printf "%s: credentials never go into values (they end up in the ConfigMap, the RayJob and every checkpoint's config), neither as a key nor inside a URI (user:password@host, ?token=); put S3 keys in a Secret (storage.credentialsSecret) and other tokens in the pods' environment from a Secret" (join ", " (uniq (splitList " " (trim (regexReplaceAll "\\s+" $secrets " ")))))) }}
+{{- end }}
+{{- /* extraArgs are `--set` overrides of the config: not of what the chart sets or checks above. */}}
+{{- range .Values.job.extraArgs }}
+{{- $key := first (splitList "=" .) }}
+{{- if regexMatch "^(storage|scaling|run)(\\.|$)|^train\\.(micro|global)_batch_size$" $key }}
+{{- fail (printf "job.extraArgs sets %s, which the chart checks (storage in object storage, the batch split over the GPUs, the run name) or sets itself (scaling): set it under config instead" $key) }}
+{{- end }}
+{{- end }}
+{{- /* KubeRay writes rayStartParams into the `ray start` command line of a shell. */}}
+{{- range $k, $v := .Values.head.rayStartParams }}
+{{- if regexMatch "[$`;|&<>\\\\\n()]" (toString $v) }}
+{{- fail (printf "head.rayStartParams.%s holds a shell character ($ ` ; | & < > ( ), a backslash or a newline): KubeRay puts it in the `ray start` command line unquoted; give a plain value" $k) }}
+{{- end }}
+{{- end }}
+{{- /* Labels the chart sets on every pod: another value would duplicate the key, and hide the run from `distil k8s`. */}}
+{{- range $k, $v := .Values.podLabels }}
+{{- if or (hasPrefix "distil-run/" $k) (hasPrefix "app.kubernetes.io/" $k) (hasPrefix "helm.sh/" $k) (hasPrefix "ray.io/" $k) }}
+{{- fail (printf "podLabels.%s: the chart sets the distil-run/*, app.kubernetes.io/*, helm.sh/* labels (and KubeRay the ray.io/* ones) itself; `distil k8s status` finds a run by distil-run/run (config.run.name); choose another label key" $k) }}
+{{- end }}
 {{- end }}
 {{- $run := default dict .Values.config.run }}
 {{- if not (default "" $run.name) }}
