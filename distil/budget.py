@@ -28,8 +28,8 @@ PLAN_AT = 36  # the step at which the plan is made: 35 timed steps (the first is
 def planned_steps(budget_s: float, seconds_per_step: float, max_steps: int) -> int:
     """How many steps fit in `budget_s` at the measured pace: at least PLAN_AT (they are done by
     then), at most max_steps."""
-    fit = math.floor(budget_s / seconds_per_step) if seconds_per_step > 0 else max_steps
-    return min(max_steps, max(PLAN_AT, fit))
+    fit = budget_s / seconds_per_step if seconds_per_step > 0 else math.inf
+    return max_steps if fit >= max_steps else max(PLAN_AT, math.floor(fit))  # (never floor() of inf)
 
 
 class TimeBudget:
@@ -43,6 +43,13 @@ class TimeBudget:
         self._t0: float | None = None  # the end of this process's first step, and that step
         self._from_step: int | None = None
         self._loop = (time.perf_counter(), 0)  # (time, step) before this process's first step: begin()
+
+    def notice(self) -> str | None:
+        """A line to log at the start when the budget cannot plan anything (else None)."""
+        if self.minutes is not None and self.max_steps <= PLAN_AT:
+            return (f"time budget {self.minutes:g} min not used: train.max_steps {self.max_steps} is within the {PLAN_AT} "
+                    "steps the budget times before it plans; the run takes its max_steps")
+        return None
 
     def end_step(self) -> int:
         """The step the run ends at: the plan, or max_steps (lowered on a resume: the smaller)."""

@@ -33,7 +33,13 @@ def _stderr(message: str) -> None:
 
 
 def run_training(config_path: str | None, overrides: list[str], start_over: bool = False) -> dict:
-    """Validate, prepare, train one local worker (or one torchrun rank), export the final model."""
+    """Validate, prepare, train one local worker (or one torchrun rank), export the final model.
+
+    Everything that can be wrong with the input is found before anything of the run changes:
+    the config and storage, then (read-only) whether the run continues with this config or is
+    finished, then the teacher, the precision and the data (prepared here if needed). Only then
+    does rank 0 take the run's lease (distil/lease.py: refused while another process trains
+    it) and, for --start-over, move the old run aside."""
     from distil.config import load_config
 
     cfg = load_config(config_path, overrides)
@@ -47,26 +53,52 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
     from distil.storage import check_storage_folder
 
     check_storage_folder(cfg.storage.uri)
-
     run_dir = cfg.run_storage().local()
+    found = None
+    if not start_over:  # a refused or finished run says so before seconds of loading (read-only)
+        found, finished = continuity.local_resume_point(cfg, run_dir, rank, _stderr)
+        if finished:
+            if rank == 0:
+                print(finished, flush=True)
+            return {"step": cfg.train.max_steps, "stopped": False, "finished": True}
+    quiet_libraries()
+    from distil.lease import RunLease
+    from distil.run_setup import init_distributed, prepare
+
+    prep = prepare(cfg, world_size)
+    lease = RunLease(cfg.storage_root(), cfg.run_name(), log=_stderr).acquire() if rank == 0 else None
+    try:
+        init_distributed(prep.device)  # (every rank waits here for rank 0, which holds the lease now)
+        return _train_local(cfg, prep, run_dir, rank, start_over, found)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train_local(cfg, prep, run_dir: Path, rank: int, start_over: bool, found: str | None) -> dict:
+    """The run, under its lease: start over or find the checkpoint to resume (`found`: the one
+    found before the lease was taken), train, export."""
+    import torch.distributed as dist
+
+    from distil import continuity
+    from distil.checkpoint_stores import LocalCheckpointStore
+    from distil.export import export_checkpoint
+    from distil.train import Trainer
+
     if start_over:  # every rank starts from nothing; rank 0 alone moves the old run aside
         if rank == 0:
             continuity.start_over(cfg, _stderr)
+        dist.barrier()
         resume_tag, finished = None, None
-    else:
-        resume_tag, finished = continuity.local_resume_point(cfg, run_dir, rank, _stderr)
+    else:  # again, now that no other process can change the run (it said what it found the first time)
+        resume_tag, finished = continuity.local_resume_point(cfg, run_dir, rank, lambda _m: None)
+        if resume_tag != found and rank == 0:
+            _stderr(f"resuming from {resume_tag or 'step 0'}: the run changed while this start was loading (it found {found})")
     if finished:
         if rank == 0:
             print(finished, flush=True)
+        dist.destroy_process_group()
         return {"step": cfg.train.max_steps, "stopped": False, "finished": True}
-    quiet_libraries()
-    from distil.export import export_checkpoint
-    from distil.checkpoint_stores import LocalCheckpointStore
-    from distil.run_setup import init_distributed, prepare
-    from distil.train import Trainer
-
-    prep = prepare(cfg, world_size)
-    init_distributed(prep.device)
     trainer = Trainer(prep, run_dir, store=LocalCheckpointStore(resume_tag, found=True))
     if trainer.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +111,6 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
     # Every collective is done. A gloo rank that exits with its process group open can abort at
     # interpreter exit (SIGABRT, "terminate called without an active exception":
     # pytorch/pytorch#190489), failing a run that finished; so every rank closes it now.
-    import torch.distributed as dist
-
     dist.destroy_process_group()
     if result["stopped"]:
         if trainer.rank == 0:
@@ -89,13 +119,11 @@ def run_training(config_path: str | None, overrides: list[str], start_over: bool
         return result
     if trainer.rank == 0:
         from distil import checkpoint as ckpt
-
-        model_dir = run_dir / "model"
-        export_checkpoint(run_dir / ckpt.latest_tag(run_dir), model_dir, hashed=True,
-                          replace=True)
-        result["model_dir"] = str(model_dir)
         from distil.metrics_log import summary_lines
 
+        model_dir = run_dir / "model"
+        export_checkpoint(run_dir / ckpt.latest_tag(run_dir), model_dir, hashed=True, replace=True)
+        result["model_dir"] = str(model_dir)
         print("\n".join(summary_lines(result)), flush=True)
     return result
 

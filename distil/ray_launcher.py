@@ -65,7 +65,11 @@ def _worker(loop_config: dict) -> None:
 
 
 def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
-    """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given)."""
+    """Validate on the driver, then train on Ray (a local Ray instance when no cluster is given).
+
+    As for a local run (distil/cli.py `run_training`): everything that can be wrong with the
+    input is found before anything of the run changes; then the driver takes the run's lease
+    (distil/lease.py), which it holds for all of its workers until the run ends."""
     # Where relative paths in the config point, taken before Ray runs anything: a job's
     # `--working-dir` copy, the driver's cwd, can be cleaned up by Ray while the job runs.
     cwd = os.getcwd()
@@ -77,18 +81,15 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     if not cfg.storage_root().is_s3:
         check_storage_folder(cfg.storage.uri)
     preflight(cfg)
-    if start_over:
-        continuity.start_over(cfg, lambda m: print(m, flush=True))
-    else:
+    if not start_over:  # a refused or finished run says so before anything is loaded (read-only)
         finished = continuity.stored_resume_point(cfg, lambda m: print(m, flush=True))
         if finished:
             print(finished, flush=True)
             return {"checkpoint": None, "metrics": {}, "finished": True}
     quiet_libraries()
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from distil.lease import RunLease
     from distil.model import load_teacher_config, validate_against_teacher
     from distil.prepared import ensure_prepared
     from distil.run_setup import check_precision, load_tokenizer
@@ -96,15 +97,32 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     validate_against_teacher(cfg, load_teacher_config(cfg))
     s = cfg.scaling
     check_precision(cfg, gpu=s.use_gpu)
+    cfg.check_batch_split(s.num_workers)
     if not ray.is_initialized():
         # With its dashboard (~1 s more): Ray Train's placement-group cleaner asks the State API,
         # which the dashboard serves; without it the job's log gets a warning every second.
         ray.init(log_to_driver=True)
     # The data is prepared once, before any worker starts, by Ray Data tasks over the cluster's
     # CPUs (distil/prepared.py): workers open the prepared shards and never tokenize.
-    cfg.check_batch_split(s.num_workers)
     data = ensure_prepared(cfg, load_tokenizer(cfg), cfg.train.micro_batch_size * s.num_workers,
                            log=lambda m: print(m, flush=True), use_ray=True)
+    with RunLease(cfg.storage_root(), cfg.run_name(), log=lambda m: print(m, flush=True)):
+        if start_over:
+            continuity.start_over(cfg, lambda m: print(m, flush=True))
+        else:  # again, now that no other process can change the run (it said what changed the first time)
+            finished = continuity.stored_resume_point(cfg, lambda _m: None)
+            if finished:
+                print(finished, flush=True)
+                return {"checkpoint": None, "metrics": {}, "finished": True}
+        return _fit(cfg, data["fingerprint"], cwd)
+
+
+def _fit(cfg: DistilConfig, fingerprint: str, cwd: str) -> dict:
+    """The Ray Train run itself (the driver holds the run's lease)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
     storage_path, filesystem = cfg.storage_root().arrow()
     # Ray Train sends a worker's print() both to its logger (stderr) and to stdout: every line of
     # the job's log would come twice. Our lines are plain prints; Ray passes this to the workers.
@@ -112,7 +130,7 @@ def launch(cfg: DistilConfig, start_over: bool = False) -> dict:
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": data["fingerprint"], "cwd": cwd},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": fingerprint, "cwd": cwd},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name(), storage_path=storage_path, storage_filesystem=filesystem,

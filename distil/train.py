@@ -242,6 +242,8 @@ class Trainer:
         end_metrics: dict[str, float] = {}
         stop = False
         self.budget.begin(self.step)
+        if self.budget.notice() and self.rank == 0:
+            self.log(self.budget.notice())
         while self.step < self.budget.end_step() and not stop:
             for k, v in self.train_step().items():
                 self._window[k] = self._window.get(k, 0.0) + v

@@ -263,9 +263,12 @@ def test_driver_killed_then_rerun_resumes_bitwise(tmp_path, s3_run, reference_20
     killed_run(s3, bucket, path, "step_00000008")
     done = [k for k in keys(s3, bucket, "runs/t/") if k.endswith("step_00000020/COMPLETE")]
     assert not done, "the driver must be killed before the run ends"
+    assert "runs/.leases/t.json" in keys(s3, bucket, "runs/.leases/")  # the killed driver's lease (issue 27)
     rc, out = ray_job(path)
     assert rc == 0, out[-4000:]
+    assert re.search(r"run t: took over the lease of host \S+, pid \d+, .*which is gone", out), out[-4000:]
     assert re.search(r"resumed from step_000000(08|12|16)", out), out[-4000:]
+    assert "runs/.leases/t.json" not in keys(s3, bucket, "runs/.leases/")  # released at the end
     ref = _fp32_weights(s3, reference_20[1], "ref/t/step_00000020", tmp_path / "ref" / "step_00000020")
     got = _fp32_weights(s3, bucket, "runs/t/step_00000020", tmp_path / "got" / "step_00000020")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -7,6 +7,7 @@ import torch
 
 from distil import budget
 from distil.budget import PLAN_AT, TimeBudget, planned_steps
+from tests.conftest import ROOT
 
 
 def test_planned_steps_is_what_fits_between_plan_at_and_max_steps():
@@ -14,6 +15,23 @@ def test_planned_steps_is_what_fits_between_plan_at_and_max_steps():
     assert planned_steps(60.0, 0.7, 1000) == 85  # 85.7 steps fit: the 86th would not
     assert planned_steps(600.0, 0.25, 1000) == 1000  # never past max_steps
     assert planned_steps(1.0, 0.25, 1000) == PLAN_AT  # the steps already done stay done
+    assert planned_steps(6e307, 0.25, 1000) == 1000  # issue 27: floor(inf) raised OverflowError at the plan
+    assert planned_steps(60.0, 0.0, 1000) == 1000
+
+
+def test_a_budget_too_large_to_mean_anything_is_refused_and_one_that_cannot_plan_says_so():
+    """Issue 27: 1e306 minutes passed validation and crashed at step 36, after a checkpoint; a
+    budget with max_steps within the planning steps was silently ignored."""
+    from distil.config import load_config
+    from distil.errors import UserError
+
+    with pytest.raises(UserError, match="train.time_budget_minutes: Input should be less than or equal to 1000000"):
+        load_config(ROOT / "configs" / "demo.yaml", ["train.time_budget_minutes=1e306"])
+    assert TimeBudget(5.0, PLAN_AT, torch.device("cpu")).notice() == (
+        f"time budget 5 min not used: train.max_steps {PLAN_AT} is within the {PLAN_AT} steps the budget times before it "
+        "plans; the run takes its max_steps")
+    assert TimeBudget(5.0, PLAN_AT + 1, torch.device("cpu")).notice() is None
+    assert TimeBudget(None, 10, torch.device("cpu")).notice() is None
 
 
 class FakeClock:
