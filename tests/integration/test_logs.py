@@ -9,6 +9,8 @@ import pytest
 
 from distil.metrics_log import read_rows
 
+pytestmark = pytest.mark.slow  # it reads the log of the session's trained run (tests/conftest.py)
+
 
 def test_a_run_without_a_terminal_logs_plain_lines(trained_run):
     cfg, run = trained_run

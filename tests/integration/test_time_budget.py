@@ -18,15 +18,17 @@ from tests.integration.test_train_local import cli, metrics
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 400
+MAX_STEPS = 4000
+BUDGET_MIN = 0.25
 
 
 @pytest.fixture(scope="module")
 def budgeted(tmp_path_factory, teacher_dir):
-    """One run with a budget of about 100 of its steps on this machine (measured first), far
-    below max_steps."""
+    """One run with a budget of 15 s of steps: hundreds of this tiny model's steps, far below
+    max_steps, and at least the 50 the resume test needs even at 0.3 s a step (a loaded 2-core
+    machine once planned too few with a 5 s budget, and the resume test failed)."""
     tmp = tmp_path_factory.mktemp("budget")
-    cfg = base_config(teacher_dir, tmp, train={"max_steps": MAX_STEPS, "log_every": 1, "time_budget_minutes": 0.08},
+    cfg = base_config(teacher_dir, tmp, train={"max_steps": MAX_STEPS, "log_every": 1, "time_budget_minutes": BUDGET_MIN},
                       checkpoint={"every_steps": 10, "keep_last": 100})
     path = write_config(tmp / "c.yaml", cfg)
     out = cli(path).stdout
@@ -58,7 +60,7 @@ def test_the_run_ends_at_its_plan_with_the_learning_rate_decayed_to_it(budgeted)
     state = json.loads((run / f"step_{planned:08d}" / "trainer_state.json").read_text())
     assert state["planned_steps"] == planned and state["seconds_per_step"] > 0
     card = (run / "model" / "README.md").read_text()
-    assert f"| trained | {planned:,} of {planned:,} steps (what a 0.08-minute time budget planned; max_steps 400)," in card
+    assert f"| trained | {planned:,} of {planned:,} steps (what a {BUDGET_MIN:g}-minute time budget planned; max_steps {MAX_STEPS:,})," in card
     assert f"done: step {planned}, " in out and "(the steps its time budget planned)" in out
 
 

@@ -12,8 +12,29 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_presets_validate(path):
+    """Each preset validates, and its derived run name is the teacher's name, the student's
+    layer count and a hash of what defines the run (checked against that rule here)."""
+    import hashlib
+    import json
+    import re
+
+    from distil.config import ADDED_SINCE_0_1, RESUMABLE
+
     cfg = load_config(path)
-    assert cfg.run_name()
+    if cfg.run.name:
+        assert cfg.run_name() == cfg.run.name
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": None})})
+    payload = cfg.model_dump(mode="json")
+    for key, default in ADDED_SINCE_0_1.items():
+        section, leaf = key.split(".")
+        if payload[section].get(leaf) == default:
+            del payload[section][leaf]
+    for key in RESUMABLE:
+        section, _, leaf = key.partition(".")
+        payload[section].pop(leaf, None) if leaf else payload.pop(section, None)
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+    stem = re.sub(r"[^a-z0-9]+", "-", cfg.teacher.name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
+    assert cfg.run_name() == f"{stem}-{len(cfg.student.layers)}l-{digest}"
 
 
 def test_distilbert_preset_matches_the_paper():

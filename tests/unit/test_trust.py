@@ -291,16 +291,25 @@ KEYS = st.sampled_from(["optim.lr", "optim.betas", "loss.temperature", "train.ma
                         "data.hub_kwargs", "storage.endpoint_url", "masking.prob", "nope.key", "optim", "run.name.x"])
 
 
-@settings(max_examples=200, deadline=None)
-@given(key=KEYS, value=st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=6), SCALARS, max_size=2)))
-def test_any_override_gives_a_config_or_one_user_error(key, value):
+def test_any_override_gives_a_config_or_one_user_error():
     """Overrides are parsed as YAML: whatever the value, the outcome is a valid config or a
-    UserError, never another exception; and a valid one survives the save/load round trip."""
-    try:
-        cfg = _demo(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
-    except UserError:
-        return
-    assert DistilConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+    UserError, never another exception; and a valid one survives the save/load round trip. The
+    search must reach both outcomes, or it proved nothing about one of them."""
+    outcomes = {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=200, deadline=None)
+    @given(key=KEYS, value=st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=6), SCALARS, max_size=2)))
+    def check(key, value):
+        try:
+            cfg = _demo(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        except UserError:
+            outcomes["refused"] += 1
+            return
+        outcomes["accepted"] += 1
+        assert DistilConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+    check()
+    assert outcomes["accepted"] >= 10 and outcomes["refused"] >= 10, outcomes
 
 
 def test_a_step_saved_again_sorts_after_the_first_save(tmp_path):
