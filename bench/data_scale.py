@@ -38,8 +38,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TEXTS = [ROOT / "data" / "brown" / "brown_sample.txt", ROOT / "tests" / "assets" / "en_brown_800.txt",
-         ROOT / "tests" / "assets" / "pl_libreoffice_300.txt"]
+TEXTS = [
+    ROOT / "data" / "brown" / "brown_sample.txt",
+    ROOT / "tests" / "assets" / "en_brown_800.txt",
+    ROOT / "tests" / "assets" / "pl_libreoffice_300.txt",
+]
 FILE_BYTES = 64 << 20
 
 
@@ -87,20 +90,31 @@ def prepare(work: Path, corpus: Path, how: list[str]) -> dict:
     storage = work / f"prep-{'-'.join(how).strip('-')}"
     shutil.rmtree(storage, ignore_errors=True)
     t0 = time.perf_counter()
-    r = subprocess.run([PY, "-m", "distil.cli", "prepare", "--config", str(config(work, corpus, {"uri": str(storage)})), *how],
-                       capture_output=True, text=True, env=_env(), cwd=ROOT)
+    r = subprocess.run(
+        [PY, "-m", "distil.cli", "prepare", "--config", str(config(work, corpus, {"uri": str(storage)})), *how],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     if r.returncode:
         raise SystemExit(r.stdout[-2000:] + r.stderr[-3000:])
     m = re.search(r"prepared ([\d,]+) documents, ([\d,]+) tokens in ([\d.]+) s", r.stdout)
-    return {"how": " ".join(how), "tokens": int(m[2].replace(",", "")), "seconds": float(m[3]),
-            "tokens_per_s": int(m[2].replace(",", "")) / float(m[3]), "wall_s": time.perf_counter() - t0, "storage": str(storage)}
+    return {
+        "how": " ".join(how),
+        "tokens": int(m[2].replace(",", "")),
+        "seconds": float(m[3]),
+        "tokens_per_s": int(m[2].replace(",", "")) / float(m[3]),
+        "wall_s": time.perf_counter() - t0,
+        "storage": str(storage),
+    }
 
 
 BASELINE = r"""
 import sys, time
 from transformers import AutoTokenizer
-from distil.config import load_config
-from distil.prepared import open_prepared
+from distil.config.schema import load_config
+from distil.data.prepared import open_prepared
 cfg = load_config(sys.argv[1], [])
 tok = AutoTokenizer.from_pretrained(cfg.teacher.name_or_path)
 t0 = time.perf_counter()
@@ -116,14 +130,24 @@ def baseline(work: Path, corpus: Path, code: str) -> dict:
     storage = work / "prep-baseline"
     shutil.rmtree(storage, ignore_errors=True)
     cfg = config(work, corpus, {"uri": str(storage)})
-    r = subprocess.run([PY, "-c", BASELINE, str(cfg)], capture_output=True, text=True, cwd=code,
-                       env=_env(PYTHONPATH=code, HF_HOME=str(work / "hf-baseline")))
+    r = subprocess.run(
+        [PY, "-c", BASELINE, str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=code,
+        env=_env(PYTHONPATH=code, HF_HOME=str(work / "hf-baseline")),
+    )
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
     tokens, took = r.stdout.split()[-2:]
     shutil.rmtree(work / "hf-baseline", ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
-    return {"how": f"baseline {code}", "tokens": int(tokens), "seconds": float(took), "tokens_per_s": int(tokens) / float(took)}
+    return {
+        "how": f"baseline {code}",
+        "tokens": int(tokens),
+        "seconds": float(took),
+        "tokens_per_s": int(tokens) / float(took),
+    }
 
 
 def first_step(work: Path, corpus: Path, endpoint: str, prefix: str, name: str, steps: int) -> dict:
@@ -131,12 +155,31 @@ def first_step(work: Path, corpus: Path, endpoint: str, prefix: str, name: str, 
     run's latest checkpoint), with an empty data cache (new pods)."""
     cache = work / f"cache-{time.monotonic_ns()}"
     cfg = config(work, corpus, {"uri": f"s3://{prefix}", "endpoint_url": endpoint})
-    args = [PY, str(ROOT / "jobs" / "distill.py"), "--config", str(cfg), "--set", f"data.cache_dir={cache}",
-            "--set", f"run.name={name}", "--set", f"train.max_steps={steps}", "--set", "scaling.num_workers=2",
-            "--set", "scaling.cpus_per_worker=1"]
+    args = [
+        PY,
+        str(ROOT / "jobs" / "distill.py"),
+        "--config",
+        str(cfg),
+        "--set",
+        f"data.cache_dir={cache}",
+        "--set",
+        f"run.name={name}",
+        "--set",
+        f"train.max_steps={steps}",
+        "--set",
+        "scaling.num_workers=2",
+        "--set",
+        "scaling.cpus_per_worker=1",
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env=_env(RAY_ADDRESS="local", RAY_DEDUP_LOGS="0"))
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=_env(RAY_ADDRESS="local", RAY_DEDUP_LOGS="0"),
+    )
     first, lines, want = None, [], f"step={steps - 1} "
     for line in proc.stdout:
         lines.append(line)
@@ -152,8 +195,14 @@ def first_step(work: Path, corpus: Path, endpoint: str, prefix: str, name: str, 
 def rank_rss(work: Path, corpus: Path, storage: str) -> dict:
     """Peak RSS of one local training process whose data is already prepared in `storage`."""
     cfg = config(work, corpus, {"uri": storage})
-    proc = subprocess.Popen([PY, "-m", "distil.cli", "train", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [PY, "-m", "distil.cli", "train", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status or "preparing the data" in out:
@@ -173,10 +222,22 @@ def machine() -> dict:
     import ray
     import tokenizers
 
-    cpu = next((x.split(":", 1)[1].strip() for x in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if x.startswith("Model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-            "ray": ray.__version__, "tokenizers": tokenizers.__version__}
+    cpu = next(
+        (
+            x.split(":", 1)[1].strip()
+            for x in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if x.startswith("Model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -195,8 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = make_corpus(work / f"corpus-{gb}GB", gb)
         res = out["sizes"][f"{gb}GB"] = {"bytes": int((corpus / "DONE").read_text())}
         if parts & {"prepare", "rss"}:
-            res["prepare"] = [prepare(work, corpus, how) for how in (["--ray", "--workers", "1"], ["--ray", "--workers", "2"],
-                                                                      ["--in-process"])]
+            res["prepare"] = [
+                prepare(work, corpus, how)
+                for how in (["--ray", "--workers", "1"], ["--ray", "--workers", "2"], ["--in-process"])
+            ]
             r1, r2 = res["prepare"][0]["tokens_per_s"], res["prepare"][1]["tokens_per_s"]
             res["ray_2_over_1"] = r2 / r1
             if args.baseline_code and gb == min(args.sizes):
@@ -213,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             res["first_step"] = {
                 "fresh, data not prepared (prepares it)": first_step(work, corpus, moto[1], prefix, "a", 2),
                 "fresh, data prepared": first_step(work, corpus, moto[1], prefix, "b", 2),
-                "resume from step 2": first_step(work, corpus, moto[1], prefix, "a", 4)}
+                "resume from step 2": first_step(work, corpus, moto[1], prefix, "a", 4),
+            }
         print(json.dumps({gb: res}), flush=True)
     if moto is not None:
         moto[0].terminate()

@@ -35,10 +35,11 @@ def step_flops(trainer, rows: list[list[int]], width: int) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from distil.data import collate
+    from distil.data.batches import collate
 
-    ids, attn = collate([r[:width] + [r[-1]] * max(0, width - len(r)) for r in rows], trainer.prep.tokenizer.pad_token_id,
-                        width, 1)
+    ids, attn = collate(
+        [r[:width] + [r[-1]] * max(0, width - len(r)) for r in rows], trainer.prep.tokenizer.pad_token_id, width, 1
+    )
     masked, labels = trainer.masker(ids, attn, 0, 0, 0)
     # torch's fused CPU attention kernel is invisible to FlopCounterMode (it reads 0); the math
     # backend computes the same products as matmuls, which it counts
@@ -59,14 +60,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from distil.config import load_config
-    from distil.data import ResumableSampler
-    from distil.run_setup import init_distributed, prepare
-    from distil.train import Trainer
+    from distil.config.schema import load_config
+    from distil.data.batches import ResumableSampler
+    from distil.train.setup import init_distributed, load_inputs
+    from distil.train.trainer import Trainer
 
     tmp = tempfile.mkdtemp(prefix="demo-flops-")
     cfg = load_config(args.config, [*args.set, f"storage.uri={tmp}", "eval.probe.path=null", "eval.sources=[]"])
-    prep = prepare(cfg, 1)
+    prep = load_inputs(cfg, 1)
     init_distributed(prep.device)
     trainer = Trainer(prep, Path(tmp) / "run", log=lambda *_: None)
     m = cfg.train.micro_batch_size
@@ -103,14 +104,23 @@ def main(argv=None) -> dict:
     step_flops_mean = total / cfg.train.max_steps
     peak = matmul_peak(torch.device("cpu"), torch.float32)
     out = {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "config": args.config,
-        "overrides": args.set, "steps": cfg.train.max_steps, "real_tokens": real, "padded_tokens": padded,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": args.threads,
+        "config": args.config,
+        "overrides": args.set,
+        "steps": cfg.train.max_steps,
+        "real_tokens": real,
+        "padded_tokens": padded,
         "flops_per_row_fit": {"a": a, "b": b, "error_at_width_32": fit_error},
-        "total_tflop": total / 1e12, "mean_step_gflop": step_flops_mean / 1e9,
-        "timed_steps": args.time_steps, "median_step_s": statistics.median(times),
+        "total_tflop": total / 1e12,
+        "mean_step_gflop": step_flops_mean / 1e9,
+        "timed_steps": args.time_steps,
+        "median_step_s": statistics.median(times),
         "achieved_gflops": timed_flops / sum(times) / 1e9,
         "matmul_peak_gflops": peak / 1e9,
-        "minutes_at_peak": total / peak / 60, "minutes_at_achieved": total / (timed_flops / sum(times)) / 60,
+        "minutes_at_peak": total / peak / 60,
+        "minutes_at_achieved": total / (timed_flops / sum(times)) / 60,
     }
     print(json.dumps(out, indent=1))
     if args.out:

@@ -1,5 +1,5 @@
 """Peak memory of tokenizing a corpus whose only document is one long line (a dump without
-newlines): read (distil/corpus.py), tokenized and packed (distil/sequences.py) in a fresh process, its peak RSS (ru_maxrss) and time.
+newlines): read (distil/data/corpus.py), tokenized and packed (distil/data/sequences.py) in a fresh process, its peak RSS (ru_maxrss) and time.
 
     .venv/bin/python bench/long_line.py --mb 110 --packing lines
     .venv/bin/python bench/long_line.py --mb 20 --packing lines --code /path/to/an/older/checkout
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 from transformers import AutoTokenizer
-from distil import corpus
-from distil.sequences import Packer, token_ids, tokenizer_spec
+from distil.data import corpus
+from distil.data.sequences import Packer, token_ids, tokenizer_spec
 text_path, tok_path, packing, cache = sys.argv[1:5]
 tok = AutoTokenizer.from_pretrained(tok_path)
 spec = tokenizer_spec(tok)
@@ -58,12 +58,22 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(sample + " ")
                 written += len(sample) + 1
         env = {**os.environ, "PYTHONPATH": args.code, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        r = subprocess.run([sys.executable, "-c", CHILD, str(text), args.tokenizer, args.packing, str(Path(tmp) / "cache")],
-                           capture_output=True, text=True, env=env, cwd=args.code)
+        r = subprocess.run(
+            [sys.executable, "-c", CHILD, str(text), args.tokenizer, args.packing, str(Path(tmp) / "cache")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=args.code,
+        )
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
-    result = {"mb": args.mb, "packing": args.packing, "code": args.code, **json.loads(r.stdout.strip().splitlines()[-1]),
-              "date": time.strftime("%Y-%m-%d")}
+    result = {
+        "mb": args.mb,
+        "packing": args.packing,
+        "code": args.code,
+        **json.loads(r.stdout.strip().splitlines()[-1]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(result))
     return result
 

@@ -6,7 +6,7 @@ host opens it, then trusted on the record of that check while every file's stat 
 
 A synthetic folder of random token ids (vocabulary 30522, uint16, 32 MiB shards, 128-token
 sequences) is written with the real writer; then, page cache dropped where the kernel allows:
-the first open (`TokenStore(folder)`: hash, scan, record), a second open (the record), and a
+the first open (`PreparedData(folder)`: hash, scan, record), a second open (the record), and a
 full check of warm files (`check="full"`, what `distil prepare` of an S3 store does before it
 publishes).
 """
@@ -27,12 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.verify_hash import _cpu_model, _drop_cache  # noqa: E402
-from distil import token_store as ts  # noqa: E402
+from distil.data import shards as ts  # noqa: E402
 
 
 def _write(folder: Path, tokens: int, vocab: int = 30522, seq: int = 128) -> Path:
     rng = np.random.default_rng(0)
-    with ts.TokenStoreWriter(folder, vocab) as w:
+    with ts.ShardWriter(folder, vocab) as w:
         block = 1 << 22
         for start in range(0, tokens, block):
             n = min(block, tokens - start) // seq * seq
@@ -57,13 +57,22 @@ def main() -> int:
         files = [f for f in folder.iterdir() if f.is_file()]
         size = sum(f.stat().st_size for f in files)
         _drop_cache(files)
-        first = _timed(lambda: ts.TokenStore(folder))
-        again = _timed(lambda: ts.TokenStore(folder))
-        full = min(_timed(lambda: ts.TokenStore(folder, check="full")) for _ in range(2))
-    out = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-           "date": time.strftime("%Y-%m-%d"), "bytes": size, "files": len(files),
-           "first_open_s": first, "first_open_s_per_gb": first / (size / 1e9),
-           "recorded_open_s": again, "full_check_warm_s_per_gb": full / (size / 1e9)}
+        first = _timed(lambda: ts.PreparedData(folder))
+        again = _timed(lambda: ts.PreparedData(folder))
+        full = min(_timed(lambda: ts.PreparedData(folder, check="full")) for _ in range(2))
+    out = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "bytes": size,
+        "files": len(files),
+        "first_open_s": first,
+        "first_open_s_per_gb": first / (size / 1e9),
+        "recorded_open_s": again,
+        "full_check_warm_s_per_gb": full / (size / 1e9),
+    }
     print(json.dumps(out, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

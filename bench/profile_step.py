@@ -20,7 +20,11 @@ a = parse_args([x for x in sys.argv[1:] if x != "--host"])
 device = torch.device(a.device)
 dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
 variant = a.variant or "fast-torch"
-step = _reference_step(a, device, dtype) if variant == "reference" else _fast_step(a, device, dtype, variant == "fast-deepspeed")
+step = (
+    _reference_step(a, device, dtype)
+    if variant == "reference"
+    else _fast_step(a, device, dtype, variant == "fast-deepspeed")
+)
 batches = _batches(a, 9)
 if variant == "reference":
     batches = [tuple(t.to(device) for t in b) for b in batches]

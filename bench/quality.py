@@ -77,7 +77,9 @@ def make_teacher(work: Path, train: Path, steps: int, seed: int = 0) -> tuple[Pa
     collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, seed=seed)
     lines = [x for x in train.read_text(encoding="utf-8").splitlines() if x.strip()]
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.05 * steps)) * max(0.0, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (0.05 * steps)) * max(0.0, 1 - s / steps)
+    )
     g = torch.Generator().manual_seed(seed)
     model.train()
     started, losses = time.perf_counter(), []
@@ -107,12 +109,24 @@ def config(work: Path, teacher: Path, train: Path, steps: int, batch: int) -> Pa
         "run": {"name": "quality"},
         "teacher": {"name_or_path": str(teacher)},
         "student": {"layers": LAYERS},
-        "data": {"sources": [str(train)], "packing": "lines", "max_len": 64, "min_len": 8, "eval_fraction": 0.02,
-                 "eval_max_sequences": 64},
+        "data": {
+            "sources": [str(train)],
+            "packing": "lines",
+            "max_len": 64,
+            "min_len": 8,
+            "eval_fraction": 0.02,
+            "eval_max_sequences": 64,
+        },
         "masking": {"prob": 0.15},
         "loss": {"recipe": "distilbert", "temperature": 2.0, "alpha_kl": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0},
         "optim": {"lr": 5e-4, "warmup_ratio": 0.05, "grad_clip": 5.0},
-        "train": {"max_steps": steps, "micro_batch_size": batch, "global_batch_size": batch, "log_every": 50, "progress_bar": False},
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": batch,
+            "global_batch_size": batch,
+            "log_every": 50,
+            "progress_bar": False,
+        },
         "checkpoint": {"every_steps": steps, "keep_last": 1},
         "storage": {"uri": str(work / "runs")},
     }
@@ -124,22 +138,59 @@ def config(work: Path, teacher: Path, train: Path, steps: int, batch: int) -> Pa
 def run_variant(work: Path, cfg: Path, test: Path, name: str, seed: int) -> dict:
     run = f"{name}-s{seed}"
     sets = {**VARIANTS[name], "run.name": run, "run.seed": seed}
-    args = [PY, "-m", "distil.cli", "train", "--config", str(cfg), *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+    args = [
+        PY,
+        "-m",
+        "distil.cli",
+        "train",
+        "--config",
+        str(cfg),
+        *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")],
+    ]
     started = time.perf_counter()
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=_env())
     if r.returncode:
         raise SystemExit(f"{run}: distil train failed\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
     train_s = time.perf_counter() - started
-    ev = subprocess.run([PY, "-m", "distil.cli", "eval", str(work / "runs" / run / "model"), "--data", str(test), "--json",
-                         "--probe", str(PROBE), "--text-column", "passage", "--label-column", "genre",
-                         "--group-column", "text_id", "--probe-rows", "1000"], cwd=ROOT, capture_output=True, text=True, env=_env())
+    ev = subprocess.run(
+        [
+            PY,
+            "-m",
+            "distil.cli",
+            "eval",
+            str(work / "runs" / run / "model"),
+            "--data",
+            str(test),
+            "--json",
+            "--probe",
+            str(PROBE),
+            "--text-column",
+            "passage",
+            "--label-column",
+            "genre",
+            "--group-column",
+            "text_id",
+            "--probe-rows",
+            "1000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     if ev.returncode:
         raise SystemExit(f"{run}: distil eval failed\n{ev.stderr[-3000:]}")
     rep = json.loads(ev.stdout)
-    row = {"variant": name, "seed": seed, "train_s": train_s,
-           "mlm_accuracy": rep["student_mlm"]["mlm_accuracy"], "teacher_mlm_accuracy": rep["teacher_mlm"]["mlm_accuracy"],
-           "probe_accuracy": rep["probe"]["student"]["accuracy"], "teacher_probe_accuracy": rep["probe"]["teacher"]["accuracy"],
-           "agreement": rep.get("agreement")}
+    row = {
+        "variant": name,
+        "seed": seed,
+        "train_s": train_s,
+        "mlm_accuracy": rep["student_mlm"]["mlm_accuracy"],
+        "teacher_mlm_accuracy": rep["teacher_mlm"]["mlm_accuracy"],
+        "probe_accuracy": rep["probe"]["student"]["accuracy"],
+        "teacher_probe_accuracy": rep["probe"]["teacher"]["accuracy"],
+        "agreement": rep.get("agreement"),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -147,27 +198,42 @@ def run_variant(work: Path, cfg: Path, test: Path, name: str, seed: int) -> dict
 def table(rows: list[dict]) -> str:
     """Mean ± half the spread over seeds. A seed draws the evaluation's masks and the probe's
     split too, so the teacher's figures are per seed as well (each seed weighs the same)."""
+
     def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+        return (
+            f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+            if len(values) > 1
+            else f"{values[0]:.3f}"
+        )
 
     out = ["| variant | held-out MLM accuracy | genre probe accuracy | agreement |", "|---|---:|---:|---:|"]
     for name in VARIANTS:
         mine = [r for r in rows if r["variant"] == name]
         if mine:
-            out.append(f"| {name} | " + " | ".join(cell([r[k] for r in mine]) for k in ("mlm_accuracy", "probe_accuracy", "agreement")) + " |")
+            out.append(
+                f"| {name} | "
+                + " | ".join(cell([r[k] for r in mine]) for k in ("mlm_accuracy", "probe_accuracy", "agreement"))
+                + " |"
+            )
     per_seed = {r["seed"]: r for r in rows}.values()
-    out.append(f"| teacher | {cell([r['teacher_mlm_accuracy'] for r in per_seed])} | "
-               f"{cell([r['teacher_probe_accuracy'] for r in per_seed])} | 1 |")
+    out.append(
+        f"| teacher | {cell([r['teacher_mlm_accuracy'] for r in per_seed])} | "
+        f"{cell([r['teacher_probe_accuracy'] for r in per_seed])} | 1 |"
+    )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=120, help="distillation steps of each student (--batch lines a step)")
-    ap.add_argument("--batch", type=int, default=32, help="lines a distillation step (KL reads the 30k-way heads at every token)")
+    ap.add_argument(
+        "--batch", type=int, default=32, help="lines a distillation step (KL reads the 30k-way heads at every token)"
+    )
     ap.add_argument("--teacher-steps", type=int, default=300, help="MLM steps that make the teacher (64 lines a step)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="a run of every variant for each seed")
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="which variants to run")
+    ap.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="which variants to run"
+    )
     ap.add_argument("--work", default="/tmp/distil-quality", help="the teacher, the text split and the runs")
     a = ap.parse_args(argv)
     work = Path(a.work)
@@ -176,9 +242,18 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = split_text(work)
     teacher, teacher_info = make_teacher(work, train, a.teacher_steps)
     cfg = config(work, teacher, train, a.steps, a.batch)
-    rows = [run_variant(work, cfg, test, name, seed) for seed in a.seeds for name in a.variants]  # every variant of a seed first
-    out = {"machine": machine(), "command": "bench/quality.py " + " ".join(argv or sys.argv[1:]),
-           "teacher": teacher_info, "steps": a.steps, "batch": a.batch, "rows": rows, "table": table(rows)}
+    rows = [
+        run_variant(work, cfg, test, name, seed) for seed in a.seeds for name in a.variants
+    ]  # every variant of a seed first
+    out = {
+        "machine": machine(),
+        "command": "bench/quality.py " + " ".join(argv or sys.argv[1:]),
+        "teacher": teacher_info,
+        "steps": a.steps,
+        "batch": a.batch,
+        "rows": rows,
+        "table": table(rows),
+    }
     print(json.dumps(out, indent=1))
     print(out["table"])
     return out

@@ -5,7 +5,7 @@ initialised BERT models of the given shape and random token batches (15% masked)
 each in its own process (so that peak memory is its own):
 
   fast-deepspeed  the training path: DeepSpeed engine at world size 1 (ZeRO as configured),
-                  distil.losses.distillation_forward (heads only at the positions a loss reads,
+                  distil.objectives.losses.distillation_forward (heads only at the positions a loss reads,
                   logits a chunk at a time), SDPA attention, torch AdamW (foreach)
   fast-torch      the same step without DeepSpeed
   reference       the original DistilBERT formulation: full-vocabulary logits at every position
@@ -39,7 +39,9 @@ MASK_ID = 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--teacher-layers", type=int, default=4, help="teacher encoder layers")
     p.add_argument("--student-layers", type=int, default=2, help="student encoder layers")
     p.add_argument("--hidden", type=int, default=256, help="hidden size of both models")
@@ -48,32 +50,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (the LM head is the largest GEMM)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--recipe", choices=["distilbert", "masked"], default="distilbert",
-                   help="the loss recipe: KL and cosine over every attended position (DistilBERT's), or masked ones only")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast precision of the step")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda when there is one)")
+    p.add_argument(
+        "--recipe",
+        choices=["distilbert", "masked"],
+        default="distilbert",
+        help="the loss recipe: KL and cosine over every attended position (DistilBERT's), or masked ones only",
+    )
+    p.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast precision of the step"
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to run (default: cuda when there is one)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the fast variants")
-    from distil.fused_head import KL_KERNELS
+    from distil.objectives.fused_head import KL_KERNELS
 
-    p.add_argument("--kl-kernel", choices=KL_KERNELS, default=None,
-                   help="the fast variants' per-chunk KL: default auto (the fused Triton kernel on a GPU), "
-                        "compiled with --compile on CPU")
-    p.add_argument("--deepspeed-scans", action="store_true",
-                   help="fast-deepspeed: keep DeepSpeed's per-tensor overflow check and gradient norm "
-                        "(training replaces them with multi-tensor kernels: distil/zero_foreach.py)")
-    p.add_argument("--data", action="store_true", help="also measure the input pipeline (tokenize, pack, mask) per CPU core")
+    p.add_argument(
+        "--kl-kernel",
+        choices=KL_KERNELS,
+        default=None,
+        help="the fast variants' per-chunk KL: default auto (the fused Triton kernel on a GPU), "
+        "compiled with --compile on CPU",
+    )
+    p.add_argument(
+        "--deepspeed-scans",
+        action="store_true",
+        help="fast-deepspeed: keep DeepSpeed's per-tensor overflow check and gradient norm "
+        "(training replaces them with multi-tensor kernels: distil/train/zero_foreach.py)",
+    )
+    p.add_argument(
+        "--data", action="store_true", help="also measure the input pipeline (tokenize, pack, mask) per CPU core"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     return p.parse_args(argv)
 
 
 def _shape(a) -> dict:
-    return {"teacher_layers": a.teacher_layers, "student_layers": a.student_layers, "hidden": a.hidden, "heads": a.heads,
-            "ffn": a.ffn or 4 * a.hidden, "vocab": a.vocab, "batch": a.batch, "seq": a.seq}
+    return {
+        "teacher_layers": a.teacher_layers,
+        "student_layers": a.student_layers,
+        "hidden": a.hidden,
+        "heads": a.heads,
+        "ffn": a.ffn or 4 * a.hidden,
+        "vocab": a.vocab,
+        "batch": a.batch,
+        "seq": a.seq,
+    }
 
 
 def required_flops(a, n_head_rows: float) -> float:
@@ -109,16 +139,22 @@ def _sync(device: torch.device) -> None:
 def _models(a, attn: str, device, dtype):
     from transformers import BertConfig, BertForMaskedLM
 
-    from distil.model import build_student
+    from distil.model.student import build_student
 
     s = _shape(a)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_hidden_layers=s["teacher_layers"],
-                        num_attention_heads=s["heads"], intermediate_size=s["ffn"], max_position_embeddings=max(512, s["seq"]),
-                        attn_implementation=attn)
+    config = BertConfig(
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        num_hidden_layers=s["teacher_layers"],
+        num_attention_heads=s["heads"],
+        intermediate_size=s["ffn"],
+        max_position_embeddings=max(512, s["seq"]),
+        attn_implementation=attn,
+    )
     teacher = BertForMaskedLM(config).eval().requires_grad_(False)
     step = max(1, s["teacher_layers"] // s["student_layers"])
-    layers = list(range(0, s["teacher_layers"], step))[:s["student_layers"]]
+    layers = list(range(0, s["teacher_layers"], step))[: s["student_layers"]]
     student = build_student(teacher, layers).train().requires_grad_(True)
     t_dtype = dtype if device.type == "cuda" else torch.float32  # as in training: a half-precision teacher on GPU
     return teacher.to(device, t_dtype), student.to(device), layers
@@ -137,7 +173,7 @@ def _batches(a, n: int):
 
 
 def _loss_config(a):
-    from distil.config_sections import LossSection
+    from distil.config.sections import LossSection
 
     return LossSection(recipe=a.recipe, temperature=2.0, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0)
 
@@ -160,7 +196,9 @@ def _reference_step(a, device, dtype):
             mask = sel.unsqueeze(-1).expand_as(s_logits)
             s_slct = torch.masked_select(s_logits, mask).view(-1, s_logits.size(-1))
             t_slct = torch.masked_select(t_logits, mask).view(-1, s_logits.size(-1))
-            loss_ce = F.kl_div(F.log_softmax(s_slct / T, dim=-1), F.softmax(t_slct / T, dim=-1), reduction="batchmean") * T**2
+            loss_ce = (
+                F.kl_div(F.log_softmax(s_slct / T, dim=-1), F.softmax(t_slct / T, dim=-1), reduction="batchmean") * T**2
+            )
             loss_mlm = F.cross_entropy(s_logits.view(-1, s_logits.size(-1)), labels.view(-1), ignore_index=-100)
             s_h, t_h = s_out.hidden_states[-1], t_out.hidden_states[-1]
             hmask = sel.unsqueeze(-1).expand_as(s_h)
@@ -180,32 +218,40 @@ def _reference_step(a, device, dtype):
 
 
 def _fast_step(a, device, dtype, engine: bool):
-    from distil.losses import DistillationLoss, distillation_forward
-    from distil.model import MaskedLM
+    from distil.model.student import MaskedLM
+    from distil.objectives.losses import DistillationLoss, distillation_forward
 
     teacher, student, layers = _models(a, "sdpa", device, dtype)
     teacher, model = MaskedLM(teacher), MaskedLM(student)
     if a.compile:
         teacher.model.base_model.compile()
         model.model.base_model.compile()
-    from distil.fused_head import set_kl_kernel
+    from distil.objectives.fused_head import set_kl_kernel
 
     set_kl_kernel(a.kl_kernel or ("compiled" if a.compile and device.type == "cpu" else "auto"))
     loss_fn = DistillationLoss(_loss_config(a), layers)
     if engine:
         import deepspeed
 
-        from distil import zero_foreach
-        from distil.config import DistilConfig
-        from distil.run_setup import deepspeed_config, init_distributed
+        from distil.config.schema import DistilConfig
+        from distil.train import zero_foreach
+        from distil.train.setup import deepspeed_config, init_distributed
 
-        cfg = DistilConfig.model_validate({
-            "teacher": {"name_or_path": "bench"}, "student": {"layers": layers}, "data": {"sources": ["bench"], "max_len": a.seq},
-            "loss": _loss_config(a).model_dump(), "optim": {"grad_clip": 5.0},
-            "train": {"max_steps": 1, "micro_batch_size": a.batch, "global_batch_size": a.batch}})
+        cfg = DistilConfig.model_validate(
+            {
+                "teacher": {"name_or_path": "bench"},
+                "student": {"layers": layers},
+                "data": {"sources": ["bench"], "max_len": a.seq},
+                "loss": _loss_config(a).model_dump(),
+                "optim": {"grad_clip": 5.0},
+                "train": {"max_steps": 1, "micro_batch_size": a.batch, "global_batch_size": a.batch},
+            }
+        )
         init_distributed(device)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, foreach=True)
-        engine_, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, a.precision, 1))
+        engine_, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=opt, config=deepspeed_config(cfg, a.precision, 1)
+        )
         if not a.deepspeed_scans:
             zero_foreach.install(engine_.optimizer)  # as training does
 
@@ -214,6 +260,7 @@ def _fast_step(a, device, dtype, engine: bool):
             engine_.backward(terms["loss"])
             engine_.step()
             return terms["loss"]
+
         return step
 
     fused = device.type == "cuda"
@@ -231,6 +278,7 @@ def _fast_step(a, device, dtype, engine: bool):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         return terms["loss"]
+
     return step
 
 
@@ -284,7 +332,11 @@ def run_variant(a) -> dict:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.precision]
     if a.threads:
         torch.set_num_threads(a.threads)
-    step = _reference_step(a, device, dtype) if a.variant == "reference" else _fast_step(a, device, dtype, a.variant == "fast-deepspeed")
+    step = (
+        _reference_step(a, device, dtype)
+        if a.variant == "reference"
+        else _fast_step(a, device, dtype, a.variant == "fast-deepspeed")
+    )
     # Prepared ahead on the host, as the training loop's are; the fast step sends them to the
     # device itself (after finding the loss rows on the host), the reference is handed them there.
     batches = _batches(a, a.warmup + a.steps)
@@ -314,13 +366,22 @@ def run_variant(a) -> dict:
     n_rows = a.batch * a.seq if a.recipe == "distilbert" else 0.15 * a.batch * a.seq
     flops = required_flops(a, n_rows)
     peak_flops = matmul_peak(device, dtype)
-    return {"variant": a.variant, "step_ms": ms, "tokens_per_s": a.batch * a.seq / (ms / 1e3), "peak_mem_mib": peak / 2**20,
-            "mfu": flops / (ms / 1e3) / peak_flops, "required_gflop": flops / 1e9, "matmul_peak_gflops": peak_flops / 1e9,
-            "first_loss": losses[0], "steps": len(times), **_kl_kernel_field(a, device)}
+    return {
+        "variant": a.variant,
+        "step_ms": ms,
+        "tokens_per_s": a.batch * a.seq / (ms / 1e3),
+        "peak_mem_mib": peak / 2**20,
+        "mfu": flops / (ms / 1e3) / peak_flops,
+        "required_gflop": flops / 1e9,
+        "matmul_peak_gflops": peak_flops / 1e9,
+        "first_loss": losses[0],
+        "steps": len(times),
+        **_kl_kernel_field(a, device),
+    }
 
 
 def _kl_kernel_field(a, device) -> dict:
-    from distil.fused_head import kl_kernel_in_use
+    from distil.objectives.fused_head import kl_kernel_in_use
 
     return {} if a.variant == "reference" else {"kl_kernel": kl_kernel_in_use(device)}
 
@@ -333,10 +394,10 @@ def measure_data_pipeline(seq: int) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from distil.config_sections import MaskingSection
-    from distil.data import collate
-    from distil.masking import Masker
-    from distil.sequences import Packer, token_ids, tokenizer_spec
+    from distil.config.sections import MaskingSection
+    from distil.data.batches import collate
+    from distil.data.masking import Masker
+    from distil.data.sequences import Packer, token_ids, tokenizer_spec
 
     root = Path(__file__).resolve().parents[1]
     tok = AutoTokenizer.from_pretrained(root / "models" / "all-MiniLM-L6-v2")
@@ -350,20 +411,30 @@ def measure_data_pipeline(seq: int) -> dict:
     masker = Masker(MaskingSection(prob=0.15, whole_word=True), tok, 0)
     t0 = time.perf_counter()
     for b, i in enumerate(range(0, len(rows), 16)):
-        ids, attn = collate(rows[i:i + 16], tok.pad_token_id, seq)
+        ids, attn = collate(rows[i : i + 16], tok.pad_token_id, seq)
         masker(ids, attn, 0, b)
     t_mask = time.perf_counter() - t0
-    return {"tokens": n_tokens, "tokenize_pack_tokens_per_s": n_tokens / t_tok, "collate_mask_tokens_per_s": n_tokens / t_mask,
-            "pipeline_tokens_per_s_per_core": n_tokens / (t_tok + t_mask)}
+    return {
+        "tokens": n_tokens,
+        "tokenize_pack_tokens_per_s": n_tokens / t_tok,
+        "collate_mask_tokens_per_s": n_tokens / t_mask,
+        "pipeline_tokens_per_s_per_core": n_tokens / (t_tok + t_mask),
+    }
 
 
 def _versions() -> dict:
     import deepspeed
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "deepspeed": deepspeed.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "threads": torch.get_num_threads()}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
         out["cuda"] = torch.version.cuda
@@ -376,7 +447,10 @@ def main(argv=None) -> int:
         print("bench.step: error: --device cuda but no GPU is visible (fix: --device cpu)", file=sys.stderr)
         return 2
     if a.device == "cpu" and a.precision == "fp16":
-        print("bench.step: error: fp16 on CPU is not supported by DeepSpeed (fix: --precision fp32 or bf16)", file=sys.stderr)
+        print(
+            "bench.step: error: fp16 on CPU is not supported by DeepSpeed (fix: --precision fp32 or bf16)",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if a.device == "cuda" else "cpu")
     if a.variant:  # a child: one variant, one JSON line
@@ -388,19 +462,30 @@ def main(argv=None) -> int:
     variants = [v for v in a.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        print(f"bench.step: error: unknown variant(s) {unknown} (fix: --variants {','.join(VARIANTS)})", file=sys.stderr)
+        print(
+            f"bench.step: error: unknown variant(s) {unknown} (fix: --variants {','.join(VARIANTS)})", file=sys.stderr
+        )
         return 2
     own = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--json", "--data")]
     results = {}
     for v in variants:
-        r = subprocess.run([sys.executable, "-m", "bench.step", *own, "--variant", v], capture_output=True, text=True,
-                           cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-m", "bench.step", *own, "--variant", v], capture_output=True, text=True, cwd=ROOT
+        )
         if r.returncode != 0:
             print(f"bench.step: variant {v} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
             return 1
         results[v] = json.loads(r.stdout.strip().splitlines()[-1])
-    report = {"shape": _shape(a), "recipe": a.recipe, "precision": a.precision, "device": a.device, "compile": a.compile,
-              "date": time.strftime("%Y-%m-%d"), "versions": _versions(), "results": results}
+    report = {
+        "shape": _shape(a),
+        "recipe": a.recipe,
+        "precision": a.precision,
+        "device": a.device,
+        "compile": a.compile,
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": _versions(),
+        "results": results,
+    }
     ref = results.get("reference")
     if ref:
         for v, r in results.items():
@@ -415,17 +500,23 @@ def main(argv=None) -> int:
 
 def format_report(r: dict) -> str:
     s = r["shape"]
-    lines = [f"teacher {s['teacher_layers']}L x {s['hidden']} ({s['heads']} heads, FFN {s['ffn']}) -> student {s['student_layers']}L, "
-             f"vocab {s['vocab']}, batch {s['batch']} x seq {s['seq']}, recipe {r['recipe']}, {r['precision']} on {r['device']}",
-             f"{'variant':16s} {'tokens/s':>10s} {'step ms':>9s} {'peak MiB':>9s} {'MFU':>6s} {'speed x':>8s} {'mem x':>6s}"]
+    lines = [
+        f"teacher {s['teacher_layers']}L x {s['hidden']} ({s['heads']} heads, FFN {s['ffn']}) -> student {s['student_layers']}L, "
+        f"vocab {s['vocab']}, batch {s['batch']} x seq {s['seq']}, recipe {r['recipe']}, {r['precision']} on {r['device']}",
+        f"{'variant':16s} {'tokens/s':>10s} {'step ms':>9s} {'peak MiB':>9s} {'MFU':>6s} {'speed x':>8s} {'mem x':>6s}",
+    ]
     for v, x in r["results"].items():
         sp = f"{x['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in x else "-"
         mem = f"{x['memory_vs_reference']:.2f}" if x.get("memory_vs_reference") is not None else "-"
-        lines.append(f"{v:16s} {x['tokens_per_s']:10.0f} {x['step_ms']:9.1f} {x['peak_mem_mib']:9.0f} {x['mfu']:6.1%} {sp:>8s} {mem:>6s}")
+        lines.append(
+            f"{v:16s} {x['tokens_per_s']:10.0f} {x['step_ms']:9.1f} {x['peak_mem_mib']:9.0f} {x['mfu']:6.1%} {sp:>8s} {mem:>6s}"
+        )
     if "data_pipeline" in r:
         d = r["data_pipeline"]
-        lines.append(f"input pipeline, one core: tokenize+pack {d['tokenize_pack_tokens_per_s']:,.0f} tok/s, "
-                     f"collate+mask {d['collate_mask_tokens_per_s']:,.0f} tok/s, together {d['pipeline_tokens_per_s_per_core']:,.0f} tok/s")
+        lines.append(
+            f"input pipeline, one core: tokenize+pack {d['tokenize_pack_tokens_per_s']:,.0f} tok/s, "
+            f"collate+mask {d['collate_mask_tokens_per_s']:,.0f} tok/s, together {d['pipeline_tokens_per_s_per_core']:,.0f} tok/s"
+        )
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 """What verifying a checkpoint costs: seconds per GB to check every file's size and sha256
-against its manifest (`distil.checkpoint.verify`, which resume, export and pull run), with one
+against its manifest (`distil.storage.integrity.verify`, which resume, export and pull run), with one
 hashing thread and with HASH_THREADS.
 
     .venv/bin/python bench/verify_hash.py --gib 2 --files 16 --out bench/results/verify_hash_cpu.json
@@ -23,13 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distil import checkpoint as ckpt  # noqa: E402
+from distil.runs import layout as ckpt  # noqa: E402
+from distil.storage import integrity  # noqa: E402
 
 
 def _cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except Exception:
         return platform.processor() or "unknown"
 
@@ -62,22 +63,44 @@ def main(argv: list[str] | None = None) -> dict:
                     out.write(os.urandom(min(1 << 24, size)))
                 out.truncate(size)
             files.append(f)
-        manifest = ckpt.rank_manifest(d, 0) | {f.name: {"size": size, "sha256": ckpt.sha256_file(f)} for f in files}
+        manifest = ckpt.rank_manifest(d, 0) | {
+            f.name: {"size": size, "sha256": integrity.sha256_file(f)} for f in files
+        }
         gb = sum(v["size"] for v in manifest.values()) / 1e9
         rows = []
-        for threads in sorted({1, ckpt.HASH_THREADS}):
-            ckpt.HASH_THREADS = threads
+        for threads in sorted({1, integrity.HASH_THREADS}):
+            integrity.HASH_THREADS = threads
             for rep in range(args.repeats):
                 if rep == 0:
                     _drop_cache(files)
                 t0 = time.perf_counter()
-                assert ckpt.verify(d, manifest) == {}
+                assert integrity.verify(d, manifest) == {}
                 dt = time.perf_counter() - t0
-                rows.append({"threads": threads, "pass": rep, "cold": rep == 0, "seconds": dt, "s_per_gb": dt / gb, "gb_per_s": gb / dt})
-                print(f"threads {threads} pass {rep} ({'cache dropped' if rep == 0 else 'warm'}): {dt:.2f} s, "
-                      f"{dt / gb:.2f} s/GB, {gb / dt:.2f} GB/s", flush=True)
-    result = {"bench": "verify_hash", "gb": gb, "files": args.files, "cpu": _cpu_model(), "cores": os.cpu_count(),
-              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+                rows.append(
+                    {
+                        "threads": threads,
+                        "pass": rep,
+                        "cold": rep == 0,
+                        "seconds": dt,
+                        "s_per_gb": dt / gb,
+                        "gb_per_s": gb / dt,
+                    }
+                )
+                print(
+                    f"threads {threads} pass {rep} ({'cache dropped' if rep == 0 else 'warm'}): {dt:.2f} s, "
+                    f"{dt / gb:.2f} s/GB, {gb / dt:.2f} GB/s",
+                    flush=True,
+                )
+    result = {
+        "bench": "verify_hash",
+        "gb": gb,
+        "files": args.files,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result

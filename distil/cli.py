@@ -5,6 +5,7 @@
     distil export CHECKPOINT_DIR --out DIR
     distil prepare --config ...                  tokenize the run's data once (training does it on first use)
     distil config --config FILE [--set ...]      print the resolved config
+    distil check --config FILE [--set ...]       validate it and reach its storage
     distil checkpoints list URI                  runs and checkpoints in a folder or s3://bucket/prefix
     distil checkpoints pull URI --out DIR        a checkpoint -> a Hugging Face model folder
     distil eval MODEL_DIR                        student vs teacher on held-out masked text
@@ -16,125 +17,48 @@ Bad input exits with code 2 and one message; nothing is written before the input
 
 from __future__ import annotations
 
+# Imports inside functions: each verb imports only its own room, so that `distil config`, `--help`
+# and a refused command answer without loading torch, Ray or transformers.
 import argparse
 import json
-import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import yaml
+
+from distil.config.schema import load_config
+from distil.data.prepared import data_storage, ensure_prepared
 from distil.errors import EXIT_USAGE, UserError
+from distil.launch import chart, k8s
+from distil.launch.local import run_training
 from distil.quiet import quiet_libraries, result_only_on_stdout
+from distil.storage.location import Storage
 
 EXIT_TERMINATED = 128 + 15  # the shell's code for "ended by SIGTERM": not a finished run
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def run_training(config_path: str | None, overrides: list[str], start_over: bool = False) -> dict:
-    """Validate, prepare, train one local worker (or one torchrun rank), export the final model.
-
-    Everything that can be wrong with the input is found before anything of the run changes:
-    the config and storage, then (read-only) whether the run continues with this config or is
-    finished, then the teacher, the precision and the data (prepared here if needed). Only then
-    does rank 0 take the run's lease (distil/lease.py: refused while another process trains
-    it) and, for --start-over, move the old run aside."""
-    from distil.config import load_config
-
-    cfg = load_config(config_path, overrides)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # >1 under torchrun
-    rank = int(os.environ.get("RANK", "0"))
-    cfg.check_before_loading(world_size)
-    if cfg.storage_root().is_s3:
-        raise UserError("s3:// storage goes through Ray Train's checkpoint storage", where="storage.uri",
-                        fix="run with --ray (python jobs/distill.py), or use a local folder for storage.uri")
-    from distil import continuity
-    from distil.storage import check_storage_folder
-
-    check_storage_folder(cfg.storage.uri)
-    run_dir = cfg.run_storage().local()
-    found = None
-    if not start_over:  # a refused or finished run says so before seconds of loading (read-only)
-        found, finished = continuity.local_resume_point(cfg, run_dir, rank, _stderr)
-        if finished:
-            if rank == 0:
-                print(finished, flush=True)
-            return {"step": cfg.train.max_steps, "stopped": False, "finished": True}
-    quiet_libraries()
-    from distil.lease import RunLease
-    from distil.run_setup import init_distributed, prepare
-
-    prep = prepare(cfg, world_size)
-    lease = RunLease(cfg.storage_root(), cfg.run_name(), log=_stderr).acquire() if rank == 0 else None
-    try:
-        init_distributed(prep.device)  # (every rank waits here for rank 0, which holds the lease now)
-        return _train_local(cfg, prep, run_dir, rank, start_over, found)
-    finally:
-        if lease is not None:
-            lease.release()
-
-
-def _train_local(cfg, prep, run_dir: Path, rank: int, start_over: bool, found: str | None) -> dict:
-    """The run, under its lease: start over or find the checkpoint to resume (`found`: the one
-    found before the lease was taken), train, export."""
-    import torch.distributed as dist
-
-    from distil import continuity
-    from distil.checkpoint_stores import LocalCheckpointStore
-    from distil.export import export_checkpoint
-    from distil.train import Trainer
-
-    if start_over:  # every rank starts from nothing; rank 0 alone moves the old run aside
-        if rank == 0:
-            continuity.start_over(cfg, _stderr)
-        dist.barrier()
-        resume_tag, finished = None, None
-    else:  # again, now that no other process can change the run (it said what it found the first time)
-        resume_tag, finished = continuity.local_resume_point(cfg, run_dir, rank, lambda _m: None)
-        if resume_tag != found and rank == 0:
-            _stderr(f"resuming from {resume_tag or 'step 0'}: the run changed while this start was loading (it found {found})")
-    if finished:
-        if rank == 0:
-            print(finished, flush=True)
-        dist.destroy_process_group()
-        return {"step": cfg.train.max_steps, "stopped": False, "finished": True}
-    trainer = Trainer(prep, run_dir, store=LocalCheckpointStore(resume_tag, found=True))
-    if trainer.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    trainer.checkpointer.install_signal_handler()
-    if trainer.rank == 0:
-        print(f"run {cfg.run_name()} -> {run_dir} ({len(prep.train):,} training / {len(prep.eval):,} held-out sequences, "
-              f"{prep.device.type} {prep.dtype}, {trainer.world} worker(s))", flush=True)
-    result = trainer.train()
-    # Every collective is done. A gloo rank that exits with its process group open can abort at
-    # interpreter exit (SIGABRT, "terminate called without an active exception":
-    # pytorch/pytorch#190489), failing a run that finished; so every rank closes it now.
-    dist.destroy_process_group()
-    if result["stopped"]:
-        if trainer.rank == 0:
-            print(f"stopped by SIGTERM at step {result['step']}: checkpoint saved in {run_dir}; "
-                  "run the same command again to resume", flush=True)
-        return result
-    if trainer.rank == 0:
-        from distil import checkpoint as ckpt
-        from distil.metrics_log import summary_lines
-
-        model_dir = run_dir / "model"
-        export_checkpoint(run_dir / ckpt.latest_tag(run_dir), model_dir, hashed=True, replace=True)
-        result["model_dir"] = str(model_dir)
-        print("\n".join(summary_lines(result)), flush=True)
-    return result
-
-
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return f"{version('distil-run')} (distil-run)"
     except PackageNotFoundError:  # run from a source tree that was not installed
         return "unknown (distil-run, not installed)"
+
+
+def _config_args(
+    p, example: str = "loss.temperature=3", required: bool = False, help_: str = "YAML config (see configs/)"
+) -> None:
+    """--config and the repeatable --set of every command that reads a run's config."""
+    p.add_argument("--config", "-c", required=required, help=help_)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one key, e.g. --set {example} (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,25 +67,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "run (or resume) a distillation"), ("config", "print the resolved config")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", "-c", help="YAML config (see configs/)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one key, e.g. --set loss.temperature=3 (repeatable)")
+        _config_args(p)
         if name == "train":
-            p.add_argument("--ray", action="store_true",
-                           help="train on Ray (scaling.num_workers workers; RAY_ADDRESS or a local Ray instance)")
-            p.add_argument("--start-over", action="store_true",
-                           help="start the run from step 0: its existing folder (checkpoints, metrics, model) is moved "
-                                "aside to RUN.replaced-<UTC time>, never mixed with the new one")
-    p = sub.add_parser("prepare", help="tokenize the run's data once into STORAGE/data/<fingerprint>/ (training does it on "
-                                       "first use; this does it ahead, e.g. on a CPU cluster)")
-    p.add_argument("--config", "-c", help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set data.max_len=256 (repeatable)")
+            p.add_argument(
+                "--ray",
+                action="store_true",
+                help="train on Ray (scaling.num_workers workers; RAY_ADDRESS or a local Ray instance)",
+            )
+            p.add_argument(
+                "--start-over",
+                action="store_true",
+                help="start the run from step 0: its existing folder (checkpoints, metrics, model) is moved "
+                "aside to RUN.replaced-<UTC time>, never mixed with the new one",
+            )
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize the run's data once into STORAGE/data/<fingerprint>/ (training does it on "
+        "first use; this does it ahead, e.g. on a CPU cluster)",
+    )
+    _config_args(p, "data.max_len=256")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--ray", action="store_true", help="read and tokenize as Ray Data tasks over the Ray cluster in "
-                                                          "RAY_ADDRESS, or a local Ray instance (default for sources over 64 MB)")
+    where.add_argument(
+        "--ray",
+        action="store_true",
+        help="read and tokenize as Ray Data tasks over the Ray cluster in "
+        "RAY_ADDRESS, or a local Ray instance (default for sources over 64 MB)",
+    )
     where.add_argument("--in-process", action="store_true", help="read and tokenize in this process")
     p.add_argument("--workers", type=int, help="with Ray: at most this many tasks at once (default: every CPU)")
+    p = sub.add_parser(
+        "check",
+        help="check a run's config and reach its storage (a marker written, read and deleted), "
+        "as a run does before it starts; the chart's `helm test` runs it in the cluster",
+    )
+    _config_args(p)
     p = sub.add_parser("export", help="write a Hugging Face model folder from a checkpoint folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/step_00000100")
     p.add_argument("--out", required=True, help="new folder for the model")
@@ -175,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train" and args.ray:
-            from distil.config import load_config
-            from distil.ray_launcher import launch
+            from distil.launch.ray_job import launch
 
             cfg = load_config(args.config, args.overrides)
             launch(cfg, start_over=args.start_over)
@@ -185,15 +123,18 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_TERMINATED
         elif args.command == "prepare":
             _prepare(args)
+        elif args.command == "check":
+            cfg = load_config(args.config, args.overrides)
+            cfg.check_before_loading(cfg.scaling.num_workers)
+            cfg.storage_root().check_writable()
+            print(f"run {cfg.run_name()}: the config is valid and {cfg.storage.uri} can be written", flush=True)
         elif args.command == "config":
-            from distil.config import load_config
-
             cfg = load_config(args.config, args.overrides)
             print(f"# run name: {cfg.run_name()}\n{cfg.to_yaml()}", end="")
         elif args.command == "export":
             with result_only_on_stdout():
                 quiet_libraries()
-                from distil.export import export_checkpoint
+                from distil.runs.export import export_checkpoint
 
                 model_dir = export_checkpoint(Path(args.checkpoint), Path(args.out))
             print(json.dumps({"model_dir": str(model_dir)}))
@@ -206,28 +147,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args) -> None:
-    from distil.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be 1 or more", where="--workers")
     quiet_libraries()
-    from distil.model import load_teacher_config, validate_against_teacher
-    from distil.prepared import data_storage, ensure_prepared
-    from distil.run_setup import load_tokenizer
+    from distil.model.teacher import load_teacher_config, load_tokenizer, validate_against_teacher
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
     per_step = cfg.train.micro_batch_size * max(1, cfg.scaling.num_workers)
-    manifest = ensure_prepared(cfg, load_tokenizer(cfg), per_step, log=lambda m: print(m, flush=True),
-                               use_ray=True if args.ray else False if args.in_process else None, workers=args.workers)
+    manifest = ensure_prepared(
+        cfg,
+        load_tokenizer(cfg),
+        per_step,
+        log=lambda m: print(m, flush=True),
+        use_ray=True if args.ray else False if args.in_process else None,
+        workers=args.workers,
+    )
     m = manifest["splits"]
-    print(f"prepared data {manifest['fingerprint']}: {m['train']['sequences']:,} training sequences "
-          f"({m['train']['tokens']:,} tokens), {m['eval']['sequences']:,} held-out, in {data_storage(cfg, manifest['fingerprint']).uri}",
-          flush=True)
+    print(
+        f"prepared data {manifest['fingerprint']}: {m['train']['sequences']:,} training sequences "
+        f"({m['train']['tokens']:,} tokens), {m['eval']['sequences']:,} held-out, in {data_storage(cfg, manifest['fingerprint']).uri}",
+        flush=True,
+    )
 
 
 def _storage_args(p) -> None:
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); credentials from the AWS environment/profile")
+    p.add_argument(
+        "--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); credentials from the AWS environment/profile"
+    )
     p.add_argument("--region", help="S3 region")
 
 
@@ -238,6 +186,12 @@ def _add_data_and_cluster_commands(sub) -> None:
     p = cks.add_parser("list", help="runs and their checkpoints: step, tokens, loss, time, size, complete")
     p.add_argument("uri", help="a local folder or s3://bucket/prefix (storage root, one run, or one checkpoint)")
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every file's sha256 (what a resume, export or pull "
+        "checks; reads every byte, from S3 too); without it, sizes only",
+    )
     _storage_args(p)
     p = cks.add_parser("pull", help="download a checkpoint and write a Hugging Face model folder")
     p.add_argument("uri", help="the run: a local folder or s3://bucket/prefix/RUN")
@@ -252,19 +206,34 @@ def _add_data_and_cluster_commands(sub) -> None:
     p.add_argument("model", help="the student: a model folder from `distil checkpoints pull` or `distil export`")
     p.add_argument("--teacher", help="teacher folder or hub name (default: the run's teacher)")
     p.add_argument("--data", nargs="+", help="text to evaluate on (default: the run's held-out split)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the run's config, e.g. --set masking.prob=0.2")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the run's config, e.g. --set masking.prob=0.2",
+    )
     p.add_argument("--max-sequences", type=int, default=512, help="evaluate on at most this many sequences")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--probe", help="a labelled .tsv/.csv/.jsonl for a downstream probe (default: the run's eval.probe.path), "
-                                   "e.g. data/brown/brown_genres.tsv")
-    p.add_argument("--text-column", help="the probe's text column (default: the run's eval.probe.text_column, else 'text')")
+    p.add_argument(
+        "--probe",
+        help="a labelled .tsv/.csv/.jsonl for a downstream probe (default: the run's eval.probe.path), "
+        "e.g. data/brown/brown_genres.tsv",
+    )
+    p.add_argument(
+        "--text-column", help="the probe's text column (default: the run's eval.probe.text_column, else 'text')"
+    )
     p.add_argument("--label-column", help="the probe's label column (default: the run's, else 'label')")
     p.add_argument("--group-column", help="rows of one group stay on one side of the probe's split (e.g. text_id)")
     p.add_argument("--probe-rows", type=int, help="use at most this many rows of the probe, evenly over its groups")
-    p.add_argument("--no-probe", action="store_true", help="leave out the run's probe (its end-of-run summary and model "
-                                                          "card already hold what it measured at the last step)")
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="leave out the run's probe (its end-of-run summary and model "
+        "card already hold what it measured at the last step)",
+    )
     _add_k8s_commands(sub)
     p = sub.add_parser("plot", help="draw a run's metrics (loss terms, held-out, lr, tokens/s) to a PNG")
     p.add_argument("uri", help="a run folder or s3://bucket/prefix/RUN")
@@ -275,10 +244,10 @@ def _add_data_and_cluster_commands(sub) -> None:
 def _add_k8s_commands(sub) -> None:
     k = sub.add_parser("k8s", help="submit, follow and resume runs as KubeRay RayJobs (without Helm)")
     ks = k.add_subparsers(dest="action", required=True)
-    p = ks.add_parser("submit", help="render the Helm chart for the run (helm template) and create its ConfigMap and RayJob")
-    p.add_argument("--config", "-c", required=True, help="the run's YAML config (storage.uri must be s3://)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key of the config, e.g. --set train.max_steps=1000 (repeatable)")
+    p = ks.add_parser(
+        "submit", help="render the Helm chart for the run (helm template) and create its ConfigMap and RayJob"
+    )
+    _config_args(p, "train.max_steps=1000", required=True, help_="the run's YAML config (storage.uri must be s3://)")
     p.add_argument("--image", required=True, help="image with distil-run installed (see Dockerfile)")
     p.add_argument("--workers", type=int, default=1, help="worker pods")
     p.add_argument("--gpus-per-pod", type=int, default=1, help="GPUs per worker pod (one training worker each)")
@@ -293,9 +262,15 @@ def _add_k8s_commands(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the objects as YAML instead of creating them")
     status = ks.add_parser("status", help="job, cluster and pod state, and the latest checkpoint")
     status.add_argument("--json", action="store_true", help="print JSON")
-    resume = ks.add_parser("resume", help="re-create a RayJob that ended (e.g. out of retries): it resumes from storage")
-    resume.add_argument("--workers", type=int, help="worker pods of the resumed job (default: as before); its ZeRO-2 state "
-                                                    "is re-partitioned for the new count")
+    resume = ks.add_parser(
+        "resume", help="re-create a RayJob that ended (e.g. out of retries): it resumes from storage"
+    )
+    resume.add_argument(
+        "--workers",
+        type=int,
+        help="worker pods of the resumed job (default: as before); its ZeRO-2 state "
+        "is re-partitioned for the new count",
+    )
     for q in (status, resume):
         q.add_argument("run", help="the run name (run.name, or the name `distil config` prints)")
     for q in (p, status, resume):
@@ -305,18 +280,24 @@ def _add_k8s_commands(sub) -> None:
 
 
 def _run_k8s_command(args) -> None:
-    from distil import k8s
 
     if args.action == "submit":
-        from distil.config import load_config
-
         cfg = load_config(args.config, args.overrides)
-        values = k8s.submit_values(cfg, args.image, args.workers, args.gpus_per_pod, args.cpu, args.memory, args.shm_size,
-                                   args.credentials_secret, args.backoff_limit, args.grace_period, args.service_account)
-        objs = k8s.render_chart(values, args.namespace, args.chart and Path(args.chart))
+        values = chart.submit_values(
+            cfg,
+            args.image,
+            args.workers,
+            args.gpus_per_pod,
+            args.cpu,
+            args.memory,
+            args.shm_size,
+            args.credentials_secret,
+            args.backoff_limit,
+            args.grace_period,
+            args.service_account,
+        )
+        objs = chart.render_chart(values, args.namespace, args.chart and Path(args.chart))
         if args.dry_run:
-            import yaml
-
             print(yaml.safe_dump_all(objs, sort_keys=False), end="")
             return
         name = k8s.submit(k8s.clients(args.kubeconfig, args.context), objs)
@@ -333,38 +314,63 @@ def _run_data_and_cluster_command(args) -> None:
     if args.command == "k8s":
         _run_k8s_command(args)
     elif args.command == "checkpoints" and args.action == "list":
-        from distil.catalog import format_table, list_checkpoints
-        from distil.storage import Storage
+        from distil.runs.catalog import format_table, list_checkpoints, verify_checkpoint
 
-        infos = list_checkpoints(Storage(args.uri, args.endpoint_url, args.region))
+        storage = Storage(args.uri, args.endpoint_url, args.region)
+        infos = list_checkpoints(storage)
+        for c in infos if args.verify else []:
+            if c.complete:
+                c.problem = verify_checkpoint(storage, c)
+                c.verified, c.complete = c.problem is None, c.problem is None
         if args.json:
             for c in infos:
                 print(json.dumps(c.row()))
         else:
             print(format_table(infos) if infos else f"no checkpoints under {args.uri}")
+            if infos and not args.verify:
+                print(
+                    "(complete: COMPLETE and every file of its manifest present at its size; --verify checks each "
+                    "file's sha256 too)"
+                )
     elif args.command == "checkpoints":
-        from distil.pull import pull  # (it quiets the libraries itself, once it needs them)
+        from distil.runs.pull import pull  # (it quiets the libraries itself, once it needs them)
 
         with result_only_on_stdout():
-            pulled = pull(args.uri, Path(args.out), step=args.step, raw=args.raw, endpoint_url=args.endpoint_url,
-                          region=args.region, cache=args.cache_dir and Path(args.cache_dir), workers=args.workers,
-                          keep_cache=args.keep_cache)
+            pulled = pull(
+                args.uri,
+                Path(args.out),
+                step=args.step,
+                raw=args.raw,
+                endpoint_url=args.endpoint_url,
+                region=args.region,
+                cache=args.cache_dir and Path(args.cache_dir),
+                workers=args.workers,
+                keep_cache=args.keep_cache,
+            )
         print(json.dumps(pulled))
     elif args.command == "eval":
         with result_only_on_stdout():
             quiet_libraries()
-            from distil.model_eval import evaluate_models, format_report
+            from distil.eval.compare import evaluate_models, format_report
 
-            probe = {"path": args.probe, "text_column": args.text_column, "label_column": args.label_column,
-                     "group_column": args.group_column, "max_rows": args.probe_rows}
+            probe = {
+                "path": args.probe,
+                "text_column": args.text_column,
+                "label_column": args.label_column,
+                "group_column": args.group_column,
+                "max_rows": args.probe_rows,
+            }
             if args.no_probe and args.probe:
-                raise UserError("--probe and --no-probe ask for opposite things", where="distil eval", fix="give one of them")
+                raise UserError(
+                    "--probe and --no-probe ask for opposite things", where="distil eval", fix="give one of them"
+                )
             overrides = [*args.overrides, "eval.probe.path=null"] if args.no_probe else args.overrides
-            report = evaluate_models(args.model, args.teacher, args.data, overrides, args.max_sequences, args.batch_size,
-                                     probe=probe)
+            report = evaluate_models(
+                args.model, args.teacher, args.data, overrides, args.max_sequences, args.batch_size, probe=probe
+            )
         print(json.dumps(report) if args.json else format_report(report))
     elif args.command == "plot":
-        from distil.plot import plot
+        from distil.eval.plot import plot
 
         drawn = plot(args.uri, Path(args.out), args.endpoint_url, args.region)
         print(f"{args.out}: {', '.join(drawn)}")

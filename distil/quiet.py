@@ -6,6 +6,7 @@ without importing the command line, which imports them: the import graph stays a
 
 from __future__ import annotations
 
+# Imports inside functions: the libraries it quiets, when it is called.
 import contextlib
 import logging
 import os

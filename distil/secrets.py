@@ -23,16 +23,20 @@ from urllib.parse import parse_qsl
 from distil.errors import UserError
 
 # Names of keys that hold credentials (config keys, environment variable names, flags).
-SECRET_KEY = re.compile(r"(?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|"
-                        r"(^|[_-])(auth|key|pass|pwd|dsn)($|[_-]))")
+SECRET_KEY = re.compile(
+    r"(?i)(token|secret|passw|credential|private[_-]?key|api[_-]?key|access[_-]?key|"
+    r"(^|[_-])(auth|key|pass|pwd|dsn)($|[_-]))"
+)
 # A URI with user information: scheme://[anything without / ? #]@...
 URI_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
 _QUERY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^?#]*[?#](.*)$", re.S)
 _SIGNATURE = re.compile(r"(?i)(signature|^sig$)")
 
-FIX = ("give credentials through the environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for "
-       "S3, HF_TOKEN for the hub; on Kubernetes from a Secret): they would be saved with every checkpoint and shown "
-       "in logs")
+FIX = (
+    "give credentials through the environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for "
+    "S3, HF_TOKEN for the hub; on Kubernetes from a Secret): they would be saved with every checkpoint and shown "
+    "in logs"
+)
 
 
 def uri_problem(value: str) -> str | None:
@@ -71,5 +75,9 @@ def check_tree(tree: Any, source: str) -> None:
     """Refuse a config (a mapping, as read) with a credential URI anywhere, naming every key."""
     found = credential_uris(tree)
     if found:
-        raise UserError(f"{', '.join(found)}: a URI holds credentials (user:password@ before the host, or a token or "
-                        "signature in its query)", where=source, fix=FIX)
+        raise UserError(
+            f"{', '.join(found)}: a URI holds credentials (user:password@ before the host, or a token or "
+            "signature in its query)",
+            where=source,
+            fix=FIX,
+        )

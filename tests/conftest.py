@@ -17,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
 EN_TEXT = ASSETS / "en_brown_800.txt"
 # The Brown genre probe, small: 90 passages of 90 texts, 32 tokens each.
-PROBE = {"path": str(ROOT / "data" / "brown" / "brown_genres.tsv"), "text_column": "passage", "label_column": "genre",
-         "group_column": "text_id", "max_rows": 90, "max_len": 32}
+PROBE = {
+    "path": str(ROOT / "data" / "brown" / "brown_genres.tsv"),
+    "text_column": "passage",
+    "label_column": "genre",
+    "group_column": "text_id",
+    "max_rows": 90,
+    "max_len": 32,
+}
 PL_TEXT = ASSETS / "pl_libreoffice_300.txt"
 sys.path.insert(0, str(ROOT))
 
@@ -56,8 +62,19 @@ def charbpe():
     from tokenizers.implementations import CharBPETokenizer
 
     tok = CharBPETokenizer(suffix="</w>", lowercase=False)
-    tok.train([str(PL_TEXT)], vocab_size=600, min_frequency=2, special_tokens=_SPECIALS, suffix="</w>", show_progress=False)
-    return _wrap(tok, bos_token="<s>", cls_token="<s>", sep_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    tok.train(
+        [str(PL_TEXT)], vocab_size=600, min_frequency=2, special_tokens=_SPECIALS, suffix="</w>", show_progress=False
+    )
+    return _wrap(
+        tok,
+        bos_token="<s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
 
 
 _SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -89,8 +106,16 @@ def bytebpe():
 def tiny_bert_config(vocab_size: int, **kw):
     from transformers import BertConfig
 
-    base = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                max_position_embeddings=64, pad_token_id=0, architectures=["BertForMaskedLM"])
+    base = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        architectures=["BertForMaskedLM"],
+    )
     return BertConfig(**{**base, **kw})
 
 
@@ -113,8 +138,13 @@ def base_config(teacher_dir: Path, tmp_path: Path, **sections) -> dict:
         "run": {"name": "t", "seed": 0},
         "teacher": {"name_or_path": str(teacher_dir)},
         "student": {"layers": [0, 2]},
-        "data": {"sources": [str(EN_TEXT)], "max_len": 32, "eval_fraction": 0.05, "eval_max_sequences": 16,
-                 "cache_dir": str(tmp_path / "cache")},
+        "data": {
+            "sources": [str(EN_TEXT)],
+            "max_len": 32,
+            "eval_fraction": 0.05,
+            "eval_max_sequences": 16,
+            "cache_dir": str(tmp_path / "cache"),
+        },
         "masking": {"prob": 0.15},
         "loss": {"recipe": "distilbert", "alpha_kl": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0},
         "optim": {"lr": 1e-3, "warmup_ratio": 0.1, "grad_clip": 1.0},
@@ -135,21 +165,32 @@ def trained_run(tmp_path_factory, teacher_dir) -> tuple[dict, Path]:
 
     tmp = tmp_path_factory.mktemp("trained-run")
     cfg = base_config(teacher_dir, tmp)
-    cfg["train"]["progress_bar"] = True  # as configured by default, with no terminal (its log: tests/integration/test_logs.py)
+    cfg["train"]["progress_bar"] = (
+        True  # as configured by default, with no terminal (its log: tests/integration/test_logs.py)
+    )
     cfg["eval"] = {"probe": PROBE}  # measured at steps 0 and 6, shown in the model card, the default of `distil eval`
-    r = subprocess.run([sys.executable, "-m", "distil.cli", "train", "--config", str(write_config(tmp / "c.yaml", cfg))],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "distil.cli", "train", "--config", str(write_config(tmp / "c.yaml", cfg))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (tmp / "train.log").write_text(r.stdout + r.stderr)
     return cfg, tmp / "runs" / "t"
 
 
-def fake_checkpoint(root: Path, tag: str, files: dict[str, bytes], complete: bool = True, step: int | None = None) -> Path:
+def fake_checkpoint(
+    root: Path, tag: str, files: dict[str, bytes], complete: bool = True, step: int | None = None
+) -> Path:
     """A checkpoint folder root/tag holding `files`, with COMPLETE and its manifest (size and
     sha256 of each) as `checkpoint.finalize` writes them; no model inside."""
     import json
 
-    from distil import checkpoint as ckpt
+    from distil.runs import layout as ckpt
+    from distil.storage import integrity
 
     d = root / tag
     d.mkdir(parents=True)
@@ -157,7 +198,7 @@ def fake_checkpoint(root: Path, tag: str, files: dict[str, bytes], complete: boo
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_bytes(body)
     if complete:
-        manifest = {n: {"size": len(b), "sha256": ckpt.sha256_file(d / n)} for n, b in files.items()}
+        manifest = {n: {"size": len(b), "sha256": integrity.sha256_file(d / n)} for n, b in files.items()}
         step = ckpt.step_of(tag) if step is None else step
         (d / ckpt.COMPLETE).write_text(json.dumps({"step": step, "world_size": 1, "tokens": 10, "files": manifest}))
     return d
@@ -182,8 +223,12 @@ def start_moto(log_dir: Path, env: dict | None = None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(log_dir / "moto.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from distil.cli import run_training
+from distil.launch.local import run_training
 from distil.quiet import quiet_libraries
-from distil.train import Trainer
+from distil.train.trainer import Trainer
 
 
 def main(config: str, out: str) -> None:
@@ -20,11 +20,17 @@ def main(config: str, out: str) -> None:
         resume(self)
         opt = self.engine.optimizer  # DeepSpeed's ZeRO-2 optimizer: this rank's flat partitions
         groups = opt.single_partition_of_fp32_groups
-        torch.save({"fp32": [g.detach().clone() for g in groups],
-                    "exp_avg": [opt.optimizer.state[g]["exp_avg"].clone() for g in groups],
-                    "exp_avg_sq": [opt.optimizer.state[g]["exp_avg_sq"].clone() for g in groups],
-                    "adam_step": [float(opt.optimizer.state[g]["step"]) for g in groups],
-                    "step": self.step, "sampler": self.sampler.state_dict()}, Path(out) / f"rank{self.rank}.pt")
+        torch.save(
+            {
+                "fp32": [g.detach().clone() for g in groups],
+                "exp_avg": [opt.optimizer.state[g]["exp_avg"].clone() for g in groups],
+                "exp_avg_sq": [opt.optimizer.state[g]["exp_avg_sq"].clone() for g in groups],
+                "adam_step": [float(opt.optimizer.state[g]["step"]) for g in groups],
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+            },
+            Path(out) / f"rank{self.rank}.pt",
+        )
 
     Trainer.resume = probe
     quiet_libraries()

@@ -7,7 +7,7 @@ import boto3
 import pytest
 from pyarrow import fs
 
-from distil.arrow_fs import s3_filesystem
+from distil.storage.arrow_fs import s3_filesystem
 
 
 def test_retries_survive_pickling_and_credentials_do_not_travel(s3_endpoint, tmp_path):

@@ -18,8 +18,7 @@ import boto3
 import pytest
 import yaml
 
-from tests.conftest import ROOT, base_config, write_config
-from tests.conftest import fake_checkpoint
+from tests.conftest import ROOT, base_config, fake_checkpoint, write_config
 from tests.unit.test_helm_chart import crd_validator
 
 NS = "ml"
@@ -53,30 +52,59 @@ class Emulator:
 def cluster(tmp_path):
     emu = Emulator()
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
-        "clusters": [{"name": "emu", "cluster": {"server": emu.url}}],
-        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}]}))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "emu",
+                "clusters": [{"name": "emu", "cluster": {"server": emu.url}}],
+                "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u"}}],
+            }
+        )
+    )
     from kubernetes import client, config
 
     api_client = config.new_client_from_config(config_file=str(kubeconfig))
-    yield emu, kubeconfig, client.CoreV1Api(api_client), client.CustomObjectsApi(api_client), client.ApiextensionsV1Api(api_client)
+    yield (
+        emu,
+        kubeconfig,
+        client.CoreV1Api(api_client),
+        client.CustomObjectsApi(api_client),
+        client.ApiextensionsV1Api(api_client),
+    )
     emu.stop()
 
 
 def k8s(kubeconfig, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "distil.cli", "k8s", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "distil.cli", "k8s", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def install_kuberay_crds(ext) -> None:
     """What installing the operator registers (only the CRD's identity: the emulator has no schemas)."""
-    ext.create_custom_resource_definition({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "rayjobs.ray.io"},
-        "spec": {"group": "ray.io", "scope": "Namespaced", "names": {"plural": "rayjobs", "kind": "RayJob"},
-                 "versions": [{"name": "v1", "served": True, "storage": True}]}}, _preload_content=False)
+    ext.create_custom_resource_definition(
+        {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "rayjobs.ray.io"},
+            "spec": {
+                "group": "ray.io",
+                "scope": "Namespaced",
+                "names": {"plural": "rayjobs", "kind": "RayJob"},
+                "versions": [{"name": "v1", "served": True, "storage": True}],
+            },
+        },
+        _preload_content=False,
+    )
 
 
 @pytest.fixture()
@@ -84,8 +112,12 @@ def run_config(tmp_path, teacher_dir, s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = f"k8s-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
-    cfg = base_config(teacher_dir, tmp_path, run={"name": "Distil_Run.1"},
-                      storage={"uri": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint})
+    cfg = base_config(
+        teacher_dir,
+        tmp_path,
+        run={"name": "Distil_Run.1"},
+        storage={"uri": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint},
+    )
     return write_config(tmp_path / "c.yaml", cfg), s3, bucket
 
 
@@ -104,17 +136,41 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     emu, kubeconfig, core, custom, ext = cluster
     path, s3, bucket = run_config
     install_kuberay_crds(ext)
-    r = k8s(kubeconfig, "submit", "-c", str(path), "--image", "img:1", "-n", NS, "--workers", "2", "--gpus-per-pod", "4",
-            "--credentials-secret", "distil-s3", "--backoff-limit", "5", "--set", "train.global_batch_size=32")
+    r = k8s(
+        kubeconfig,
+        "submit",
+        "-c",
+        str(path),
+        "--image",
+        "img:1",
+        "-n",
+        NS,
+        "--workers",
+        "2",
+        "--gpus-per-pod",
+        "4",
+        "--credentials-secret",
+        "distil-s3",
+        "--backoff-limit",
+        "5",
+        "--set",
+        "train.global_batch_size=32",
+    )
     assert r.returncode == 0, r.stderr
     job = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")
     assert not list(crd_validator("RayJob").iter_errors(job))  # the real ray.io/v1 schema, unknown fields as errors
     spec = job["spec"]
     assert spec["entrypoint"] == "python jobs/distill.py --config /etc/distil/config.yaml" and spec["backoffLimit"] == 5
     worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]
-    assert worker["replicas"] == 2 and worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert worker["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][:3] == \
-        ["python", "-m", "distil.preempt"]
+    assert (
+        worker["replicas"] == 2
+        and worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    )
+    assert worker["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][:3] == [
+        "python",
+        "-m",
+        "distil.runs.preempt",
+    ]
     env = {e["name"]: e for e in worker["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "distil-s3"
     cm = core.read_namespaced_config_map("distil-run-1-config", NS)
@@ -123,14 +179,37 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     assert "testing" not in cm.data["config.yaml"]  # credentials stay in the Secret
     again = k8s(kubeconfig, "submit", "-c", str(path), "--image", "img:1", "-n", NS)
     assert again.returncode == 2 and "exists" in again.stderr
+    dry = k8s(kubeconfig, "submit", "-c", str(path), "--image", "img:1", "-n", NS, "--dry-run")
+    assert (
+        dry.returncode == 0 and "kind: RayJob" in dry.stdout and "kind: Pod" not in dry.stdout
+    )  # (the chart's `helm test` pod)
 
     # What the operator would report, a pod of the cluster, and a checkpoint in storage.
-    custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1", {"status": {
-        "jobStatus": "RUNNING", "jobDeploymentStatus": "Running", "rayClusterName": "distil-run-1-abcde",
-        "rayClusterStatus": {"state": "ready"}}})
-    core.create_namespaced_pod(NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
-        "name": "distil-run-1-abcde-gpu-worker-0", "labels": {"ray.io/cluster": "distil-run-1-abcde"}},
-        "spec": {"containers": [{"name": "ray-worker", "image": "img:1"}]}, "status": {"phase": "Running"}})
+    custom.patch_namespaced_custom_object(
+        "ray.io",
+        "v1",
+        NS,
+        "rayjobs",
+        "distil-run-1",
+        {
+            "status": {
+                "jobStatus": "RUNNING",
+                "jobDeploymentStatus": "Running",
+                "rayClusterName": "distil-run-1-abcde",
+                "rayClusterStatus": {"state": "ready"},
+            }
+        },
+    )
+    core.create_namespaced_pod(
+        NS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "distil-run-1-abcde-gpu-worker-0", "labels": {"ray.io/cluster": "distil-run-1-abcde"}},
+            "spec": {"containers": [{"name": "ray-worker", "image": "img:1"}]},
+            "status": {"phase": "Running"},
+        },
+    )
     ckpt = fake_checkpoint(tmp_path / "ckpt", "step_00000040", {"a.pt": b"12345"})
     for f in ckpt.rglob("*"):
         s3.upload_file(str(f), bucket, f"runs/Distil_Run.1/step_00000040/{f.relative_to(ckpt).as_posix()}")
@@ -143,8 +222,14 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
 
     busy = k8s(kubeconfig, "resume", "Distil_Run.1", "-n", NS)
     assert busy.returncode == 2 and "not ended" in busy.stderr
-    custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1", {"status": {
-        "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "failed": 6}})
+    custom.patch_namespaced_custom_object(
+        "ray.io",
+        "v1",
+        NS,
+        "rayjobs",
+        "distil-run-1",
+        {"status": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "failed": 6}},
+    )
     r = k8s(kubeconfig, "resume", "Distil_Run.1", "-n", NS)
     assert r.returncode == 0, r.stderr
     fresh = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")
@@ -164,7 +249,9 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     smaller = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")["spec"]
     group = smaller["rayClusterSpec"]["workerGroupSpecs"][0]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 1)
-    assert smaller["entrypoint"] == "python jobs/distill.py --config /etc/distil/config.yaml --set scaling.num_workers=4"
+    assert (
+        smaller["entrypoint"] == "python jobs/distill.py --config /etc/distil/config.yaml --set scaling.num_workers=4"
+    )
     assert not list(crd_validator("RayJob").iter_errors({**fresh, "spec": smaller}))
 
 
@@ -178,8 +265,16 @@ def test_status_and_resume_find_a_helm_installed_run(cluster, run_config):
     emu, kubeconfig, core, custom, ext = cluster
     _, s3, bucket = run_config
     install_kuberay_crds(ext)
-    objects = render("--namespace", NS, "--set", "config.run.name=Distil_Run.1", "--set", f"config.storage.uri=s3://{bucket}/runs",
-                     "--set", "config.storage.endpoint_url=http://127.0.0.1:9")
+    objects = render(
+        "--namespace",
+        NS,
+        "--set",
+        "config.run.name=Distil_Run.1",
+        "--set",
+        f"config.storage.uri=s3://{bucket}/runs",
+        "--set",
+        "config.storage.endpoint_url=http://127.0.0.1:9",
+    )
     for obj in objects:
         if obj["kind"] == "ConfigMap":
             core.create_namespaced_config_map(NS, obj)
@@ -190,13 +285,20 @@ def test_status_and_resume_find_a_helm_installed_run(cluster, run_config):
     st = k8s(kubeconfig, "status", "Distil_Run.1", "-n", NS, "--json")
     assert st.returncode == 0, st.stderr
     assert json.loads(st.stdout)["name"] == "rel-distil-run"
-    custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "rel-distil-run", {"status": {
-        "jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}})
+    custom.patch_namespaced_custom_object(
+        "ray.io",
+        "v1",
+        NS,
+        "rayjobs",
+        "rel-distil-run",
+        {"status": {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}},
+    )
     r = k8s(kubeconfig, "resume", "Distil_Run.1", "-n", NS)
     assert r.returncode == 0, r.stderr
     fresh = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "rel-distil-run")
     assert "status" not in fresh and fresh["metadata"]["labels"]["distil-run/run"] == "distil-run-1"
     assert fresh["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # still the release's object
+
 
 def test_submit_refuses_local_storage(cluster, run_config, tmp_path):
     _, kubeconfig, *_ = cluster

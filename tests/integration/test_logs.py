@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from distil.metrics_log import read_rows
+from distil.runs.metrics_log import read_rows
 
 pytestmark = pytest.mark.slow  # it reads the log of the session's trained run (tests/conftest.py)
 
@@ -28,11 +28,17 @@ def test_a_run_without_a_terminal_logs_plain_lines(trained_run):
     assert [int(x.split()[0].removeprefix("step=")) for x in saves] == [3, 6]  # checkpoint.every_steps 3
     assert all(re.search(r"checkpoint/save_s=[0-9.e+-]+ checkpoint/upload_s=", x) for x in saves)
     done = lines.index(next(x for x in lines if x.startswith("done: step 6, ")))
-    m = re.fullmatch(r"  this start: 6 steps in 0:(\d\d):(\d\d\.\d) \(h:mm:ss\), ([0-9,]+) tokens/s mean", lines[done + 1])
+    m = re.fullmatch(
+        r"  this start: 6 steps in 0:(\d\d):(\d\d\.\d) \(h:mm:ss\), ([0-9,]+) tokens/s mean", lines[done + 1]
+    )
     assert m and float(m.group(3).replace(",", "")) > 0, lines[done + 1]
     probe = [r for r in read_rows(run / "metrics.jsonl") if "probe/retention_accuracy" in r]
     assert [r["step"] for r in probe] == [0, 6]  # the untrained cut, then the student
     end = probe[-1]
-    assert end["probe/retention_accuracy"] == pytest.approx(end["probe/student_accuracy"] / end["probe/teacher_accuracy"])
-    assert f"  {'probe retention_accuracy':27s} start {probe[0]['probe/retention_accuracy']:.4f} -> end " \
-           f"{end['probe/retention_accuracy']:.4f} (higher is better)" in lines
+    assert end["probe/retention_accuracy"] == pytest.approx(
+        end["probe/student_accuracy"] / end["probe/teacher_accuracy"]
+    )
+    assert (
+        f"  {'probe retention_accuracy':27s} start {probe[0]['probe/retention_accuracy']:.4f} -> end "
+        f"{end['probe/retention_accuracy']:.4f} (higher is better)" in lines
+    )

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from distil import token_store as ts
+from distil.data import shards as ts
 from tests.conftest import EN_TEXT, ROOT, base_config, write_config
 
 pytestmark = pytest.mark.slow
 
 
 def distil(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distil.cli", *args], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "distil.cli", *args], capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env()
+    )
 
 
 def _env() -> dict:
@@ -42,11 +43,19 @@ def test_killed_preparation_is_never_read_and_the_next_completes(tmp_path, teach
         (big / f"{i:02d}.txt").write_text(EN_TEXT.read_text())
     config = _config(tmp_path, teacher_dir, big)
     data = tmp_path / "runs" / "data"
-    proc = subprocess.Popen([sys.executable, "-m", "distil.cli", "prepare", "--config", str(config), "--in-process"],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distil.cli", "prepare", "--config", str(config), "--in-process"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not list(data.glob("*.partial-*/train_00000.tokens")):  # killed in the middle of writing
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            proc.stdout.read() if proc.poll() is not None else "slow"
+        )
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -57,7 +66,7 @@ def test_killed_preparation_is_never_read_and_the_next_completes(tmp_path, teach
     assert r.returncode == 0, r.stdout + r.stderr
     assert "preparing the data once" in r.stdout
     (folder,) = data.iterdir()  # the dead writer's folder is gone
-    store = ts.TokenStore(folder, check="full")  # every file whole, sha256 and contents checked
+    store = ts.PreparedData(folder, check="full")  # every file whole, sha256 and contents checked
     assert store.manifest["splits"]["train"]["sequences"] > 10000
 
     again = distil("prepare", "--config", str(config))
@@ -72,19 +81,23 @@ def test_killed_preparation_is_never_read_and_the_next_completes(tmp_path, teach
     r = distil("prepare", "--config", str(config), "--in-process")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "train_00000.tokens: sha256 differs from the manifest; preparing it again" in r.stdout, r.stdout
-    assert ts.TokenStore(folder, check="full").manifest == store.manifest
+    assert ts.PreparedData(folder, check="full").manifest == store.manifest
     (folder / ts.MANIFEST).unlink()
     r = distil("prepare", "--config", str(config), "--in-process")
     assert r.returncode == 0 and "holds no MANIFEST.json" in r.stdout, r.stdout + r.stderr
-    assert ts.TokenStore(folder, check="full").manifest == store.manifest
+    assert ts.PreparedData(folder, check="full").manifest == store.manifest
     assert [p.name for p in data.iterdir()] == [folder.name]
 
 
-@pytest.mark.parametrize("content,needle", [(b"\n  \n\n", "hold no text"), (b"ok\ncaf\xe9\n", "is not UTF-8 text (byte 6")])
+@pytest.mark.parametrize(
+    "content,needle", [(b"\n  \n\n", "hold no text"), (b"ok\ncaf\xe9\n", "is not UTF-8 text (byte 6")]
+)
 def test_bad_corpora_are_refused_and_nothing_written(tmp_path, teacher_dir, content, needle):
     source = tmp_path / "corpus.txt"
     source.write_bytes(content)
     r = distil("prepare", "--config", str(_config(tmp_path, teacher_dir, source)))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
-    assert needle in r.stderr and len([x for x in r.stderr.splitlines() if x.startswith("distil: error:")]) == 1, r.stderr
+    assert needle in r.stderr and len([x for x in r.stderr.splitlines() if x.startswith("distil: error:")]) == 1, (
+        r.stderr
+    )
     assert not (tmp_path / "runs").exists()

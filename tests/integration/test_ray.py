@@ -33,8 +33,9 @@ def ray_job(config: Path, *overrides: str, wait=True, timeout=900, extra_env: di
     # RAY_ADDRESS=local: a Ray instance of its own, even if one outlived an earlier test.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", "RAY_ADDRESS": "local", **(extra_env or {})}
     # A session of its own: killing the driver's group also kills the local Ray it started.
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True
+    )
     _started.append(proc)
     if not wait:
         return proc
@@ -80,10 +81,14 @@ def _run_config(tmp_path, teacher_dir, s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
-    cfg = base_config(teacher_dir, tmp_path, storage={"uri": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint},
-                      scaling={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
-                      train={"max_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 4},
-                      checkpoint={"every_steps": 4, "keep_last": 2})
+    cfg = base_config(
+        teacher_dir,
+        tmp_path,
+        storage={"uri": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint},
+        scaling={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
+        train={"max_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 4},
+        checkpoint={"every_steps": 4, "keep_last": 2},
+    )
     return s3, bucket, cfg
 
 
@@ -109,7 +114,11 @@ def reference_20(tmp_path_factory, teacher_dir, s3_endpoint):
 def _same_run_as(reference_20, s3_run, tmp_path) -> Path:
     """The reference's config with this test's bucket (s3://bucket/runs), written to a file."""
     _, bucket, own = s3_run
-    cfg = {**reference_20[0], "storage": own["storage"], "data": {**reference_20[0]["data"], "cache_dir": own["data"]["cache_dir"]}}
+    cfg = {
+        **reference_20[0],
+        "storage": own["storage"],
+        "data": {**reference_20[0]["data"], "cache_dir": own["data"]["cache_dir"]},
+    }
     return write_config(tmp_path / "c.yaml", cfg)
 
 
@@ -129,12 +138,12 @@ def wait_registered(s3, bucket, run_prefix: str, tag: str, proc, timeout=600) ->
 
 
 def _fp32_weights(s3, bucket, prefix, dest: Path) -> dict:
-    from distil.export import fp32_state_dict
+    from distil.runs.export import fp32_state_dict
 
     for key in keys(s3, bucket, prefix + "/"):
         if key.endswith("/"):  # directory markers written by pyarrow
             continue
-        target = dest / key[len(prefix) + 1:]
+        target = dest / key[len(prefix) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, key, str(target))
     return fp32_state_dict(dest)
@@ -147,8 +156,16 @@ def test_two_workers_checkpoint_both_shards_to_s3(tmp_path, s3_run):
     ckpts = sorted({k.split("/")[2] for k in keys(s3, bucket, "runs/t/") if k.split("/")[2].startswith("step_")})
     assert ckpts == ["step_00000008", "step_00000012"]  # keep_last 2
     last = keys(s3, bucket, "runs/t/step_00000012/")
-    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                 "mp_rank_00_model_states.pt", "rank_00000.pt", "rank_00001.pt", "COMPLETE", "config.yaml", "hf/config.json"):
+    for name in (
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "mp_rank_00_model_states.pt",
+        "rank_00000.pt",
+        "rank_00001.pt",
+        "COMPLETE",
+        "config.yaml",
+        "hf/config.json",
+    ):
         assert f"runs/t/step_00000012/{name}" in last, name
     state = s3.get_object(Bucket=bucket, Key="runs/t/step_00000012/trainer_state.json")["Body"].read()
     assert b'"world_size": 2' in state and b'"step": 12' in state
@@ -159,13 +176,49 @@ def test_two_workers_checkpoint_both_shards_to_s3(tmp_path, s3_run):
     assert "runs/t/metrics.jsonl" in run_keys and any(k.startswith("runs/t/tensorboard/events.out") for k in run_keys)
     # Ray's layout (RUN/step_N) listed and pulled: the fp32 weights merged from both ranks' shards.
     endpoint = cfg["storage"]["endpoint_url"]
-    listed = subprocess.run([sys.executable, "-m", "distil.cli", "checkpoints", "list", f"s3://{bucket}/runs", "--json",
-                             "--endpoint-url", endpoint], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distil.cli",
+            "checkpoints",
+            "list",
+            f"s3://{bucket}/runs",
+            "--json",
+            "--endpoint-url",
+            endpoint,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     rows = [json.loads(x) for x in listed.stdout.splitlines()]
-    assert [(r["run"], r["step"], r["complete"], r["world_size"]) for r in rows] == [("t", 8, True, 2), ("t", 12, True, 2)]
-    pulled = subprocess.run([sys.executable, "-m", "distil.cli", "checkpoints", "pull", f"s3://{bucket}/runs/t", "--out",
-                             str(tmp_path / "model"), "--endpoint-url", endpoint, "--cache-dir", str(tmp_path / "cache")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert [(r["run"], r["step"], r["complete"], r["world_size"]) for r in rows] == [
+        ("t", 8, True, 2),
+        ("t", 12, True, 2),
+    ]
+    pulled = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distil.cli",
+            "checkpoints",
+            "pull",
+            f"s3://{bucket}/runs/t",
+            "--out",
+            str(tmp_path / "model"),
+            "--endpoint-url",
+            endpoint,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     from transformers import AutoModelForMaskedLM
 
@@ -181,7 +234,7 @@ def test_local_storage_with_relative_paths_and_a_resume_that_re_exports(tmp_path
     resumed with more steps whose `model/` is the new last checkpoint's, not the first run's."""
     from transformers import AutoModelForMaskedLM
 
-    from distil.export import fp32_state_dict
+    from distil.runs.export import fp32_state_dict
     from tests.conftest import EN_TEXT
 
     work = tmp_path / "project"
@@ -189,11 +242,16 @@ def test_local_storage_with_relative_paths_and_a_resume_that_re_exports(tmp_path
     (work / "models" / "teacher").symlink_to(teacher_dir)
     (work / "data").mkdir()
     (work / "data" / "corpus.txt").write_text(EN_TEXT.read_text())
-    cfg = base_config(teacher_dir, tmp_path, teacher={"name_or_path": "./models/teacher"},
-                      data={"sources": ["data/corpus.txt"], "cache_dir": "cache"}, storage={"uri": "runs"},
-                      scaling={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
-                      train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 2},
-                      checkpoint={"every_steps": 4, "keep_last": 2})
+    cfg = base_config(
+        teacher_dir,
+        tmp_path,
+        teacher={"name_or_path": "./models/teacher"},
+        data={"sources": ["data/corpus.txt"], "cache_dir": "cache"},
+        storage={"uri": "runs"},
+        scaling={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
+        train={"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 4, "log_every": 2},
+        checkpoint={"every_steps": 4, "keep_last": 2},
+    )
     write_config(work / "c.yaml", cfg)
     run = work / "runs" / "t"
     weights = {}
@@ -212,6 +270,7 @@ def test_local_storage_with_relative_paths_and_a_resume_that_re_exports(tmp_path
         assert all(torch.equal(weights[steps][k], v) for k, v in merged.items()), f"model/ is not step {steps}'s"
     assert not all(torch.equal(weights[4][k], weights[8][k]) for k in weights[8])
     assert not list(run.glob(".model.*"))  # the swap left nothing behind
+
 
 def _etags(s3, bucket, prefix):
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -278,7 +337,9 @@ def _worker_pids(driver_pid: int) -> list[int]:
     """Ray Train worker processes of the local Ray started by this driver (same session)."""
     sid = os.getsid(driver_pid)
     out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
-    return [int(l.split()[0]) for l in out.splitlines() if "RayTrainWorker" in l and int(l.split()[1]) == sid]
+    return [
+        int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and int(line.split()[1]) == sid
+    ]
 
 
 def test_lost_worker_restarts_the_group_from_the_latest_checkpoint(tmp_path, s3_run):
@@ -297,7 +358,7 @@ def test_lost_worker_restarts_the_group_from_the_latest_checkpoint(tmp_path, s3_
 
 
 def test_pod_drain_checkpoints_then_the_group_restarts_from_it(tmp_path, s3_run):
-    """A worker pod's preStop hook (python -m distil.preempt, as the chart installs it) mid-run:
+    """A worker pod's preStop hook (python -m distil.runs.preempt, as the chart installs it) mid-run:
     the workers finish the step in flight, checkpoint and acknowledge; then the pod goes (its
     workers are killed) and Ray restarts the group from that checkpoint. Only the drain and the
     end write checkpoints here, so resuming from it proves it was the drain's."""
@@ -307,16 +368,24 @@ def test_pod_drain_checkpoints_then_the_group_restarts_from_it(tmp_path, s3_run)
     marker = tmp_path / "distil-preempt"
     env = {"DISTIL_PREEMPT_FILE": str(marker), "DISTIL_PREEMPT_WAIT": "600"}
     proc = ray_job(write_config(tmp_path / "c.yaml", cfg), wait=False, extra_env=env)
-    hook = subprocess.run([sys.executable, "-m", "distil.preempt", "--timeout", "400"], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=ROOT, timeout=500)
+    hook = subprocess.run(
+        [sys.executable, "-m", "distil.runs.preempt", "--timeout", "400"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        timeout=500,
+    )
     m = re.search(r"checkpoint at step (\d+) persisted", hook.stdout)
     assert m, hook.stdout + hook.stderr
     step = int(m.group(1))
     assert 1 <= step < 20
     # "Persisted" means every rank's upload is done, not just that of the rank which answered.
     uploaded = set(keys(s3, bucket, f"runs/t/step_{step:08d}/"))
-    assert {f"runs/t/step_{step:08d}/{n}" for n in ("COMPLETE", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                                    "zero_pp_rank_1_mp_rank_00_optim_states.pt")} <= uploaded
+    assert {
+        f"runs/t/step_{step:08d}/{n}"
+        for n in ("COMPLETE", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    } <= uploaded
     wait_registered(s3, bucket, "runs/t", f"step_{step:08d}", proc)
     marker.unlink()  # the pod's /tmp goes with it
     victims = _worker_pids(proc.pid)
@@ -349,28 +418,49 @@ def test_two_node_cluster_and_ray_job_submit(tmp_path, s3_run):
         return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
     try:
-        head = run("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
-                   f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1")
+        head = run(
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=true",
+            f"--dashboard-port={dash}",
+            "--node-ip-address=127.0.0.1",
+        )
         assert head.returncode == 0, head.stderr[-2000:]
         second = run("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1")
         assert second.returncode == 0, second.stderr[-2000:]
-        probe = ("import ray; ray.init(address='127.0.0.1:%d'); "
-                 "print(sorted(n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']))" % port)
+        probe = (
+            "import ray; ray.init(address='127.0.0.1:%d'); "
+            "print(sorted(n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']))" % port
+        )
         nodes = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
         # Two nodes of one CPU each and workers of one CPU each: one worker per node.
         assert nodes.stdout.strip().splitlines()[-1] == "[1.0, 1.0]", nodes.stdout + nodes.stderr
         path = write_config(tmp_path / "c.yaml", cfg)
         for _ in range(30):  # the head's job agent comes up some seconds after `ray start` returns
-            job = run("job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
-                      sys.executable, "jobs/distill.py", "--config", str(path), timeout=900)
+            job = run(
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dash}",
+                f"--working-dir={ROOT}",
+                "--",
+                sys.executable,
+                "jobs/distill.py",
+                "--config",
+                str(path),
+                timeout=900,
+            )
             if "No available agent to submit job" not in job.stdout + job.stderr:
                 break
             time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         # (Ray Train reports node_rank by IP address; both raylets here share 127.0.0.1.)
         last = keys(s3, bucket, "runs/t/step_00000012/")
-        assert {"runs/t/step_00000012/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                "runs/t/step_00000012/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(last)
+        assert {
+            "runs/t/step_00000012/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "runs/t/step_00000012/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        } <= set(last)
     finally:
         run("stop", "--force")
 
@@ -384,7 +474,9 @@ def test_preempted_then_resumed_on_fewer_workers(tmp_path, s3_run, reference_20)
     killed_run(s3, bucket, path, "step_00000004")
     rc, out = ray_job(path, "scaling.num_workers=1")
     assert rc == 0, out[-4000:]
-    m = re.search(r"resumed from step_000000(04|08|12|16) .*written by 2 workers, ZeRO-2 state re-partitioned for 1", out)
+    m = re.search(
+        r"resumed from step_000000(04|08|12|16) .*written by 2 workers, ZeRO-2 state re-partitioned for 1", out
+    )
     assert m, out[-4000:]
 
     def read(bucket, prefix, name):
@@ -395,7 +487,8 @@ def test_preempted_then_resumed_on_fewer_workers(tmp_path, s3_run, reference_20)
     assert (got["tokens"], got["sampler"]) == (ref["tokens"], ref["sampler"])
     # One rank's shard and RNG state now; the rest of the checkpoint as before.
     assert sorted(read(bucket, "runs/t", "COMPLETE")["files"]) == sorted(
-        k for k in read(reference_20[1], "ref/t", "COMPLETE")["files"] if "rank_1_" not in k and k != "rank_00001.pt")
+        k for k in read(reference_20[1], "ref/t", "COMPLETE")["files"] if "rank_1_" not in k and k != "rank_00001.pt"
+    )
 
 
 class CuttableProxy:
@@ -483,7 +576,10 @@ def test_s3_outage_during_uploads_training_goes_on_and_the_run_ends_complete(tmp
     assert proc.returncode == 0, out[-4000:]
     assert proxy.refused > 0, "no request reached the store during the outage: the test proved nothing"
     assert {11, 12, 13, 14, 15} <= set(trained_while_cut), (trained_while_cut, out[-3000:])
-    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read())["step"] == 20
+    assert (
+        json.loads(s3.get_object(Bucket=bucket, Key="runs/t/step_00000020/trainer_state.json")["Body"].read())["step"]
+        == 20
+    )
     assert "runs/t/step_00000010/COMPLETE" in keys(s3, bucket, "runs/t/step_00000010/")
     # Every checkpoint a worker group resumed from (if the outage outlasted the retries) was complete.
     for tag in re.findall(r"resumed from (step_\d{8})", out):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distil import checkpoint as ckpt
+from distil.runs import layout as ckpt
 from tests.conftest import ROOT, base_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -29,9 +29,13 @@ def torchrun(n: int, *args: str) -> str:
 
 def config(tmp_path: Path, teacher_dir: Path, name: str) -> Path:
     # 12 = micro 2 x {1, 2, 3} workers x {6, 3, 2} accumulation steps: one global batch for all.
-    cfg = base_config(teacher_dir, tmp_path, run={"name": name, "seed": 0},
-                      train={"max_steps": 6, "micro_batch_size": 2, "global_batch_size": 12, "log_every": 3},
-                      checkpoint={"every_steps": 3, "keep_last": 3})
+    cfg = base_config(
+        teacher_dir,
+        tmp_path,
+        run={"name": name, "seed": 0},
+        train={"max_steps": 6, "micro_batch_size": 2, "global_batch_size": 12, "log_every": 3},
+        checkpoint={"every_steps": 3, "keep_last": 3},
+    )
     cfg["data"]["cache_dir"] = str(tmp_path.parent / "cache")
     return write_config(tmp_path / f"{name}.yaml", cfg)
 

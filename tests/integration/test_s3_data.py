@@ -5,18 +5,22 @@ local files are; bad prefixes are refused clearly."""
 import boto3
 import pytest
 
-from distil import corpus, prepared
-from distil.config import DistilConfig
+from distil.config.schema import DistilConfig
+from distil.data import corpus, prepared
 from distil.errors import UserError
 from tests.conftest import EN_TEXT, PL_TEXT
 
 
 def _config(tmp_path, sources, endpoint):
-    return DistilConfig.model_validate({
-        "teacher": {"name_or_path": "unused"}, "student": {"layers": [0]},
-        "data": {"sources": sources, "cache_dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 1, "micro_batch_size": 1, "global_batch_size": 1},
-        "storage": {"uri": str(tmp_path / "runs"), "endpoint_url": endpoint}})
+    return DistilConfig.model_validate(
+        {
+            "teacher": {"name_or_path": "unused"},
+            "student": {"layers": [0]},
+            "data": {"sources": sources, "cache_dir": str(tmp_path / "cache")},
+            "train": {"max_steps": 1, "micro_batch_size": 1, "global_batch_size": 1},
+            "storage": {"uri": str(tmp_path / "runs"), "endpoint_url": endpoint},
+        }
+    )
 
 
 def _documents(cfg, range_bytes):
@@ -37,7 +41,10 @@ def test_s3_prefix_reads_like_local_files(tmp_path, s3_endpoint):
     s3.put_object(Bucket="corpus", Key="text/README.md", Body=b"not a corpus file\n")
     s3.put_object(Bucket="corpus", Key="other/c.txt", Body=b"not under the prefix\n")
     remote = _config(tmp_path, ["s3://corpus/text"], s3_endpoint)
-    assert [e["name"] for e in prepared.source_listing(remote)] == ["s3://corpus/text/en/a.txt", "s3://corpus/text/pl/b.txt"]
+    assert [e["name"] for e in prepared.source_listing(remote)] == [
+        "s3://corpus/text/en/a.txt",
+        "s3://corpus/text/pl/b.txt",
+    ]
     local = _documents(_config(tmp_path, [str(EN_TEXT), str(PL_TEXT)], None), 1 << 20)
     assert _documents(remote, 5000) == local and len(local) > 1000  # ~60 ranged reads
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from distil.budget import PLAN_AT
+from distil.train.budget import PLAN_AT
 from tests.conftest import base_config, write_config
 from tests.integration.test_train_local import cli, metrics
 
@@ -28,8 +28,12 @@ def budgeted(tmp_path_factory, teacher_dir):
     max_steps, and at least the 50 the resume test needs even at 0.3 s a step (a loaded 2-core
     machine once planned too few with a 5 s budget, and the resume test failed)."""
     tmp = tmp_path_factory.mktemp("budget")
-    cfg = base_config(teacher_dir, tmp, train={"max_steps": MAX_STEPS, "log_every": 1, "time_budget_minutes": BUDGET_MIN},
-                      checkpoint={"every_steps": 10, "keep_last": 100})
+    cfg = base_config(
+        teacher_dir,
+        tmp,
+        train={"max_steps": MAX_STEPS, "log_every": 1, "time_budget_minutes": BUDGET_MIN},
+        checkpoint={"every_steps": 10, "keep_last": 100},
+    )
     path = write_config(tmp / "c.yaml", cfg)
     out = cli(path).stdout
     return tmp, path, out
@@ -60,7 +64,10 @@ def test_the_run_ends_at_its_plan_with_the_learning_rate_decayed_to_it(budgeted)
     state = json.loads((run / f"step_{planned:08d}" / "trainer_state.json").read_text())
     assert state["planned_steps"] == planned and state["seconds_per_step"] > 0
     card = (run / "model" / "README.md").read_text()
-    assert f"| trained | {planned:,} of {planned:,} steps (what a {BUDGET_MIN:g}-minute time budget planned; max_steps {MAX_STEPS:,})," in card
+    assert (
+        f"| trained | {planned:,} of {planned:,} steps (what a {BUDGET_MIN:g}-minute time budget planned; max_steps {MAX_STEPS:,}),"
+        in card
+    )
     assert f"done: step {planned}, " in out and "(the steps its time budget planned)" in out
 
 
@@ -102,8 +109,8 @@ def _config_of(budgeted) -> dict:
 def test_a_ray_driver_reads_the_plan_from_storage_too(budgeted):
     """jobs/distill.py asks the storage (here a local folder, as S3 would be listed) before Ray
     starts: the plan comes from the newest checkpoint's COMPLETE record."""
-    from distil import continuity
-    from distil.config import load_config
+    from distil.config.schema import load_config
+    from distil.runs import continuity
 
     tmp, path, _ = budgeted
     planned = _plan(tmp / "runs" / "t")

@@ -33,15 +33,15 @@ def cli(config: Path, *overrides: str, wait=True):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_run_writes_checkpoints_metrics_and_a_loadable_model(tmp_path, teacher_dir):
     from transformers import AutoModelForMaskedLM, pipeline
 
-    from distil.checkpoint import complete_tags, read_trainer_state
-    from distil.config import load_config
-    from distil.export import fp32_state_dict
+    from distil.config.schema import load_config
+    from distil.runs.export import fp32_state_dict
+    from distil.runs.layout import complete_tags, read_trainer_state
 
     cfg_path = write_config(tmp_path / "c.yaml", base_config(teacher_dir, tmp_path))
     out = cli(cfg_path).stdout
@@ -50,8 +50,14 @@ def test_run_writes_checkpoints_metrics_and_a_loadable_model(tmp_path, teacher_d
     assert complete_tags(root) == ["step_00000003", "step_00000006"]
     assert (root / "latest").read_text() == "step_00000006"
     last = root / "step_00000006"
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank_00000.pt",
-                 "COMPLETE", "hf/config.json", "hf/tokenizer.json"):
+    for name in (
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "rank_00000.pt",
+        "COMPLETE",
+        "hf/config.json",
+        "hf/tokenizer.json",
+    ):
         assert (last / name).is_file(), name
     state = read_trainer_state(last)
     assert state["step"] == 6 and state["world_size"] == 1 and state["sampler"]["consumed"] > 0
@@ -100,8 +106,12 @@ def _weights(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, teacher_dir):
     tmp = tmp_path_factory.mktemp("ref")
-    cfg = base_config(teacher_dir, tmp, train={"max_steps": 24, "global_batch_size": 16, "log_every": 4},
-                      checkpoint={"every_steps": 4, "keep_last": 3})
+    cfg = base_config(
+        teacher_dir,
+        tmp,
+        train={"max_steps": 24, "global_batch_size": 16, "log_every": 4},
+        checkpoint={"every_steps": 4, "keep_last": 3},
+    )
     path = write_config(tmp / "c.yaml", cfg)
     cli(path)
     return cfg, _weights(tmp / "runs" / "t")
@@ -144,15 +154,23 @@ def test_sigterm_checkpoints_within_one_step_and_resumes_exactly(tmp_path, unint
 
 
 def test_masked_recipe_whole_word_distilbert_architecture(tmp_path, teacher_dir):
-    cfg = base_config(teacher_dir, tmp_path, student={"layers": [1, 3], "architecture": "distilbert"},
-                      loss={"recipe": "masked", "alpha_mse": 1.0, "alpha_cos_intermediate": 1.0},
-                      masking={"whole_word": True, "smoothing": 0.7}, data={"packing": "lines", "min_len": 6})
+    cfg = base_config(
+        teacher_dir,
+        tmp_path,
+        student={"layers": [1, 3], "architecture": "distilbert"},
+        loss={"recipe": "masked", "alpha_mse": 1.0, "alpha_cos_intermediate": 1.0},
+        masking={"whole_word": True, "smoothing": 0.7},
+        data={"packing": "lines", "min_len": 6},
+    )
     cli(write_config(tmp_path / "c.yaml", cfg))
     rows = [r for r in metrics(tmp_path / "runs" / "t") if "train/loss" in r]
     assert {"train/kl", "train/mlm", "train/cos", "train/mse", "train/cos_intermediate"} <= set(rows[-1])
     from transformers import AutoModelForMaskedLM
 
-    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path / "runs" / "t" / "model")).__name__ == "DistilBertForMaskedLM"
+    assert (
+        type(AutoModelForMaskedLM.from_pretrained(tmp_path / "runs" / "t" / "model")).__name__
+        == "DistilBertForMaskedLM"
+    )
 
 
 def test_compiled_run_matches_eager(tmp_path, wordpiece, monkeypatch):
@@ -165,18 +183,25 @@ def test_compiled_run_matches_eager(tmp_path, wordpiece, monkeypatch):
 
     torch.manual_seed(0)
     teacher = tmp_path / "teacher"
-    BertForMaskedLM(tiny_bert_config(len(wordpiece), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(teacher)
+    BertForMaskedLM(
+        tiny_bert_config(len(wordpiece), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ).save_pretrained(teacher)
     wordpiece.save_pretrained(teacher)
     runs = {}
     for compiled in (False, True):
         d = tmp_path / ("compiled" if compiled else "eager")
         d.mkdir()
-        cfg = base_config(teacher, d, train={"max_steps": 3, "log_every": 1, "compile": compiled}, checkpoint={"every_steps": 3})
+        cfg = base_config(
+            teacher, d, train={"max_steps": 3, "log_every": 1, "compile": compiled}, checkpoint={"every_steps": 3}
+        )
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))  # where Inductor writes its kernels
         cli(write_config(d / "c.yaml", cfg))
         kernels = [f for f in (d / "inductor").rglob("*") if f.is_file()]
         assert bool(kernels) == compiled  # Inductor generated code in the compiled run only
-        runs[compiled] = ([r["train/loss"] for r in metrics(d / "runs" / "t") if "train/loss" in r], _weights(d / "runs" / "t"))
+        runs[compiled] = (
+            [r["train/loss"] for r in metrics(d / "runs" / "t") if "train/loss" in r],
+            _weights(d / "runs" / "t"),
+        )
     (eager_losses, eager_w), (comp_losses, comp_w) = runs[False], runs[True]
     assert len(eager_losses) == 3 and comp_losses == pytest.approx(eager_losses, rel=1e-5)
     assert comp_w.keys() == eager_w.keys()
@@ -191,9 +216,15 @@ def test_a_narrower_student_trains_and_exports_without_its_projection(tmp_path, 
     with a real teacher: tests/integration/test_demo.py.)"""
     from safetensors import safe_open
 
-    cfg = base_config(teacher_dir, tmp_path, student={"layers": [1, 3], "hidden_size": 16, "num_attention_heads": 2},
-                      loss={"alpha_kl": 1.0, "alpha_mlm": 0.0, "alpha_cos": 1.0, "alpha_relation": 1.0, "relation_heads": 4},
-                      optim={"lr": 5e-3}, train={"max_steps": 20, "log_every": 10}, checkpoint={"every_steps": 20})
+    cfg = base_config(
+        teacher_dir,
+        tmp_path,
+        student={"layers": [1, 3], "hidden_size": 16, "num_attention_heads": 2},
+        loss={"alpha_kl": 1.0, "alpha_mlm": 0.0, "alpha_cos": 1.0, "alpha_relation": 1.0, "relation_heads": 4},
+        optim={"lr": 5e-3},
+        train={"max_steps": 20, "log_every": 10},
+        checkpoint={"every_steps": 20},
+    )
     cli(write_config(tmp_path / "c.yaml", cfg))
     run = tmp_path / "runs" / "t"
     start, end = [r for r in metrics(run) if "eval/loss" in r]
@@ -221,4 +252,8 @@ def test_frozen_embeddings_are_exported_as_the_teachers_and_the_rest_trains(tmp_
     layer = "bert.encoder.layer.1.attention.self.query.weight"  # a copy of the teacher's layer 2 that trained
     assert not torch.equal(student[layer], teacher[layer.replace("layer.1.", "layer.2.")])
     exported = json.loads((tmp_path / "runs" / "t" / "model" / "config.json").read_text())
-    assert exported["hidden_dropout_prob"] == json.loads((teacher_dir / "config.json").read_text())["hidden_dropout_prob"] > 0
+    assert (
+        exported["hidden_dropout_prob"]
+        == json.loads((teacher_dir / "config.json").read_text())["hidden_dropout_prob"]
+        > 0
+    )

@@ -17,15 +17,22 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from distil import checkpoint as ckpt
+from distil.runs import layout as ckpt
+from distil.storage import integrity
 from tests.conftest import EN_TEXT, ROOT, base_config, fake_checkpoint, write_config
 
 pytestmark = pytest.mark.slow
 
 
 def distil(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distil.cli", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "distil.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+    )
 
 
 def refused(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -33,17 +40,22 @@ def refused(r: subprocess.CompletedProcess, *needles: str) -> None:
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    assert [l for l in r.stderr.splitlines() if l.startswith("distil: error:")].__len__() == 1, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("distil: error:")].__len__() == 1, r.stderr
     assert "fix:" in r.stderr, r.stderr
     for n in needles:
         assert n in r.stderr, r.stderr
 
 
 def tree(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else {}
+    return (
+        {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        if path.exists()
+        else {}
+    )
 
 
 # -- the path rule: pull never writes, reads through a link or deletes outside its folders -----
+
 
 def _manifested(files: dict[str, bytes]) -> dict[str, bytes]:
     import hashlib
@@ -69,8 +81,18 @@ def test_pull_refuses_object_keys_that_leave_the_cache(tmp_path, s3_endpoint, es
     for name, body in _manifested({"model.pt": b"attacker bytes"}).items():
         s3.put_object(Bucket=bucket, Key=f"{run_part}/step_00000001/{name}", Body=body)
     assert any(o["Key"].startswith(run_part) for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
-    r = distil("checkpoints", "pull", f"s3://{bucket}", "--out", str(out), "--raw", "--cache-dir", str(cache),
-               "--endpoint-url", s3_endpoint)
+    r = distil(
+        "checkpoints",
+        "pull",
+        f"s3://{bucket}",
+        "--out",
+        str(out),
+        "--raw",
+        "--cache-dir",
+        str(cache),
+        "--endpoint-url",
+        s3_endpoint,
+    )
     refused(r, "object key", "step_00000001")
     assert tree(tmp_path / "victim") == before
     assert not out.exists() and not any(f.is_file() for f in cache.rglob("*"))
@@ -90,7 +112,7 @@ def test_local_pull_copies_no_link_target(tmp_path):
     (d / "model.pt").unlink()
     shutil.copy(d / ckpt.COMPLETE, tmp_path / "complete")
     manifest = json.loads((d / ckpt.COMPLETE).read_text())
-    manifest["files"]["model.pt"] = {"size": len(b"PRIVATE KEY"), "sha256": ckpt.sha256_file(secret)}
+    manifest["files"]["model.pt"] = {"size": len(b"PRIVATE KEY"), "sha256": integrity.sha256_file(secret)}
     (d / ckpt.COMPLETE).write_text(json.dumps(manifest))
     (d / "model.pt").symlink_to(secret)
     r = distil("checkpoints", "pull", str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "raw2"), "--raw")
@@ -99,6 +121,7 @@ def test_local_pull_copies_no_link_target(tmp_path):
 
 
 # -- damaged checkpoints: resume falls back, export refuses ------------------------------------
+
 
 @pytest.fixture(scope="module")
 def trained(trained_run):
@@ -117,7 +140,7 @@ def _copy_run(trained, tmp_path: Path) -> tuple[Path, Path]:
 def _flip(path: Path, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
     path.write_bytes(bytes(data))
 
 
@@ -146,6 +169,7 @@ def test_export_prints_its_json_alone_and_the_trained_weights(tmp_path, trained)
     weights = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert weights.keys() == reference.keys() and all(bool((weights[k] == reference[k]).all()) for k in reference)
 
+
 def test_export_refuses_a_flipped_model_file(tmp_path, trained):
     _, run = _copy_run(trained, tmp_path)
     _flip(run / "step_00000006" / "mp_rank_00_model_states.pt")
@@ -167,6 +191,7 @@ def test_edited_trainer_state_is_not_resumed(tmp_path, trained):
 
 
 # -- a run is one run ------------------------------------------------------------------------
+
 
 def test_finished_run_with_a_changed_value_is_refused_and_unchanged_run_says_finished(tmp_path, trained):
     path, run = _copy_run(trained, tmp_path)
@@ -195,10 +220,16 @@ def test_fresh_start_over_a_run_is_refused_unless_started_over(tmp_path, trained
 
 # -- bad input: one message, exit 2, nothing written ------------------------------------------
 
+
 def _corpus(tmp_path: Path, kind: str) -> Path:
     p = tmp_path / f"{kind}.txt"
-    p.write_bytes({"empty": b"", "binary": bytes(range(256)) * 64,
-                   "latin-1": "Zażółć gęślą jaźń, café\n".encode("latin-1", "replace") * 50 + "caf\xe9\n".encode("latin-1")}[kind])
+    p.write_bytes(
+        {
+            "empty": b"",
+            "binary": bytes(range(256)) * 64,
+            "latin-1": "Zażółć gęślą jaźń, café\n".encode("latin-1", "replace") * 50 + "caf\xe9\n".encode("latin-1"),
+        }[kind]
+    )
     return p
 
 
@@ -225,32 +256,75 @@ def test_truncated_teacher_weights(tmp_path, teacher_dir):
 def test_config_values(tmp_path, teacher_dir, case):
     cfg = base_config(teacher_dir, tmp_path)
     path = write_config(tmp_path / "c.yaml", cfg)
-    overrides = {"betas": ["optim.betas=[0.9, 1.5]"], "lr inf": ["optim.lr=.inf"], "temperature nan": ["loss.temperature=.nan"],
-                 "storage is a file": [f"storage.uri={tmp_path / 'afile'}"]}.get(case, [])
+    overrides = {
+        "betas": ["optim.betas=[0.9, 1.5]"],
+        "lr inf": ["optim.lr=.inf"],
+        "temperature nan": ["loss.temperature=.nan"],
+        "storage is a file": [f"storage.uri={tmp_path / 'afile'}"],
+    }.get(case, [])
     if case == "not utf-8":
         path.write_bytes(path.read_bytes() + "# caf\xe9\n".encode("latin-1"))
     (tmp_path / "afile").write_text("x")
     args = ["train", "--config", str(path)] + [a for o in overrides for a in ("--set", o)]
-    refused(distil(*args), {"not utf-8": "UTF-8", "betas": "optim", "lr inf": "optim.lr", "temperature nan": "loss.temperature",
-                            "storage is a file": "storage.uri"}[case])
+    refused(
+        distil(*args),
+        {
+            "not utf-8": "UTF-8",
+            "betas": "optim",
+            "lr inf": "optim.lr",
+            "temperature nan": "loss.temperature",
+            "storage is a file": "storage.uri",
+        }[case],
+    )
     assert not (tmp_path / "runs").exists()
 
 
 def test_command_flags(tmp_path, trained):
     run = trained[1]
     refused(distil("checkpoints", "list", "s3://b/x", "--endpoint-url", "notaurl"), "--endpoint-url")
-    refused(distil("checkpoints", "list", "s3://b/x", "--endpoint-url", "http://ak:SECRETKEY@minio:9000"), "credentials")
-    assert "SECRETKEY" not in distil("checkpoints", "list", "s3://b/x", "--endpoint-url", "http://ak:SECRETKEY@minio:9000").stderr
-    refused(distil("checkpoints", "pull", "s3://b/x", "--out", str(tmp_path / "o"), "--workers", "0",
-                   "--endpoint-url", "http://127.0.0.1:9"), "--workers")
+    refused(
+        distil("checkpoints", "list", "s3://b/x", "--endpoint-url", "http://ak:SECRETKEY@minio:9000"), "credentials"
+    )
+    assert (
+        "SECRETKEY"
+        not in distil("checkpoints", "list", "s3://b/x", "--endpoint-url", "http://ak:SECRETKEY@minio:9000").stderr
+    )
+    refused(
+        distil(
+            "checkpoints",
+            "pull",
+            "s3://b/x",
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "0",
+            "--endpoint-url",
+            "http://127.0.0.1:9",
+        ),
+        "--workers",
+    )
     (tmp_path / "afile").write_text("x")
-    refused(distil("checkpoints", "pull", "s3://b/x", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "afile" / "c"),
-                   "--endpoint-url", "http://127.0.0.1:9"), "--cache-dir")
+    refused(
+        distil(
+            "checkpoints",
+            "pull",
+            "s3://b/x",
+            "--out",
+            str(tmp_path / "o"),
+            "--cache-dir",
+            str(tmp_path / "afile" / "c"),
+            "--endpoint-url",
+            "http://127.0.0.1:9",
+        ),
+        "--cache-dir",
+    )
     assert not (tmp_path / "o").exists()
     # distil plot on a malformed metrics.jsonl: the rows that are its own are drawn
     bad = tmp_path / "badrun"
     bad.mkdir()
-    (bad / "metrics.jsonl").write_bytes(b'[1, 2]\n"x"\n{"step": "a", "lr": 1}\n\xff\xfe\n{"step": 2, "lr": 0.5}\n{"step": 4, "lr": 0.25}\n')
+    (bad / "metrics.jsonl").write_bytes(
+        b'[1, 2]\n"x"\n{"step": "a", "lr": 1}\n\xff\xfe\n{"step": 2, "lr": 0.5}\n{"step": 4, "lr": 0.25}\n'
+    )
     r = distil("plot", str(bad), "--out", str(tmp_path / "p.png"))
     assert r.returncode == 0 and "lr" in r.stdout and (tmp_path / "p.png").stat().st_size > 0, r.stderr
     (bad / "metrics.jsonl").write_text("[1, 2]\n")
@@ -266,8 +340,8 @@ def test_command_flags(tmp_path, trained):
 
 def test_start_over_on_s3_moves_every_object_aside(tmp_path, s3_endpoint):
     """S3 has no rename: every object of the run is copied under RUN.replaced-<time>, then deleted."""
-    from distil import continuity
-    from distil.config import DistilConfig
+    from distil.config.schema import DistilConfig
+    from distil.runs import continuity
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = f"over-{uuid.uuid4().hex[:10]}"
@@ -276,13 +350,22 @@ def test_start_over_on_s3_moves_every_object_aside(tmp_path, s3_endpoint):
     objects |= {"runs/t/metrics.jsonl": b"{}\n", "runs/t2/keep": b"another run", "runs/t-old": b"a sibling file"}
     for k, v in objects.items():
         s3.put_object(Bucket=bucket, Key=k, Body=v)
-    cfg = DistilConfig.model_validate({"run": {"name": "t"}, "teacher": {"name_or_path": "x"}, "student": {"layers": [0]},
-                                       "data": {"sources": [str(EN_TEXT)]}, "train": {"max_steps": 1},
-                                       "storage": {"uri": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint}})
+    cfg = DistilConfig.model_validate(
+        {
+            "run": {"name": "t"},
+            "teacher": {"name_or_path": "x"},
+            "student": {"layers": [0]},
+            "data": {"sources": [str(EN_TEXT)]},
+            "train": {"max_steps": 1},
+            "storage": {"uri": f"s3://{bucket}/runs", "endpoint_url": s3_endpoint},
+        }
+    )
     said: list[str] = []
     continuity.start_over(cfg, said.append)
-    after = {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-             for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    after = {
+        o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
+    }
     moved = {k for k in after if k.startswith("runs/t.replaced-")}
     prefix = next(iter(moved)).split("/")[1]
     assert {k.replace(f"runs/{prefix}/", "runs/t/") for k in moved} == {k for k in objects if k.startswith("runs/t/")}

@@ -10,9 +10,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import distil.fused_head as fused_head  # noqa: E402
-from distil import kl_kernel  # noqa: E402
 from test_losses import _fused_run, _head_case  # noqa: E402
+
+import distil.objectives.fused_head as fused_head  # noqa: E402
+from distil.objectives import kl_kernel  # noqa: E402
 
 out = {"kernel": {}}
 for v in (300, 5000):
@@ -31,12 +32,15 @@ for v in (300, 5000):
         lt = torch.log_softmax((t.double() + t_b.double()) * inv_T, -1)
         ls0, lt0 = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
         out["kernel"][f"{str(dtype).split('.')[1]}-{v}"] = {
-            "kl": float(kl), "ref_kl": float((lt.exp() * (lt - ls)).sum()),
+            "kl": float(kl),
+            "ref_kl": float((lt.exp() * (lt - ls)).sum()),
             "g_err": float((buf[:, :v].double() - 0.37 * (ls.exp() - lt.exp())).abs().max()),
             "padding_untouched": bool((buf[:, v:] == 7.0).all()),
             "inputs_untouched": bool(torch.equal(s, s_in) and torch.equal(t, t_in)),
             "kl_without_grad": float(kl_kernel.kl_chunk(s, t, coef, None, s_b, t_b, inv_T)),
-            "kl_no_bias": float(kl_kernel.kl_chunk(s, t, coef, None)), "ref_kl_no_bias": float((lt0.exp() * (lt0 - ls0)).sum())}
+            "kl_no_bias": float(kl_kernel.kl_chunk(s, t, coef, None)),
+            "ref_kl_no_bias": float((lt0.exp() * (lt0 - ls0)).sum()),
+        }
 
 case = _head_case(5)
 want = _fused_run(case)

@@ -42,7 +42,7 @@ def test_bad_input_exits_2_with_one_message(case, tmp_path, teacher_dir):
     r = run_cli(path, *overrides)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
-    errors = [l for l in r.stderr.splitlines() if l.startswith("distil: error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("distil: error:")]
     assert len(errors) == 1 and where in r.stderr, r.stderr
     assert "fix:" in r.stderr
     assert not (tmp_path / "runs").exists(), "nothing may be written for bad input"
@@ -58,12 +58,16 @@ def test_ray_launch_refuses_a_batch_the_workers_cannot_split_before_ray(tmp_path
     workers load, so the data checks cannot run on the driver)."""
     import sys
 
-    from distil.config import load_config
+    from distil.config.schema import load_config
     from distil.errors import UserError
-    from distil.ray_launcher import launch
+    from distil.launch.ray_job import launch
 
-    cfg = base_config(teacher_dir, tmp_path, scaling={"num_workers": 3},
-                      train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 2})
+    cfg = base_config(
+        teacher_dir,
+        tmp_path,
+        scaling={"num_workers": 3},
+        train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 2},
+    )
     cfg["data"]["sources"] = ["some-org/some-dataset"]
     loaded = load_config(write_config(tmp_path / "c.yaml", cfg))
     with pytest.raises(UserError) as e:
@@ -81,9 +85,9 @@ def test_ray_launch_refuses_local_storage_it_cannot_write_before_ray(tmp_path, t
     import os
     import sys
 
-    from distil.config import load_config
+    from distil.config.schema import load_config
     from distil.errors import UserError
-    from distil.ray_launcher import launch
+    from distil.launch.ray_job import launch
 
     target = tmp_path / "store"
     if case == "a file":
@@ -92,7 +96,9 @@ def test_ray_launch_refuses_local_storage_it_cannot_write_before_ray(tmp_path, t
         target.mkdir()
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(target) else real(p, mode, **kw))
-    cfg = load_config(write_config(tmp_path / "c.yaml", base_config(teacher_dir, tmp_path, storage={"uri": str(target)})))
+    cfg = load_config(
+        write_config(tmp_path / "c.yaml", base_config(teacher_dir, tmp_path, storage={"uri": str(target)}))
+    )
     with pytest.raises(UserError) as e:
         launch(cfg)
     assert e.value.where == "storage.uri" and str(target) in str(e.value)

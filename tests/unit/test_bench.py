@@ -12,8 +12,28 @@ import pytest
 
 from tests.conftest import ROOT
 
-TINY = ["--teacher-layers", "2", "--student-layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "500",
-        "--batch", "4", "--seq", "16", "--steps", "2", "--warmup", "1", "--threads", "1"]
+TINY = [
+    "--teacher-layers",
+    "2",
+    "--student-layers",
+    "1",
+    "--hidden",
+    "32",
+    "--heads",
+    "2",
+    "--vocab",
+    "500",
+    "--batch",
+    "4",
+    "--seq",
+    "16",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def test_required_flops_by_hand():
@@ -29,8 +49,14 @@ def test_required_flops_by_hand():
 
 @pytest.mark.parametrize("recipe", ["distilbert", "masked"])
 def test_short_mode_figures(recipe):
-    r = subprocess.run([sys.executable, "-m", "bench.step", *TINY, "--recipe", recipe, "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.step", *TINY, "--recipe", recipe, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
     res = rep["results"]
@@ -55,7 +81,9 @@ def test_short_mode_figures(recipe):
 
 
 def test_bad_options_exit_2():
-    r = subprocess.run([sys.executable, "-m", "bench.step", "--variants", "fastest"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.step", "--variants", "fastest"], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 2 and "unknown variant" in r.stderr
 
 
@@ -91,10 +119,26 @@ def test_quality_bench_splits_its_text_and_tabulates_seeds(tmp_path):
     lines = [x for x in SOURCE.read_text(encoding="utf-8").splitlines() if x.strip()]
     tr, te = train.read_text().splitlines(), test.read_text().splitlines()
     assert te == lines[::10] and tr == [x for i, x in enumerate(lines) if i % 10] and len(tr) + len(te) == len(lines)
-    rows = [{"variant": v, "seed": s, "mlm_accuracy": a, "probe_accuracy": p, "agreement": g, "teacher_mlm_accuracy": tm,
-             "teacher_probe_accuracy": 0.4} for v, s, a, p, g, tm in [("full", 0, 0.30, 0.35, 0.8, 0.5), ("full", 1, 0.34, 0.31, 0.9, 0.6),
-                                                                      ("no-kl", 0, 0.2, 0.3, 0.7, 0.5), ("no-kl", 1, 0.2, 0.3, 0.7, 0.6)]]
+    rows = [
+        {
+            "variant": v,
+            "seed": s,
+            "mlm_accuracy": a,
+            "probe_accuracy": p,
+            "agreement": g,
+            "teacher_mlm_accuracy": tm,
+            "teacher_probe_accuracy": 0.4,
+        }
+        for v, s, a, p, g, tm in [
+            ("full", 0, 0.30, 0.35, 0.8, 0.5),
+            ("full", 1, 0.34, 0.31, 0.9, 0.6),
+            ("no-kl", 0, 0.2, 0.3, 0.7, 0.5),
+            ("no-kl", 1, 0.2, 0.3, 0.7, 0.6),
+        ]
+    ]
     t = table(rows).splitlines()
     assert t[2] == "| full | 0.320 ± 0.020 | 0.330 ± 0.020 | 0.850 ± 0.050 |"
     assert t[3] == "| no-kl | 0.200 ± 0.000 | 0.300 ± 0.000 | 0.700 ± 0.000 |"
-    assert t[4] == "| teacher | 0.550 ± 0.050 | 0.400 ± 0.000 | 1 |"  # the teacher per seed: its masks and split are the seed's
+    assert (
+        t[4] == "| teacher | 0.550 ± 0.050 | 0.400 ± 0.000 | 1 |"
+    )  # the teacher per seed: its masks and split are the seed's

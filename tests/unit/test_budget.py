@@ -1,12 +1,12 @@
-"""The time budget's plan (distil/budget.py) and the schedule that decays to it, on a fake clock."""
+"""The time budget's plan (distil/train/budget.py) and the schedule that decays to it, on a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distil import budget
-from distil.budget import PLAN_AT, TimeBudget, planned_steps
+from distil.train import budget
+from distil.train.budget import PLAN_AT, TimeBudget, planned_steps
 from tests.conftest import ROOT
 
 
@@ -22,14 +22,15 @@ def test_planned_steps_is_what_fits_between_plan_at_and_max_steps():
 def test_a_budget_too_large_to_mean_anything_is_refused_and_one_that_cannot_plan_says_so():
     """Issue 27: 1e306 minutes passed validation and crashed at step 36, after a checkpoint; a
     budget with max_steps within the planning steps was silently ignored."""
-    from distil.config import load_config
+    from distil.config.schema import load_config
     from distil.errors import UserError
 
     with pytest.raises(UserError, match="train.time_budget_minutes: Input should be less than or equal to 1000000"):
         load_config(ROOT / "configs" / "demo.yaml", ["train.time_budget_minutes=1e306"])
     assert TimeBudget(5.0, PLAN_AT, torch.device("cpu")).notice() == (
         f"time budget 5 min not used: train.max_steps {PLAN_AT} is within the {PLAN_AT} steps the budget times before it "
-        "plans; the run takes its max_steps")
+        "plans; the run takes its max_steps"
+    )
     assert TimeBudget(5.0, PLAN_AT + 1, torch.device("cpu")).notice() is None
     assert TimeBudget(None, 10, torch.device("cpu")).notice() is None
 
@@ -96,8 +97,8 @@ def test_a_run_resumed_just_before_plan_at_times_the_steps_it_has(clock):
 
 
 def test_the_learning_rate_decays_to_the_plan_once_it_is_made(clock):
-    from distil.config import load_config
-    from distil.run_setup import lr_lambda
+    from distil.config.schema import load_config
+    from distil.train.setup import lr_lambda
 
     cfg = load_config("configs/demo.yaml", ["train.max_steps=1000", "optim.warmup_ratio=0.02"])  # warmup: 20 steps
     b = TimeBudget(2.0, 1000, torch.device("cpu"))

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from distil import checkpoint as ckpt
-from distil.catalog import _split, list_checkpoints, select
 from distil.errors import UserError
-from distil.metrics_log import MetricsLog, read_rows
-from distil.plot import series
-from distil.storage import Storage
+from distil.eval.plot import series
+from distil.runs import layout as ckpt
+from distil.runs.catalog import _split, list_checkpoints, select
+from distil.runs.metrics_log import MetricsLog, read_rows
+from distil.storage import integrity
+from distil.storage.location import Storage
 from tests.conftest import fake_checkpoint
 
 
@@ -37,8 +37,8 @@ def test_completeness_and_selection(tmp_path):
     (d4 / "a.pt").write_bytes(b"123")  # truncated
     assert "truncated" in list_checkpoints(Storage(str(tmp_path / "runs")))[1].problem
     (d4 / "a.pt").write_bytes(b"12346")  # same size, other bytes: only the hash sees it
-    assert ckpt.verify(d4, ckpt.read_complete(d4)["files"]) == {"a.pt": "sha256 differs from the manifest"}
-    assert ckpt.verify(d4, ckpt.read_complete(d4)["files"], hashes=False) == {}
+    assert integrity.verify(d4, ckpt.read_complete(d4)["files"]) == {"a.pt": "sha256 differs from the manifest"}
+    assert integrity.verify(d4, ckpt.read_complete(d4)["files"], hashes=False) == {}
 
 
 def test_leftovers_of_an_unfinished_save_of_the_same_step(tmp_path):
@@ -48,14 +48,22 @@ def test_leftovers_of_an_unfinished_save_of_the_same_step(tmp_path):
         (d / stale).write_bytes(b"old shard")
     info = list_checkpoints(Storage(str(tmp_path / "step_00000006")))[0]
     assert info.complete and info.size == len(b"new") + 1 + (d / ckpt.COMPLETE).stat().st_size  # the manifest's files
-    assert ckpt.drop_unlisted(d, ckpt.read_complete(d)["files"]) == ["rank_00001.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert ckpt.drop_unlisted(d, ckpt.read_complete(d)["files"]) == [
+        "rank_00001.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     assert sorted(f.name for f in d.iterdir()) == ["COMPLETE", "hf", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     ckpt.clear_for_save(d)  # a save of step 6 again (after a fall-back from a damaged step 6) starts clean
     assert not d.exists()
 
 
 def test_manifest_owner_of_rank_files(tmp_path):
-    for name in ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001.pt", "mp_rank_00_model_states.pt", "rank_00000.pt"):
+    for name in (
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rank_00001.pt",
+        "mp_rank_00_model_states.pt",
+        "rank_00000.pt",
+    ):
         (tmp_path / name).write_bytes(b"x")
     assert sorted(ckpt.rank_manifest(tmp_path, 1)) == ["rank_00001.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert sorted(ckpt.rank_manifest(tmp_path, 0)) == ["mp_rank_00_model_states.pt", "rank_00000.pt"]

@@ -36,8 +36,12 @@ def test_every_flag_and_command_has_help(monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: bench_parser.append(self))
     bench.parse_args([])
     parsers = [*_parsers(cli.build_parser()), ("python -m bench.step", bench_parser[0])]
-    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, p in parsers
-               for a in p._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
+    missing = [
+        f"{path} {'/'.join(a.option_strings) or a.dest}"
+        for path, p in parsers
+        for a in p._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help
+    ]
     assert missing == []
 
 
@@ -59,10 +63,17 @@ def test_result_only_on_stdout():
 
 def test_the_run_summary_rounds_its_wall_time_before_splitting_it():
     """59.96 s is 0:01:00.0 -- it printed 0:00:60.0 -- and a probe's row count is no measure."""
-    from distil.metrics_log import summary_lines
+    from distil.runs.metrics_log import summary_lines
 
-    result = {"start": {"probe/rows": 3000, "eval/agreement": 0.5}, "end": {"probe/rows": 3000, "eval/agreement": 0.75},
-              "wall_s": 59.96, "step": 8, "tokens": 1000, "steps_run": 8, "tokens_per_s": 16.7}
+    result = {
+        "start": {"probe/rows": 3000, "eval/agreement": 0.5},
+        "end": {"probe/rows": 3000, "eval/agreement": 0.75},
+        "wall_s": 59.96,
+        "step": 8,
+        "tokens": 1000,
+        "steps_run": 8,
+        "tokens_per_s": 16.7,
+    }
     lines = summary_lines(result)
     assert lines[1] == "  this start: 8 steps in 0:01:00.0 (h:mm:ss), 17 tokens/s mean"
     assert lines[2:] == ["  held-out agreement          start 0.5000 -> end 0.7500 (higher is better)"]

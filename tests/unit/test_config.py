@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from distil.config import DistilConfig, apply_override, load_config
+from distil.config.schema import DistilConfig, apply_override, load_config
 from distil.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ def test_presets_validate(path):
     import json
     import re
 
-    from distil.config import ADDED_SINCE_0_1, RESUMABLE
+    from distil.config.schema import ADDED_SINCE_0_1, RESUMABLE
 
     cfg = load_config(path)
     if cfg.run.name:
@@ -41,10 +41,28 @@ def test_distilbert_preset_matches_the_paper():
     cfg = load_config(ROOT / "configs" / "distilbert-base-uncased.yaml")
     assert cfg.teacher.name_or_path == "bert-base-uncased"
     assert cfg.student.layers == [0, 2, 4, 7, 9, 11]
-    l, o = cfg.loss, cfg.optim
-    assert (l.recipe, l.temperature, l.alpha_kl, l.alpha_mlm, l.alpha_cos) == ("distilbert", 2.0, 5.0, 2.0, 1.0)
-    assert (cfg.masking.prob, cfg.masking.mask_frac, cfg.masking.random_frac, cfg.masking.smoothing) == (0.15, 0.8, 0.1, 0.7)
-    assert (o.lr, o.betas, o.eps, o.warmup_ratio, o.schedule, o.grad_clip) == (5e-4, (0.9, 0.98), 1e-6, 0.05, "linear", 5.0)
+    loss, o = cfg.loss, cfg.optim
+    assert (loss.recipe, loss.temperature, loss.alpha_kl, loss.alpha_mlm, loss.alpha_cos) == (
+        "distilbert",
+        2.0,
+        5.0,
+        2.0,
+        1.0,
+    )
+    assert (cfg.masking.prob, cfg.masking.mask_frac, cfg.masking.random_frac, cfg.masking.smoothing) == (
+        0.15,
+        0.8,
+        0.1,
+        0.7,
+    )
+    assert (o.lr, o.betas, o.eps, o.warmup_ratio, o.schedule, o.grad_clip) == (
+        5e-4,
+        (0.9, 0.98),
+        1e-6,
+        0.05,
+        "linear",
+        5.0,
+    )
     assert cfg.train.global_batch_size == 4096 and cfg.data.max_len == 512
 
 
@@ -59,12 +77,12 @@ def test_herbert_preset_uses_whole_word_charbpe():
 def test_minilm_preset_is_minilm_shaped_and_valid_for_bert_base(monkeypatch):
     from transformers import BertConfig
 
-    from distil.model import validate_against_teacher
-    from distil.student_shape import StudentShape
+    from distil.model.student_shape import StudentShape
+    from distil.model.teacher import validate_against_teacher
 
     cfg = load_config(ROOT / "configs" / "minilm-l6-h384-uncased.yaml")
     bert_base = BertConfig(architectures=["BertForMaskedLM"])  # 12 x 768, 12 heads, feed-forward 3072
-    monkeypatch.setattr("distil.model.check_teacher_weights", lambda cfg: None)
+    monkeypatch.setattr("distil.model.teacher.check_teacher_weights", lambda cfg: None)
     validate_against_teacher(cfg, bert_base)
     assert StudentShape.for_student(cfg.student, bert_base) == StudentShape(hidden=384, heads=12, intermediate=1536)
     assert len(cfg.student.layers) == 6 and cfg.loss.alpha_relation == 1.0 and cfg.loss.relation_heads == 12
@@ -74,9 +92,13 @@ def test_minilm_preset_is_minilm_shaped_and_valid_for_bert_base(monkeypatch):
 def test_run_names_of_0_1_are_kept():
     """Derived names as distil-run 0.1 computed them (keys added since, at their defaults, are
     left out of the hash): an upgraded distil-run resumes the same run."""
-    assert load_config(ROOT / "configs" / "distilbert-base-uncased.yaml").run_name() == "bert-base-uncased-6l-c67ff94b10"
-    assert load_config(ROOT / "configs" / "distilbert-base-uncased.yaml", ["student.init=random"]).run_name() != \
-        "bert-base-uncased-6l-c67ff94b10"
+    assert (
+        load_config(ROOT / "configs" / "distilbert-base-uncased.yaml").run_name() == "bert-base-uncased-6l-c67ff94b10"
+    )
+    assert (
+        load_config(ROOT / "configs" / "distilbert-base-uncased.yaml", ["student.init=random"]).run_name()
+        != "bert-base-uncased-6l-c67ff94b10"
+    )
 
 
 def test_overrides_are_parsed_as_yaml():

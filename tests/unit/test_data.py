@@ -1,5 +1,5 @@
-"""Reading sources (distil/corpus.py), tokenizing, packing and the held-out split
-(distil/sequences.py), each against an independent computation; and the resumable sampler."""
+"""Reading sources (distil/data/corpus.py), tokenizing, packing and the held-out split
+(distil/data/sequences.py), each against an independent computation; and the resumable sampler."""
 
 import json
 
@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distil import corpus
-from distil.corpus import Reading
-from distil.data import ResumableSampler
+from distil.data import corpus
+from distil.data.batches import ResumableSampler
+from distil.data.corpus import Reading
+from distil.data.sequences import HeldOut, Packer, token_ids, tokenizer_spec
 from distil.errors import UserError
-from distil.sequences import HeldOut, Packer, token_ids, tokenizer_spec
 from tests.conftest import EN_TEXT
 
 
@@ -24,8 +24,11 @@ def _docs(path, **kw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(lines=st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=30),
-       crlf=st.booleans(), range_bytes=st.integers(1, 40))
+@given(
+    lines=st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12), max_size=30),
+    crlf=st.booleans(),
+    range_bytes=st.integers(1, 40),
+)
 def test_ranges_read_every_line_once(tmp_path_factory, lines, crlf, range_bytes):
     """Cut into ranges of any size -- through multi-byte characters, at newlines -- a file reads
     as its lines, each once, in order; \r\n ends a line like \n."""
@@ -48,11 +51,16 @@ def test_tokenizing_equals_the_tokenizer_of_each_text(wordpiece, bytebpe):
 
 def _by_hand_pack(docs, cls, sep, body):
     stream = [t for d in docs if d for t in [*d, sep]]
-    return [[cls, *stream[i:i + body], sep] for i in range(0, len(stream) - body + 1, body)]
+    return [[cls, *stream[i : i + body], sep] for i in range(0, len(stream) - body + 1, body)]
 
 
 def _by_hand_lines(docs, cls, sep, body, min_len):
-    return [[cls, *d[i:i + body], sep] for d in docs for i in range(0, len(d), body) if len(d[i:i + body]) + 2 >= min_len]
+    return [
+        [cls, *d[i : i + body], sep]
+        for d in docs
+        for i in range(0, len(d), body)
+        if len(d[i : i + body]) + 2 >= min_len
+    ]
 
 
 def _run(packer, docs, cut):
@@ -83,10 +91,19 @@ def test_jsonl_json_parquet_and_folders(tmp_path):
     (d / "sub").mkdir(parents=True)
     (d / "a.jsonl").write_text("\n".join(json.dumps({"body": f"json line {i}"}) for i in range(3)) + "\n\n")
     (d / "b.json").write_text(json.dumps([{"body": "array one"}, {"body": ""}, {"body": "array two"}]))
-    pq.write_table(pa.table({"body": ["parquet one", None, "parquet two", "parquet three"]}), d / "sub" / "c.parquet",
-                   row_group_size=2)
-    assert _docs(d, text_field="body") == [*(f"json line {i}" for i in range(3)), "array one", "array two",
-                                            "parquet one", "parquet two", "parquet three"]
+    pq.write_table(
+        pa.table({"body": ["parquet one", None, "parquet two", "parquet three"]}),
+        d / "sub" / "c.parquet",
+        row_group_size=2,
+    )
+    assert _docs(d, text_field="body") == [
+        *(f"json line {i}" for i in range(3)),
+        "array one",
+        "array two",
+        "parquet one",
+        "parquet two",
+        "parquet three",
+    ]
     with pytest.raises(UserError, match="without a 'missing' field"):
         _docs(d / "a.jsonl", text_field="missing")
     with pytest.raises(UserError, match="no column 'missing'"):
@@ -122,7 +139,7 @@ def test_held_out_is_the_bottom_k_of_seeded_draws_however_the_batches_are_cut(cu
     n, fraction, cap = 1000, 0.05, 30
     train, held = _split(list(range(n)), fraction, cap, 7, cut)
     u = np.random.default_rng([7, 0x5E1D]).random(n)
-    assert held == sorted(np.argsort(u, kind="stable")[:min(cap, round(fraction * n))].tolist())
+    assert held == sorted(np.argsort(u, kind="stable")[: min(cap, round(fraction * n))].tolist())
     assert sorted(train + held) == list(range(n)) and not set(train) & set(held)
     assert _split(list(range(n)), fraction, cap, 8, cut)[1] != held  # the seed decides
     assert _split(list(range(n)), 0.01, cap, 7, cut)[1] == sorted(np.argsort(u, kind="stable")[:10].tolist())
@@ -132,10 +149,14 @@ def test_held_out_is_the_bottom_k_of_seeded_draws_however_the_batches_are_cut(cu
 
 def _take(sampler, world, local, steps):
     """Global batches as `world` workers see them: each worker holds its own copy of the sampler."""
-    copies = [sampler] + [ResumableSampler(sampler.n, sampler.seed, sampler.lengths, sampler.group) for _ in range(world - 1)]
+    copies = [sampler] + [
+        ResumableSampler(sampler.n, sampler.seed, sampler.lengths, sampler.group) for _ in range(world - 1)
+    ]
     for c in copies[1:]:
         c.load_state_dict(sampler.state_dict())
-    return [np.concatenate([c.next_indices(world * local, r, local) for r, c in enumerate(copies)]) for _ in range(steps)]
+    return [
+        np.concatenate([c.next_indices(world * local, r, local) for r, c in enumerate(copies)]) for _ in range(steps)
+    ]
 
 
 def test_sampler_resumes_exactly_and_ignores_world_size():
@@ -181,7 +202,7 @@ def test_peek_tells_the_next_draw_without_moving_the_sampler():
 def test_lookahead_makes_the_next_batch_on_another_thread():
     import threading
 
-    from distil.data import Lookahead
+    from distil.data.batches import Lookahead
 
     made = []
 
@@ -207,7 +228,7 @@ def test_lookahead_makes_the_next_batch_on_another_thread():
 def test_a_huge_single_line_is_tokenized_in_bounded_pieces(wordpiece, monkeypatch):
     """A corpus whose document is one long line (a 110 MB one needed 18 GB): the tokenizer never
     sees a string longer than PIECE_CHARS, and the ids are those of the whole line."""
-    from distil import sequences
+    from distil.data import sequences
 
     line = " ".join(EN_TEXT.read_text().split("\n")) * 3
     assert len(line) > 3 * sequences.PIECE_CHARS

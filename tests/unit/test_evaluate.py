@@ -1,7 +1,7 @@
 import torch
 from scipy.stats import spearmanr
 
-from distil.evaluate import agreement, mean_pool, pairwise_cosines, spearman
+from distil.eval.measures import agreement, mean_pool, pairwise_cosines, spearman
 
 
 def test_spearman_equals_scipy_with_ties():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ K8S_VERSION = "1.34"
 
 def helm_bin() -> str:
     """The helm `distil k8s submit` uses (scripts/get_helm.sh puts helm v3.19.0 into .venv/bin)."""
-    from distil.k8s import helm_binary
+    from distil.launch.chart import helm_binary
 
     return helm_binary()
 
@@ -47,8 +47,12 @@ def _closed(schema):
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
-                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+            if (
+                node.get("type") == "object"
+                and "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             stack.extend(node.values())
         elif isinstance(node, list):
@@ -101,13 +105,18 @@ def _pods(cluster_spec: dict):
 
 
 def test_job_fields_that_matter():
-    from distil.config import DistilConfig
+    from distil.config.schema import DistilConfig
 
     docs = by_kind(render("-f", str(CHART / "ci" / "spot-values.yaml")))
     job = docs["RayJob"]["spec"]
-    assert job["entrypoint"] == "python jobs/distill.py --config /etc/distil/config.yaml --set 'checkpoint.every_steps=500'"
+    assert (
+        job["entrypoint"]
+        == "python jobs/distill.py --config /etc/distil/config.yaml --set 'checkpoint.every_steps=500'"
+    )
     assert job["rayClusterSpec"]["rayVersion"] == "2.60.0"  # the Ray pinned in pyproject.toml
-    assert job["backoffLimit"] == 10 and job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] == 3600
+    assert (
+        job["backoffLimit"] == 10 and job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] == 3600
+    )
     groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
     assert groups["spot"]["replicas"] == 3 and groups["ondemand"]["replicas"] == 1
     for name, pod in _pods(job["rayClusterSpec"]):
@@ -116,11 +125,14 @@ def test_job_fields_that_matter():
         assert gpus == (None if name == "head" else 2), name
         assert pod["terminationGracePeriodSeconds"] == 600
         hook = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
-        assert hook == (None if name == "head" else ["python", "-m", "distil.preempt", "--timeout", "585"]), name
+        assert hook == (None if name == "head" else ["python", "-m", "distil.runs.preempt", "--timeout", "585"]), name
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         env = {e["name"]: e for e in c["env"]}
-        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "distil-s3", "key": "AWS_ACCESS_KEY_ID"}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+            "name": "distil-s3",
+            "key": "AWS_ACCESS_KEY_ID",
+        }
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "distil-s3"
         assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
         shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
@@ -161,7 +173,10 @@ def test_extra_env_volumes_annotations_and_labels_reach_every_ray_pod():
     assert all(d["metadata"]["labels"]["distil-run/run"] == "distilbert-base-uncased-6l" for d in docs)
     spec = by_kind(docs)["RayJob"]["spec"]["rayClusterSpec"]
     pods = dict(_pods(spec))
-    metas = [spec["headGroupSpec"]["template"]["metadata"], *(g["template"]["metadata"] for g in spec["workerGroupSpecs"])]
+    metas = [
+        spec["headGroupSpec"]["template"]["metadata"],
+        *(g["template"]["metadata"] for g in spec["workerGroupSpecs"]),
+    ]
     assert sorted(pods) == ["data", "gpu", "head"] and len(metas) == 3
     for meta in metas:
         assert meta["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
@@ -169,7 +184,10 @@ def test_extra_env_volumes_annotations_and_labels_reach_every_ray_pod():
     for name, pod in pods.items():
         c = pod["containers"][0]
         env = {e["name"]: e for e in c["env"]}
-        assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}, name
+        assert env["HF_TOKEN"] == {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
+        }, name
         assert env["NCCL_DEBUG"]["value"] == "WARN" and "AWS_SECRET_ACCESS_KEY" in env, name
         assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"], name
         assert {"name": "hf-cache", "mountPath": "/cache/hf"} in c["volumeMounts"], name
@@ -187,64 +205,108 @@ def test_cluster_mode_renders_a_raycluster_and_no_job():
 GROUP = {"name": "gpu", "replicas": 2, "gpusPerPod": 1, "resources": {"limits": {"cpu": "8", "memory": "48Gi"}}}
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"config": {"scaling": {"num_workers": 3}}}, "config.scaling.num_workers is 3 but the worker groups give 2"),
-    ({"config": {"storage": {"uri": "/data/runs"}}}, "must go to object storage"),
-    ({"config": {"storage": {"aws_secret_access_key": "x"}}}, "at '/config/storage': additional properties 'aws_secret_access_key' not allowed"),
-    ({"config": {"run": {"name": ""}}}, "at '/config/run/name'"),  # (the chart's own check, config.run.name is empty, after it)
-    ({"workerGroups": [{**GROUP, "replicas": 0}]}, "no GPU worker"),
-    ({"mode": "batch"}, "mode"),
-    ({"workerGroups": [{**GROUP, "gpus": 1}]}, "gpus"),  # an unknown key: the strict schema refuses it
-    ({"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),
-    # issue 14: what a cluster would refuse, and credentials by pattern anywhere
-    ({"fullnameOverride": "r" * 48}, "at most 47 characters"),
-    ({"fullnameOverride": "1run"}, "DNS-1035"),
-    ({"fullnameOverride": "run_1"}, "DNS-1035"),
-    ({"mode": "cluster", "fullnameOverride": "c" * 54}, "RayCluster name"),
-    ({"workerGroups": [GROUP, {**GROUP, "replicas": 1}]}, 'two groups are named "gpu"'),
-    ({"workerGroups": [{**GROUP, "resources": {"requests": {"cpu": "9"}, "limits": {"cpu": "8000m"}}}]},
-     "workerGroups[gpu].resources: requests.cpu 9 is above limits.cpu 8000m"),
-    ({"workerGroups": [{**GROUP, "resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "2000Mi"}}}]}, "requests.memory"),
-    ({"head": {"resources": {"requests": {"memory": "9Gi"}, "limits": {"memory": "8Gi"}}}}, "head.resources"),
-    ({"job": {"submitterResources": {"requests": {"cpu": 2}, "limits": {"cpu": "1"}}}}, "job.submitterResources"),
-    ({"workerGroups": [{**GROUP, "replicas": 3}]}, "global_batch_size 512 is not a multiple of micro_batch_size 16 x 3"),
-    ({"config": {"data": {"hub_kwargs": {"token": "hf_x"}}}}, "config.data.hub_kwargs.token"),
-    ({"config": {"data": {"hub_kwargs": {"storage_options": [{"HF_TOKEN": "hf_x"}]}}}}, "config.data.hub_kwargs.storage_options[0].HF_TOKEN"),
-    ({"config": {"storage": {"secretAccessKey": "x"}}}, "additional properties 'secretAccessKey' not allowed"),
-    ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_x"}]}, "extraEnv[0].value: credentials never go into values"),
-    # distil's own config schema (scripts/chart_schema.py): a typo fails the install, not a pod
-    ({"config": {"train": {"max_stepz": 3}}}, "at '/config/train': additional properties 'max_stepz' not allowed"),
-    ({"config": {"optim": {"lr": "fast"}}}, "at '/config/optim/lr'"),
-    ({"config": {"masking": {"prob": 1.5}}}, "at '/config/masking/prob'"),
-    ({"extraEnv": [{"name": "X", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, "extraEnv/0"),
-    ({"extraVolumeMounts": [{"name": "v", "mountPath": "relative"}]}, "extraVolumeMounts/0/mountPath"),
-    ({"config": {"storage": {"endpoint_url": "http://ak:sk@minio:9000"}}}, "endpoint_url holds credentials"),
-    ({"job": {"extraArgs": ["data.hub_kwargs.api_key=x"]}}, "job.extraArgs[data.hub_kwargs.api_key]"),
-    ({"head": {"rayStartParams": {"redis-password": "x"}}}, "head.rayStartParams.redis-password"),
-    # issue 27: credentials inside URIs, anywhere a value can hold one; the message never repeats them
-    ({"config": {"storage": {"uri": "s3://AKIA:CANARY@bucket/runs"}}}, "config.storage.uri: credentials never go into values"),
-    ({"config": {"data": {"sources": ["s3://b/x", "https://u:CANARY@host/x.txt"]}}}, "config.data.sources[1]: credentials"),
-    ({"config": {"teacher": {"name_or_path": "https://user:CANARY@host/bert"}}}, "config.teacher.name_or_path: credentials"),
-    ({"config": {"data": {"hub_kwargs": {"data_files": "https://host/x.txt?token=CANARY"}}}}, "config.data.hub_kwargs.data_files"),
-    ({"config": {"eval": {"sources": ["https://h/x.txt?X-Amz-Signature=CANARY"]}}}, "config.eval.sources[0]"),
-    ({"job": {"extraArgs": ["data.sources=[s3://K:CANARY@b/x]"]}}, "job.extraArgs[data.sources]: credentials"),
-    ({"extraEnv": [{"name": "CORPUS_URL", "value": "https://u:CANARY@h/x"}]}, "extraEnv[0].value: credentials"),
-    ({"extraEnv": [{"name": "DB_PASS", "value": "CANARY"}]}, "extraEnv[0].value: credentials"),
-    ({"extraEnv": [{"name": "X", "value": "1"}, {"name": "S3_KEY", "value": "CANARY"}]}, "extraEnv[1].value: credentials"),
-    # issue 27: what the chart checks cannot be overridden around it; what the chart labels is its own
-    ({"job": {"extraArgs": ["storage.uri=runs"]}}, "job.extraArgs sets storage.uri, which the chart checks"),
-    ({"job": {"extraArgs": ["train.global_batch_size=7"]}}, "job.extraArgs sets train.global_batch_size"),
-    ({"job": {"extraArgs": ["scaling.num_workers=9"]}}, "job.extraArgs sets scaling.num_workers"),
-    ({"podLabels": {"distil-run/run": "other"}}, "podLabels.distil-run/run: the chart sets"),
-    ({"head": {"rayStartParams": {"num-cpus": "$(curl evil)"}}}, "head.rayStartParams.num-cpus holds a shell character"),
-    # issue 27: integers the API holds (int32 replicas, backoffLimit, ttl; int64 grace period), quantities
-    ({"terminationGracePeriodSeconds": 10**20}, "at '/terminationGracePeriodSeconds': maximum"),
-    ({"job": {"ttlSecondsAfterFinished": 10**20}}, "at '/job/ttlSecondsAfterFinished': maximum"),
-    ({"job": {"backoffLimit": 2**31}}, "at '/job/backoffLimit': maximum"),
-    ({"workerGroups": [{**GROUP, "replicas": 2**31}]}, "at '/workerGroups/0/replicas': maximum"),
-    ({"dataWorkers": {"replicas": 1, "idleTimeoutSeconds": 2**31}}, "at '/dataWorkers/idleTimeoutSeconds': maximum"),
-    ({"workerGroups": [{**GROUP, "resources": {"limits": {"cpu": "..."}}}]}, "does not match pattern"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"config": {"scaling": {"num_workers": 3}}}, "config.scaling.num_workers is 3 but the worker groups give 2"),
+        ({"config": {"storage": {"uri": "/data/runs"}}}, "must go to object storage"),
+        (
+            {"config": {"storage": {"aws_secret_access_key": "x"}}},
+            "at '/config/storage': additional properties 'aws_secret_access_key' not allowed",
+        ),
+        (
+            {"config": {"run": {"name": ""}}},
+            "at '/config/run/name'",
+        ),  # (the chart's own check, config.run.name is empty, after it)
+        ({"workerGroups": [{**GROUP, "replicas": 0}]}, "no GPU worker"),
+        ({"mode": "batch"}, "mode"),
+        ({"workerGroups": [{**GROUP, "gpus": 1}]}, "gpus"),  # an unknown key: the strict schema refuses it
+        ({"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),
+        # issue 14: what a cluster would refuse, and credentials by pattern anywhere
+        ({"fullnameOverride": "r" * 48}, "at most 47 characters"),
+        ({"fullnameOverride": "1run"}, "DNS-1035"),
+        ({"fullnameOverride": "run_1"}, "DNS-1035"),
+        ({"mode": "cluster", "fullnameOverride": "c" * 54}, "RayCluster name"),
+        ({"workerGroups": [GROUP, {**GROUP, "replicas": 1}]}, 'two groups are named "gpu"'),
+        (
+            {"workerGroups": [{**GROUP, "resources": {"requests": {"cpu": "9"}, "limits": {"cpu": "8000m"}}}]},
+            "workerGroups[gpu].resources: requests.cpu 9 is above limits.cpu 8000m",
+        ),
+        (
+            {"workerGroups": [{**GROUP, "resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "2000Mi"}}}]},
+            "requests.memory",
+        ),
+        ({"head": {"resources": {"requests": {"memory": "9Gi"}, "limits": {"memory": "8Gi"}}}}, "head.resources"),
+        ({"job": {"submitterResources": {"requests": {"cpu": 2}, "limits": {"cpu": "1"}}}}, "job.submitterResources"),
+        (
+            {"workerGroups": [{**GROUP, "replicas": 3}]},
+            "global_batch_size 512 is not a multiple of micro_batch_size 16 x 3",
+        ),
+        ({"config": {"data": {"hub_kwargs": {"token": "hf_x"}}}}, "config.data.hub_kwargs.token"),
+        (
+            {"config": {"data": {"hub_kwargs": {"storage_options": [{"HF_TOKEN": "hf_x"}]}}}},
+            "config.data.hub_kwargs.storage_options[0].HF_TOKEN",
+        ),
+        ({"config": {"storage": {"secretAccessKey": "x"}}}, "additional properties 'secretAccessKey' not allowed"),
+        ({"extraEnv": [{"name": "HF_TOKEN", "value": "hf_x"}]}, "extraEnv[0].value: credentials never go into values"),
+        # distil's own config schema (scripts/chart_schema.py): a typo fails the install, not a pod
+        ({"config": {"train": {"max_stepz": 3}}}, "at '/config/train': additional properties 'max_stepz' not allowed"),
+        ({"config": {"optim": {"lr": "fast"}}}, "at '/config/optim/lr'"),
+        ({"config": {"masking": {"prob": 1.5}}}, "at '/config/masking/prob'"),
+        (
+            {"extraEnv": [{"name": "X", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
+            "extraEnv/0",
+        ),
+        ({"extraVolumeMounts": [{"name": "v", "mountPath": "relative"}]}, "extraVolumeMounts/0/mountPath"),
+        ({"config": {"storage": {"endpoint_url": "http://ak:sk@minio:9000"}}}, "endpoint_url holds credentials"),
+        ({"job": {"extraArgs": ["data.hub_kwargs.api_key=x"]}}, "job.extraArgs[data.hub_kwargs.api_key]"),
+        ({"head": {"rayStartParams": {"redis-password": "x"}}}, "head.rayStartParams.redis-password"),
+        # issue 27: credentials inside URIs, anywhere a value can hold one; the message never repeats them
+        (
+            {"config": {"storage": {"uri": "s3://AKIA:CANARY@bucket/runs"}}},
+            "config.storage.uri: credentials never go into values",
+        ),
+        (
+            {"config": {"data": {"sources": ["s3://b/x", "https://u:CANARY@host/x.txt"]}}},
+            "config.data.sources[1]: credentials",
+        ),
+        (
+            {"config": {"teacher": {"name_or_path": "https://user:CANARY@host/bert"}}},
+            "config.teacher.name_or_path: credentials",
+        ),
+        (
+            {"config": {"data": {"hub_kwargs": {"data_files": "https://host/x.txt?token=CANARY"}}}},
+            "config.data.hub_kwargs.data_files",
+        ),
+        ({"config": {"eval": {"sources": ["https://h/x.txt?X-Amz-Signature=CANARY"]}}}, "config.eval.sources[0]"),
+        ({"job": {"extraArgs": ["data.sources=[s3://K:CANARY@b/x]"]}}, "job.extraArgs[data.sources]: credentials"),
+        ({"extraEnv": [{"name": "CORPUS_URL", "value": "https://u:CANARY@h/x"}]}, "extraEnv[0].value: credentials"),
+        ({"extraEnv": [{"name": "DB_PASS", "value": "CANARY"}]}, "extraEnv[0].value: credentials"),
+        (
+            {"extraEnv": [{"name": "X", "value": "1"}, {"name": "S3_KEY", "value": "CANARY"}]},
+            "extraEnv[1].value: credentials",
+        ),
+        # issue 27: what the chart checks cannot be overridden around it; what the chart labels is its own
+        ({"job": {"extraArgs": ["storage.uri=runs"]}}, "job.extraArgs sets storage.uri, which the chart checks"),
+        ({"job": {"extraArgs": ["train.global_batch_size=7"]}}, "job.extraArgs sets train.global_batch_size"),
+        ({"job": {"extraArgs": ["scaling.num_workers=9"]}}, "job.extraArgs sets scaling.num_workers"),
+        ({"podLabels": {"distil-run/run": "other"}}, "podLabels.distil-run/run: the chart sets"),
+        (
+            {"head": {"rayStartParams": {"num-cpus": "$(curl evil)"}}},
+            "head.rayStartParams.num-cpus holds a shell character",
+        ),
+        # issue 27: integers the API holds (int32 replicas, backoffLimit, ttl; int64 grace period), quantities
+        ({"terminationGracePeriodSeconds": 10**20}, "at '/terminationGracePeriodSeconds': maximum"),
+        ({"job": {"ttlSecondsAfterFinished": 10**20}}, "at '/job/ttlSecondsAfterFinished': maximum"),
+        ({"job": {"backoffLimit": 2**31}}, "at '/job/backoffLimit': maximum"),
+        ({"workerGroups": [{**GROUP, "replicas": 2**31}]}, "at '/workerGroups/0/replicas': maximum"),
+        (
+            {"dataWorkers": {"replicas": 1, "idleTimeoutSeconds": 2**31}},
+            "at '/dataWorkers/idleTimeoutSeconds': maximum",
+        ),
+        ({"workerGroups": [{**GROUP, "resources": {"limits": {"cpu": "..."}}}]}, "does not match pattern"),
+    ],
+)
 def test_inconsistent_values_fail(tmp_path, values, message):
     f = tmp_path / "bad-values.yaml"
     f.write_text(yaml.safe_dump(values))
@@ -253,16 +315,47 @@ def test_inconsistent_values_fail(tmp_path, values, message):
     assert "hf_x" not in r.stderr and ":sk@" not in r.stderr and "CANARY" not in r.stderr
 
 
+def test_helm_test_checks_the_config_and_storage_from_inside_the_cluster():
+    """`helm test RELEASE` runs `distil check` in a pod with the run's config and the pods' S3
+    credentials (a hook: not created by `helm install`, nor by `distil k8s submit`)."""
+    docs = render("-f", str(CHART / "ci" / "spot-values.yaml"))
+    [pod] = [d for d in docs if d["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = pod["spec"]["containers"][0]
+    assert c["command"] == ["distil", "check", "--config", "/etc/distil/config.yaml"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/etc/distil"}
+    assert pod["spec"]["volumes"][0]["configMap"]["name"] == by_kind(docs)["ConfigMap"]["metadata"]["name"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "distil-s3"
+    r = helm("template", "rel", str(CHART), "-f", str(CHART / "ci" / "spot-values.yaml"), "--skip-tests")
+    assert r.returncode == 0 and "kind: Pod" not in r.stdout  # what `distil k8s submit` renders
+
+
 def test_the_chart_finds_credential_uris_by_distils_own_rule(tmp_path):
     """One rule for credentials in URIs (distil/secrets.py `uri_problem`): the chart flags exactly
     the strings distil refuses, in one render (it lists every place)."""
     from distil.secrets import uri_problem
 
-    cases = ["s3://bucket/prefix", "s3://AK:SK@bucket/prefix", "s3://AK@bucket", "https://host/a@b/c.txt",
-             "https://u:p@host:8443/x", "/local/user@host/file.txt", "data/brown", "https://host/x?token=t",
-             "https://host/x?a=1&X-Amz-Credential=c", "https://host/x?X-Amz-Signature=s", "https://host/x?sig=s",
-             "https://host/x?page=2&lang=pl", "https://host/x#api_key=k", "bert-base-uncased", "hf://datasets/x@main/y",
-             "https://host/x?monkey=1", "https://host/x?key=1", "mailto:someone@example.com"]
+    cases = [
+        "s3://bucket/prefix",
+        "s3://AK:SK@bucket/prefix",
+        "s3://AK@bucket",
+        "https://host/a@b/c.txt",
+        "https://u:p@host:8443/x",
+        "/local/user@host/file.txt",
+        "data/brown",
+        "https://host/x?token=t",
+        "https://host/x?a=1&X-Amz-Credential=c",
+        "https://host/x?X-Amz-Signature=s",
+        "https://host/x?sig=s",
+        "https://host/x?page=2&lang=pl",
+        "https://host/x#api_key=k",
+        "bert-base-uncased",
+        "hf://datasets/x@main/y",
+        "https://host/x?monkey=1",
+        "https://host/x?key=1",
+        "mailto:someone@example.com",
+    ]
     f = tmp_path / "v.yaml"
     f.write_text(yaml.safe_dump({"config": {"eval": {"sources": cases}}}))
     r = helm("template", "rel", str(CHART), "-f", str(f))
@@ -276,12 +369,24 @@ def test_extra_args_are_one_shell_word_each(tmp_path):
     (issue 27). Each is now single-quoted, so bash hands it over unchanged and runs nothing."""
     import shlex
 
-    value = "eval.sources=[\"it's $(touch PWNED) `touch PWNED2` $HOME\"]"
-    docs = by_kind(render("-f", str(CHART / "ci" / "default-values.yaml"), "--set-json", f"job.extraArgs={__import__('json').dumps([value])}"))
+    value = 'eval.sources=["it\'s $(touch PWNED) `touch PWNED2` $HOME"]'
+    docs = by_kind(
+        render(
+            "-f",
+            str(CHART / "ci" / "default-values.yaml"),
+            "--set-json",
+            f"job.extraArgs={__import__('json').dumps([value])}",
+        )
+    )
     entrypoint = docs["RayJob"]["spec"]["entrypoint"]
     assert shlex.split(entrypoint)[-2:] == ["--set", value]
-    shown = subprocess.run(["bash", "-c", entrypoint.replace("python jobs/distill.py", "printf '%s\\n'", 1)], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=30)
+    shown = subprocess.run(
+        ["bash", "-c", entrypoint.replace("python jobs/distill.py", "printf '%s\\n'", 1)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert shown.stdout.splitlines()[-1] == value and not list(tmp_path.iterdir())
 
 
@@ -299,14 +404,20 @@ def test_the_chart_refuses_credentials_by_distils_own_pattern():
 def test_large_integers_render_as_integers(tmp_path):
     """Helm reads numbers as float64 and toYaml wrote 1209600 as 1.2096e+06: refused by the API
     server (an integer field) and by distil (max_steps must be an integer)."""
-    from distil.config import DistilConfig
+    from distil.config.schema import DistilConfig
 
     f = tmp_path / "big.yaml"
-    f.write_text(yaml.safe_dump({"config": {"train": {"max_steps": 1209600}, "zero": {"reduce_bucket_size": 500000000}},
-                                 "job": {"ttlSecondsAfterFinished": 1209600, "activeDeadlineSeconds": 2592000},
-                                 "terminationGracePeriodSeconds": 1000000,
-                                 "head": {"rayStartParams": {"object-store-memory": 10000000000, "num-cpus": 0.5}},
-                                 "workerGroups": [{**GROUP, "resources": {"limits": {"cpu": 8, "memory": 51539607552}}}]}))
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "config": {"train": {"max_steps": 1209600}, "zero": {"reduce_bucket_size": 500000000}},
+                "job": {"ttlSecondsAfterFinished": 1209600, "activeDeadlineSeconds": 2592000},
+                "terminationGracePeriodSeconds": 1000000,
+                "head": {"rayStartParams": {"object-store-memory": 10000000000, "num-cpus": 0.5}},
+                "workerGroups": [{**GROUP, "resources": {"limits": {"cpu": 8, "memory": 51539607552}}}],
+            }
+        )
+    )
     r = helm("template", "rel", str(CHART), "-f", str(f))
     assert r.returncode == 0, r.stderr
     assert "e+0" not in r.stdout and "e+1" not in r.stdout
@@ -317,7 +428,9 @@ def test_large_integers_render_as_integers(tmp_path):
     job = docs["RayJob"]["spec"]
     assert job["ttlSecondsAfterFinished"] == 1209600 and job["activeDeadlineSeconds"] == 2592000
     head = job["rayClusterSpec"]["headGroupSpec"]
-    assert head["rayStartParams"]["object-store-memory"] == "10000000000" and head["rayStartParams"]["num-cpus"] == "0.5"
+    assert (
+        head["rayStartParams"]["object-store-memory"] == "10000000000" and head["rayStartParams"]["num-cpus"] == "0.5"
+    )
     worker = job["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["terminationGracePeriodSeconds"] == 1000000
     assert worker["containers"][0]["resources"]["limits"]["memory"] == 51539607552
@@ -340,8 +453,11 @@ def test_every_value_is_documented_and_the_chart_readme_is_current():
     lines = (CHART / "values.yaml").read_text().splitlines()
     paths = {".".join(map(str, p)) for p, _ in gen.documented(lines)}
     values = yaml.safe_load("\n".join(lines))
-    expected = {k for k in values if k not in gen.SECTIONS} | {f"{k}.{sub}" for k in gen.SECTIONS for sub in values[k]} \
+    expected = (
+        {k for k in values if k not in gen.SECTIONS}
+        | {f"{k}.{sub}" for k in gen.SECTIONS for sub in values[k]}
         | {f"workerGroups.0.{sub}" for sub in values["workerGroups"][0]}
+    )
     assert paths == expected
     broken = [x.replace("  # -- Image pull policy.", "  # Image pull policy.") for x in lines]
     with pytest.raises(SystemExit, match="image.pullPolicy has no `# --` comment"):
@@ -351,8 +467,10 @@ def test_every_value_is_documented_and_the_chart_readme_is_current():
 
 def test_the_chart_validates_config_with_distils_own_schema():
     """values.schema.json's `config` is DistilConfig.model_json_schema() as scripts/chart_schema.py
-    writes it (run it after changing distil/config.py)."""
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart_schema.py"), "--check"], capture_output=True, text=True)
+    writes it (run it after changing distil/config/schema.py)."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "chart_schema.py"), "--check"], capture_output=True, text=True
+    )
     assert r.returncode == 0, "values.schema.json is stale: run python scripts/chart_schema.py"
 
 

@@ -1,4 +1,4 @@
-"""One process trains a run at a time (distil/lease.py), in a local folder and in S3 (moto_server,
+"""One process trains a run at a time (distil/runs/lease.py), in a local folder and in S3 (moto_server,
 which honours conditional PUTs as S3 does): a living holder is refused by name, a dead one is
 taken over, another machine's lease is taken over only once it goes unrenewed for its ttl, and
 of several processes racing for a free lease exactly one wins."""
@@ -17,10 +17,10 @@ import uuid
 import boto3
 import pytest
 
-from distil import lease as lease_mod
 from distil.errors import UserError
-from distil.lease import RunLease, _parse
-from distil.storage import Storage
+from distil.runs import lease as lease_mod
+from distil.runs.lease import RunLease, _parse
+from distil.storage.location import Storage
 from tests.conftest import ROOT
 
 
@@ -42,8 +42,19 @@ def _plant(root, **record) -> None:
     """A lease record as another holder wrote it."""
     backend = RunLease(root, "r").backend
     version, _ = backend.read()
-    written, _, _ = backend.swap(version, {"holder": uuid.uuid4().hex, "host": "elsewhere", "pid": 4242, "command": "distil train",
-                                           "acquired": time.time(), "renewed": time.time(), "ttl_s": 60.0, **record})
+    written, _, _ = backend.swap(
+        version,
+        {
+            "holder": uuid.uuid4().hex,
+            "host": "elsewhere",
+            "pid": 4242,
+            "command": "distil train",
+            "acquired": time.time(),
+            "renewed": time.time(),
+            "ttl_s": 60.0,
+            **record,
+        },
+    )
     assert written
 
 
@@ -70,8 +81,10 @@ def test_a_living_holder_is_refused_by_name(root):
 def test_a_dead_holder_of_this_machine_is_taken_over_at_once(root):
     """A holder killed with SIGKILL never deletes its lease; its pid is gone, so the next start
     takes it without waiting for the ttl."""
-    code = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from distil.lease import RunLease; from distil.storage import Storage;"
-            f"RunLease(Storage({root.uri!r}, {root.endpoint_url!r}), 'r', ttl_s=3600).acquire(); os.kill(os.getpid(), 9)")
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from distil.runs.lease import RunLease; from distil.storage.location import Storage;"
+        f"RunLease(Storage({root.uri!r}, {root.endpoint_url!r}), 'r', ttl_s=3600).acquire(); os.kill(os.getpid(), 9)"
+    )
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     dead = _stored(root)
     assert dead and dead["ttl_s"] == 3600
@@ -145,12 +158,16 @@ def test_of_processes_racing_for_a_free_lease_one_wins(root):
 def test_a_holder_that_lost_its_lease_stops_without_writing(tmp_path):
     """Suspended past its ttl, another start took the run over: the old holder's next renewal
     finds that, and the process ends at once (exit 75) rather than write beside the new holder."""
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from distil.lease import RunLease; from distil.storage import Storage;"
-            f"RunLease(Storage({str(tmp_path / 'runs')!r}), 'r', ttl_s=2).acquire(); print('held', flush=True); time.sleep(60)")
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from distil.runs.lease import RunLease; from distil.storage.location import Storage;"
+        f"RunLease(Storage({str(tmp_path / 'runs')!r}), 'r', ttl_s=2).acquire(); print('held', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     backend = RunLease(Storage(str(tmp_path / "runs")), "r").backend
     version, body = backend.read()
-    assert backend.swap(version, {**json.loads(body), "holder": "thief", "host": "elsewhere", "machine": "elsewhere"})[0]
+    assert backend.swap(version, {**json.loads(body), "holder": "thief", "host": "elsewhere", "machine": "elsewhere"})[
+        0
+    ]
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == lease_mod.EXIT_LEASE_LOST and "was taken over by host elsewhere" in err

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distil.config_sections import LossSection
-from distil.fused_head import loss_positions
-from distil.losses import DistillationLoss, kl_with_temperature
+from distil.config.sections import LossSection
+from distil.objectives.fused_head import loss_positions
+from distil.objectives.losses import DistillationLoss, kl_with_temperature
 
 B, L, H, V = 3, 7, 8, 11
 
@@ -37,16 +37,30 @@ def reference(recipe, attn, labels, s_hidden, t_hidden, s_full, t_full, T, layer
     cos = F.cosine_embedding_loss(hs, ht, torch.ones(len(hs), dtype=torch.float64))
     mse = F.mse_loss(s, t)
     mse_h = F.mse_loss(hs, ht)
-    inter = torch.stack([F.cosine_embedding_loss(s_hidden[i + 1][sel], t_hidden[j + 1][sel], torch.ones(len(hs), dtype=torch.float64))
-                         for i, j in enumerate(layers[:-1])]).mean()
+    inter = torch.stack(
+        [
+            F.cosine_embedding_loss(
+                s_hidden[i + 1][sel], t_hidden[j + 1][sel], torch.ones(len(hs), dtype=torch.float64)
+            )
+            for i, j in enumerate(layers[:-1])
+        ]
+    ).mean()
     return {"kl": kl, "mlm": mlm, "cos": cos, "mse": mse, "mse_hidden": mse_h, "cos_intermediate": inter}
 
 
 @pytest.mark.parametrize("recipe", ["distilbert", "masked"])
 def test_every_term_matches_the_reference(batch, recipe):
     attn, labels, s_hidden, t_hidden, s_full, t_full = batch
-    cfg = LossSection(recipe=recipe, temperature=2.0, alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.5,
-                      alpha_mse_hidden=0.25, alpha_cos_intermediate=0.125)
+    cfg = LossSection(
+        recipe=recipe,
+        temperature=2.0,
+        alpha_kl=5.0,
+        alpha_mlm=2.0,
+        alpha_cos=1.0,
+        alpha_mse=0.5,
+        alpha_mse_hidden=0.25,
+        alpha_cos_intermediate=0.125,
+    )
     layers = [0, 3]
     pos = loss_positions(recipe, attn, labels)
     s_logits = s_full.reshape(-1, V)[pos]
@@ -55,7 +69,14 @@ def test_every_term_matches_the_reference(batch, recipe):
     ref = reference(recipe, attn, labels, s_hidden, t_hidden, s_full, t_full, 2.0, layers)
     for k, v in ref.items():
         assert abs(float(got[k]) - float(v)) <= 1e-6, (k, float(got[k]), float(v))
-    total = 5 * ref["kl"] + 2 * ref["mlm"] + ref["cos"] + 0.5 * ref["mse"] + 0.25 * ref["mse_hidden"] + 0.125 * ref["cos_intermediate"]
+    total = (
+        5 * ref["kl"]
+        + 2 * ref["mlm"]
+        + ref["cos"]
+        + 0.5 * ref["mse"]
+        + 0.25 * ref["mse_hidden"]
+        + 0.125 * ref["cos_intermediate"]
+    )
     assert abs(float(got["loss"]) - float(total)) <= 1e-6 * abs(float(total))  # fp32 sum of six terms
 
 
@@ -68,13 +89,17 @@ def test_positions_per_recipe(batch):
 def test_inactive_terms_are_not_computed(batch):
     attn, labels, s_hidden, t_hidden, *_ = batch
     cfg = LossSection(alpha_kl=0, alpha_mlm=0, alpha_cos=1.0)
-    got = DistillationLoss(cfg, [0, 1])(s_hidden, t_hidden, None, None, loss_positions("distilbert", attn, labels), labels)
+    got = DistillationLoss(cfg, [0, 1])(
+        s_hidden, t_hidden, None, None, loss_positions("distilbert", attn, labels), labels
+    )
     assert set(got) == {"cos", "loss"} and torch.equal(got["loss"], got["cos"])
 
 
 def test_chunked_kl_equals_whole(batch):
     s, t = batch[4].reshape(-1, V), batch[5].reshape(-1, V)
-    assert torch.allclose(kl_with_temperature(s, t, 3.0, chunk=4), kl_with_temperature(s, t, 3.0, chunk=10**6), atol=1e-6, rtol=0)
+    assert torch.allclose(
+        kl_with_temperature(s, t, 3.0, chunk=4), kl_with_temperature(s, t, 3.0, chunk=10**6), atol=1e-6, rtol=0
+    )
 
 
 def test_no_masked_position_gives_zero_not_nan(batch):
@@ -82,7 +107,9 @@ def test_no_masked_position_gives_zero_not_nan(batch):
     labels = torch.full((B, L), -100)
     cfg = LossSection(recipe="masked", alpha_mse=1.0)
     pos = loss_positions("masked", attn, labels)
-    got = DistillationLoss(cfg, [0, 1])(s_hidden, t_hidden, s_full.reshape(-1, V)[pos], t_full.reshape(-1, V)[pos], pos, labels)
+    got = DistillationLoss(cfg, [0, 1])(
+        s_hidden, t_hidden, s_full.reshape(-1, V)[pos], t_full.reshape(-1, V)[pos], pos, labels
+    )
     assert all(float(v) == 0.0 for v in got.values())
 
 
@@ -99,7 +126,7 @@ def test_kl_gradient_matches_reference(batch):
 def test_fused_head_loss_equals_reference_values_and_gradients(batch, recipe):
     """Logits made a chunk at a time from the head's features: the same loss and the same
     gradients (features, decoder weight and bias) as full logits and the reference formulation."""
-    from distil.model import HeadOutput
+    from distil.model.student import HeadOutput
 
     attn, labels, s_hidden, t_hidden, *_ = batch
     g = torch.Generator().manual_seed(1)
@@ -117,7 +144,7 @@ def test_fused_head_loss_equals_reference_values_and_gradients(batch, recipe):
     fused_in = leaves()
     s_head = HeadOutput(fused_in[0][pos], fused_in[1], fused_in[2])
     t_head = HeadOutput(t_feat[pos], t_w, t_b)
-    import distil.losses as losses
+    import distil.objectives.losses as losses
 
     got = losses.DistillationLoss(cfg, [0, 3])(s_hidden, t_hidden, s_head, t_head, pos, labels)
     got["loss"].backward()
@@ -139,8 +166,8 @@ def test_fused_head_loss_equals_reference_values_and_gradients(batch, recipe):
 
 def test_fused_head_loss_chunks_agree():
     """Chunk size changes nothing but the rounding order (fp32)."""
-    from distil.fused_head import fused_head_loss
-    from distil.model import HeadOutput
+    from distil.model.student import HeadOutput
+    from distil.objectives.fused_head import fused_head_loss
 
     g = torch.Generator().manual_seed(2)
     n, hf, v = 50, 16, 300
@@ -155,15 +182,17 @@ def test_fused_head_loss_chunks_agree():
         loss, terms = fused_head_loss(HeadOutput(x, w, b), t, targets, 3.0, 5.0, 2.0, 0.0, chunk=chunk)
         loss.backward()
         out.append((loss.detach(), x.grad))
-    assert torch.allclose(out[0][0], out[1][0], atol=1e-5, rtol=0) and torch.allclose(out[0][1], out[1][1], atol=1e-7, rtol=0)
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5, rtol=0) and torch.allclose(
+        out[0][1], out[1][1], atol=1e-7, rtol=0
+    )
 
 
 @pytest.mark.parametrize("recipe", ["distilbert", "masked"])
 def test_rows_found_on_the_host(recipe):
     """The training path finds the loss rows on the host (no device sync in the step): the same
     rows, targets and masked rows as on the device, and the same loss, chunk by chunk."""
-    from distil.fused_head import Rows, fused_head_loss
-    from distil.model import HeadOutput
+    from distil.model.student import HeadOutput
+    from distil.objectives.fused_head import Rows, fused_head_loss
 
     g = torch.Generator().manual_seed(3)
     attn = torch.ones(4, 12, dtype=torch.long)
@@ -194,21 +223,24 @@ def test_rows_found_on_the_host(recipe):
 
 
 def _head_case(seed: int, n: int = 40, hf: int = 8, v: int = 300, dtype=torch.float32):
-    from distil.model import HeadOutput
+    from distil.model.student import HeadOutput
 
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n, hf, generator=g, dtype=dtype)
     w, b = torch.randn(v, hf, generator=g, dtype=dtype), torch.randn(v, generator=g, dtype=dtype)
-    t = HeadOutput(torch.randn(n, hf, generator=g, dtype=dtype), torch.randn(v, hf, generator=g, dtype=dtype),
-                   torch.randn(v, generator=g, dtype=dtype))
+    t = HeadOutput(
+        torch.randn(n, hf, generator=g, dtype=dtype),
+        torch.randn(v, hf, generator=g, dtype=dtype),
+        torch.randn(v, generator=g, dtype=dtype),
+    )
     targets = torch.full((n,), -100)
     targets[::4] = torch.randint(0, v, (len(targets[::4]),), generator=g)
     return feats, w, b, t, targets
 
 
 def _fused_run(case, **kw):
-    from distil.fused_head import fused_head_loss
-    from distil.model import HeadOutput
+    from distil.model.student import HeadOutput
+    from distil.objectives.fused_head import fused_head_loss
 
     feats, w, b, t, targets = case
     leaves = [x.clone().requires_grad_() for x in (feats, w, b)]
@@ -220,7 +252,7 @@ def _fused_run(case, **kw):
 def test_vocabulary_padding_changes_nothing(monkeypatch):
     """On a GPU the decoder is padded to a multiple of 64 rows for aligned GEMMs: the loss and
     the gradients of features, weight and bias are those of the unpadded head (300 -> 320)."""
-    import distil.fused_head as fused_head
+    import distil.objectives.fused_head as fused_head
 
     case = _head_case(4, dtype=torch.float64)
     want = _fused_run(case)
@@ -242,8 +274,13 @@ def triton_results():
     from pathlib import Path
 
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("kl_kernel_check.py"))], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("kl_kernel_check.py"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -258,7 +295,9 @@ def test_triton_kl_kernel_matches_fp64(triton_results, dtype, v):
     assert abs(r["kl_no_bias"] - r["ref_kl_no_bias"]) <= 1e-5 * r["ref_kl_no_bias"]
     assert r["inputs_untouched"]
     # Within one rounding of g's dtype (|g| <= coef); in fp32, the exp of ~10-sized arguments.
-    eps = {"float32": 0.0, "float16": torch.finfo(torch.float16).eps, "bfloat16": torch.finfo(torch.bfloat16).eps}[dtype]
+    eps = {"float32": 0.0, "float16": torch.finfo(torch.float16).eps, "bfloat16": torch.finfo(torch.bfloat16).eps}[
+        dtype
+    ]
     assert r["g_err"] <= max(1e-6, 0.37 * eps)
     assert r["padding_untouched"]
     assert r["kl_without_grad"] == r["kl"]
@@ -272,20 +311,22 @@ def test_fused_head_loss_with_triton_kernel_equals_eager(triton_results):
 
 
 def test_unknown_kl_kernel_is_refused():
-    from distil.fused_head import set_kl_kernel
+    from distil.objectives.fused_head import set_kl_kernel
 
     with pytest.raises(ValueError, match="unknown KL kernel 'cuda'"):
         set_kl_kernel("cuda")
 
 
-@pytest.mark.parametrize("kernel,dtype", [("eager", torch.float32), ("eager", torch.float16), ("compiled", torch.float32)])
+@pytest.mark.parametrize(
+    "kernel,dtype", [("eager", torch.float32), ("eager", torch.float16), ("compiled", torch.float32)]
+)
 def test_kl_chunk_kernels_match_fp64(kernel, dtype):
     """Each chunk's KL sum and its gradient coef * (p_s - p_t) from raw logits (x @ W.T) plus
     bias, scaled by 1/T, against fp64 log-softmaxes: on strided rows (the padded GEMM's output),
     in several row blocks with a ragged last one (eager on a CPU: 2**18 // 5000 = 52 rows a
     block), with the padding columns untouched. 'compiled' is Inductor's C++ (a compiler is
     needed: the test image has g++). fp16: the GPU's GEMM output without Triton (fp32 math)."""
-    import distil.fused_head as fused_head
+    import distil.objectives.fused_head as fused_head
 
     n, v, T = 70, 5000, 2.0
     g = torch.Generator().manual_seed(11)
@@ -299,6 +340,7 @@ def test_kl_chunk_kernels_match_fp64(kernel, dtype):
     fused_head.set_kl_kernel(kernel)
     try:
         fn = fused_head._kl_impl(torch.device("cpu"))
+
         def strided(x):  # a fresh copy with the padded GEMM's row stride (the kernels overwrite it)
             y = torch.empty((n, v + 8), dtype=dtype)
             y[:, :v] = x

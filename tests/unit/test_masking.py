@@ -4,19 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from distil.config_sections import MaskingSection
-from distil.data import collate
+from distil.config.sections import MaskingSection
+from distil.data.batches import collate
 from tests.conftest import EN_TEXT, PL_TEXT
 
 
 def encode(tok, path, n=256, max_len=48):
-    lines = [l for l in path.read_text().splitlines() if l.strip()][:n]
-    rows = [[tok.cls_token_id, *ids[: max_len - 2], tok.sep_token_id] for ids in tok(lines, add_special_tokens=False)["input_ids"]]
+    lines = [line for line in path.read_text().splitlines() if line.strip()][:n]
+    rows = [
+        [tok.cls_token_id, *ids[: max_len - 2], tok.sep_token_id]
+        for ids in tok(lines, add_special_tokens=False)["input_ids"]
+    ]
     return collate(rows, tok.pad_token_id, max_len)
 
 
 def test_statistics_over_many_batches(wordpiece):
-    from distil.masking import Masker
+    from distil.data.masking import Masker
 
     m = Masker(MaskingSection(), wordpiece, seed=1)
     ids, attn = encode(wordpiece, EN_TEXT)
@@ -43,7 +46,7 @@ def test_statistics_over_many_batches(wordpiece):
 
 
 def test_deterministic_in_seed_step_rank(wordpiece):
-    from distil.masking import Masker
+    from distil.data.masking import Masker
 
     ids, attn = encode(wordpiece, EN_TEXT, n=32)
     a = Masker(MaskingSection(), wordpiece, seed=3)
@@ -55,10 +58,17 @@ def test_deterministic_in_seed_step_rank(wordpiece):
     assert not torch.equal(Masker(MaskingSection(), wordpiece, seed=4)(ids, attn, 5)[1], outs[0])
 
 
-@pytest.mark.parametrize("family,text,boundary", [("wordpiece", EN_TEXT, "wordpiece"), ("charbpe", PL_TEXT, "charbpe"),
-                                                   ("sentencepiece", EN_TEXT, "sentencepiece"), ("bytebpe", EN_TEXT, "bytebpe")])
+@pytest.mark.parametrize(
+    "family,text,boundary",
+    [
+        ("wordpiece", EN_TEXT, "wordpiece"),
+        ("charbpe", PL_TEXT, "charbpe"),
+        ("sentencepiece", EN_TEXT, "sentencepiece"),
+        ("bytebpe", EN_TEXT, "bytebpe"),
+    ],
+)
 def test_whole_words_stay_whole(request, family, text, boundary):
-    from distil.masking import Masker, detect_word_boundary
+    from distil.data.masking import Masker, detect_word_boundary
 
     tok = request.getfixturevalue(family)
     assert detect_word_boundary(tok.convert_ids_to_tokens(list(range(len(tok))))) == boundary
@@ -116,7 +126,7 @@ def _words(toks, boundary):
 
 def test_smoothing_favours_rare_tokens(wordpiece):
     """With a small target fraction, inclusion probability is proportional to count^-0.7."""
-    from distil.masking import Masker
+    from distil.data.masking import Masker
 
     frequent, rare = 100, 101
     counts = np.ones(len(wordpiece), dtype=np.int64)

@@ -1,4 +1,4 @@
-"""The preStop hook (python -m distil.preempt) and the worker's side of it, without Ray."""
+"""The preStop hook (python -m distil.runs.preempt) and the worker's side of it, without Ray."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ from tests.conftest import ROOT
 
 
 def hook(env: dict, timeout: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distil.preempt", "--timeout", timeout], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **env}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "distil.runs.preempt", "--timeout", timeout],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=60,
+    )
 
 
 def test_hook_returns_once_the_checkpoint_is_acknowledged(tmp_path, monkeypatch):
-    from distil import preempt
+    from distil.runs import preempt
 
     marker = tmp_path / "preempt"
     monkeypatch.setenv("DISTIL_PREEMPT_FILE", str(marker))
@@ -44,7 +50,7 @@ def test_hook_never_blocks_beyond_its_timeout(tmp_path):
 
 
 def _acknowledge_many(n: int) -> None:
-    from distil import preempt
+    from distil.runs import preempt
 
     for _ in range(n):
         preempt.acknowledge(5)
@@ -55,7 +61,7 @@ def test_ranks_of_one_pod_acknowledge_at_once(tmp_path, monkeypatch):
     checkpoint they all acknowledge at the same moment (this raced and failed a Ray worker)."""
     import multiprocessing
 
-    from distil import preempt
+    from distil.runs import preempt
 
     monkeypatch.setenv("DISTIL_PREEMPT_FILE", str(tmp_path / "preempt"))
     procs = [multiprocessing.get_context("fork").Process(target=_acknowledge_many, args=(300,)) for _ in range(6)]

@@ -1,4 +1,4 @@
-"""A run's data is prepared once (distil/prepared.py): later starts open it without
+"""A run's data is prepared once (distil/data/prepared.py): later starts open it without
 tokenizing; changed sources, tokenizer or data section give a new folder, never a mix; a
 damaged folder is never trained on; a corpus too small for a batch writes nothing."""
 
@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from distil import prepared
-from distil import token_store as ts
-from distil.config import DistilConfig
+from distil.config.schema import DistilConfig
+from distil.data import prepared
+from distil.data import shards as ts
 from distil.errors import UserError
 from tests.conftest import EN_TEXT, base_config
 
@@ -35,7 +35,7 @@ def test_prepared_once_then_opened(setup, monkeypatch, tmp_path):
     # every sequence of a by-hand packing of the corpus, each once, in train or held out
     docs = tok([x for x in corpus.read_text().splitlines() if x.strip()], add_special_tokens=False)["input_ids"]
     stream = [t for d in docs if d for t in [*d, tok.sep_token_id]]
-    expected = [[tok.cls_token_id, *stream[i:i + 30], tok.sep_token_id] for i in range(0, len(stream) - 29, 30)]
+    expected = [[tok.cls_token_id, *stream[i : i + 30], tok.sep_token_id] for i in range(0, len(stream) - 29, 30)]
     train, held_out = (store[s].rows(range(len(store[s]))) for s in ("train", "eval"))
     assert sorted(train + held_out) == sorted(expected)
     assert len(held_out) == min(cfg.data.eval_max_sequences, round(cfg.data.eval_fraction * len(expected)))
@@ -44,8 +44,12 @@ def test_prepared_once_then_opened(setup, monkeypatch, tmp_path):
     said.clear()
     again = prepared.open_prepared(cfg, tok, per_step=8, log=said.append)
     assert again.folder == store.folder and said == []
-    other_run = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "other"}),
-                                       "train": cfg.train.model_copy(update={"max_steps": 99})})
+    other_run = cfg.model_copy(
+        update={
+            "run": cfg.run.model_copy(update={"name": "other"}),
+            "train": cfg.train.model_copy(update={"max_steps": 99}),
+        }
+    )
     assert prepared.open_prepared(other_run, tok, per_step=8).folder == store.folder
 
 
@@ -60,7 +64,6 @@ def test_changed_inputs_give_a_new_folder(setup, tmp_path, bytebpe):
     assert len({first, second, third}) == 3 and all((f / ts.MANIFEST).is_file() for f in (first, second, third))
 
 
-
 def test_a_changed_hub_data_set_gets_a_new_folder(setup, tmp_path):
     """A hub data set is fingerprinted by what `datasets` resolves (the repository's commit, the
     data files with their ETags or mtimes), not only by its name and arguments: the same
@@ -70,8 +73,13 @@ def test_a_changed_hub_data_set_gets_a_new_folder(setup, tmp_path):
     cfg, _, tok = setup
     rows = tmp_path / "hub.jsonl"
     rows.write_text("".join(json.dumps({"text": x}) + "\n" for x in EN_TEXT.read_text().splitlines()[:300]))
-    hub = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": ["json"], "hub_kwargs": {"data_files": str(rows)},
-                                                                    "cache_dir": str(tmp_path / "hf")})})
+    hub = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(
+                update={"sources": ["json"], "hub_kwargs": {"data_files": str(rows)}, "cache_dir": str(tmp_path / "hf")}
+            )
+        }
+    )
     first = prepared.open_prepared(hub, tok, per_step=8, log=lambda _: None)
     n_first = len(first["train"]) + len(first["eval"])
     with open(rows, "a") as f:
@@ -79,6 +87,7 @@ def test_a_changed_hub_data_set_gets_a_new_folder(setup, tmp_path):
     os.utime(rows, (rows.stat().st_atime, rows.stat().st_mtime + 5))  # (a coarse-mtime file system)
     second = prepared.open_prepared(hub, tok, per_step=8, log=lambda _: None)
     assert second.folder != first.folder and len(second["train"]) + len(second["eval"]) > n_first
+
 
 def _damage(folder, how: str, vocab: int) -> None:
     """Damage a prepared folder the ways issue 27 found trained on, or crashing."""
@@ -105,7 +114,9 @@ def _damage(folder, how: str, vocab: int) -> None:
         ids[3] = vocab + 5
         ids.tofile(shard)
         m = json.loads(manifest.read_text())
-        m["splits"]["train"]["shards"][0]["files"][shard.name]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+        m["splits"]["train"]["shards"][0]["files"][shard.name]["sha256"] = hashlib.sha256(
+            shard.read_bytes()
+        ).hexdigest()
         manifest.write_text(json.dumps(m))
     elif how == "dtype edited":
         m = json.loads(manifest.read_text())
@@ -113,10 +124,15 @@ def _damage(folder, how: str, vocab: int) -> None:
         manifest.write_text(json.dumps(m))
 
 
-DAMAGE = {"every id + 1": "train_00000.tokens: sha256 differs", "zero-filled": "train_00000.tokens: sha256 differs",
-          "held-out ids edited": "eval_00000.tokens: sha256 differs", "truncated": "train_00000.tokens: ",
-          "manifest deleted": "no MANIFEST.json", "dtype edited": "dtype <u4 does not fit vocab_size",
-          "id outside the vocabulary, manifest re-hashed": "train_00000.tokens: holds token id"}
+DAMAGE = {
+    "every id + 1": "train_00000.tokens: sha256 differs",
+    "zero-filled": "train_00000.tokens: sha256 differs",
+    "held-out ids edited": "eval_00000.tokens: sha256 differs",
+    "truncated": "train_00000.tokens: ",
+    "manifest deleted": "no MANIFEST.json",
+    "dtype edited": "dtype <u4 does not fit vocab_size",
+    "id outside the vocabulary, manifest re-hashed": "train_00000.tokens: holds token id",
+}
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
@@ -139,7 +155,7 @@ def test_damaged_local_data_is_never_trained_on(setup, how):
     assert said[0].startswith("warning: ") and DAMAGE[how] in said[0] and said[0].endswith("preparing it again")
     assert "preparing the data once" in said[1]
     assert {s: again[s].rows(range(len(again[s]))) for s in ("train", "eval")} == before
-    assert ts.TokenStore(again.folder, check="full").manifest["fingerprint"] == fingerprint
+    assert ts.PreparedData(again.folder, check="full").manifest["fingerprint"] == fingerprint
 
 
 def test_a_check_is_recorded_once_per_host_and_a_changed_file_is_checked_again(setup, monkeypatch):
@@ -148,15 +164,15 @@ def test_a_check_is_recorded_once_per_host_and_a_changed_file_is_checked_again(s
     file written since -- even with its mtime set back -- has another ctime, and is hashed again."""
     import os
 
-    from distil import token_check
+    from distil.data import shard_check
 
     cfg, _, tok = setup
     store = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
     assert list(store.folder.glob(".verified-*.json"))
-    real_check = token_check.check
-    monkeypatch.setattr(token_check, "check", lambda *a, **k: pytest.fail("hashed again"))
+    real_check = shard_check.check
+    monkeypatch.setattr(shard_check, "check", lambda *a, **k: pytest.fail("hashed again"))
     prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)  # trusted: nothing changed
-    ts.TokenStore(store.folder, expect=store.manifest["prepared"])
+    ts.PreparedData(store.folder, expect=store.manifest["prepared"])
     shard = store.folder / "eval_00000.tokens"
     st = shard.stat()
     data = bytearray(shard.read_bytes())
@@ -164,9 +180,9 @@ def test_a_check_is_recorded_once_per_host_and_a_changed_file_is_checked_again(s
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime as it was: only the ctime tells
     hashed = []
-    monkeypatch.setattr(token_check, "check", lambda *a, **k: hashed.append(1) or real_check(*a, **k))
+    monkeypatch.setattr(shard_check, "check", lambda *a, **k: hashed.append(1) or real_check(*a, **k))
     with pytest.raises(UserError, match="eval_00000.tokens: sha256 differs"):
-        ts.TokenStore(store.folder)
+        ts.PreparedData(store.folder)
     assert hashed
 
 
@@ -192,7 +208,7 @@ def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from distil import corpus as corpus_mod
+    from distil.data import corpus as corpus_mod
     from tests.conftest import PL_TEXT
 
     cfg, corpus, tok = setup
@@ -200,14 +216,17 @@ def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_
     folder.mkdir()
     shutil.move(corpus, folder / "a.txt")
     pq.write_table(pa.table({"text": PL_TEXT.read_text().splitlines()}), folder / "b.parquet", row_group_size=50)
-    hub = corpus.parent / "hub.jsonl"  # a data set through `datasets.load_dataset` ("json", offline): Ray's from_huggingface
+    hub = (
+        corpus.parent / "hub.jsonl"
+    )  # a data set through `datasets.load_dataset` ("json", offline): Ray's from_huggingface
     hub.write_text("".join(json.dumps({"text": x}) + "\n" for x in EN_TEXT.read_text().splitlines()[:300]))
     monkeypatch.setattr(corpus_mod, "RANGE_BYTES", 4096)  # ~25 ranges of the text file, 6 row groups
     made = {}
     for use_ray in (False, True):
         data = cfg.data.model_copy(update={"sources": [str(folder), "json"], "hub_kwargs": {"data_files": str(hub)}})
-        run = cfg.model_copy(update={"data": data,
-                                     "storage": cfg.storage.model_copy(update={"uri": str(tmp_path / f"ray_{use_ray}")})})
+        run = cfg.model_copy(
+            update={"data": data, "storage": cfg.storage.model_copy(update={"uri": str(tmp_path / f"ray_{use_ray}")})}
+        )
         store = prepared.open_prepared(run, tok, per_step=8, log=lambda _: None, use_ray=use_ray, workers=2)
         made[use_ray] = (store.folder.name, store.files())
     assert made[True] == made[False]
@@ -246,4 +265,6 @@ def test_a_source_reached_through_a_link_without_a_suffix(setup, tmp_path):
     via_link = prepared.open_prepared(linked, tok, per_step=8, log=lambda _: None)
     direct = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
     assert via_link.manifest["prepared"]["sources"][0]["name"] == str(link)
-    assert all(via_link[s].rows(range(len(via_link[s]))) == direct[s].rows(range(len(direct[s]))) for s in ("train", "eval"))
+    assert all(
+        via_link[s].rows(range(len(via_link[s]))) == direct[s].rows(range(len(direct[s]))) for s in ("train", "eval")
+    )

@@ -1,4 +1,4 @@
-"""The downstream probe (distil/probe.py): folds by group that no group crosses, stratified
+"""The downstream probe (distil/eval/probe.py): folds by group that no group crosses, stratified
 by label, every row held out once; a classifier whose scores behave as they must on
 embeddings built to be separable or not; retention exactly 1 for a student that is its
 teacher; bad tables refused."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distil.errors import UserError
-from distil.probe import Probe, evaluate_probe, load_probe, score
+from distil.eval.probe import Probe, evaluate_probe, load_probe, score
 from tests.conftest import ROOT
 
 BROWN = ROOT / "data" / "brown" / "brown_genres.tsv"
@@ -33,7 +33,9 @@ def test_every_row_is_held_out_once_by_a_fold_that_keeps_its_text_whole():
         assert len(train) + len(test) == 3000 and 0.15 < len(test) / 3000 < 0.25  # test_fraction 0.2: five folds
         assert {p.labels[i] for i in test} == set(p.labels)  # stratified: every genre is scored in every fold
     again = brown()
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(again.folds, p.folds))  # the same folds for every model and call
+    assert all(
+        np.array_equal(a[1], b[1]) for a, b in zip(again.folds, p.folds)
+    )  # the same folds for every model and call
     assert not np.array_equal(brown(seed=1).folds[0][1], p.folds[0][1])
     assert len(brown(test_fraction=0.25).folds) == 4
 
@@ -49,7 +51,9 @@ def test_scores_follow_the_embeddings(tmp_path):
     p = brown(max_rows=400)
     classes = sorted(set(p.labels))
     onehot = torch.tensor([[float(lab == c) for c in classes] for lab in p.labels])
-    separable = score(torch.cat([onehot, torch.randn(len(p.labels), 8, generator=torch.Generator().manual_seed(0))], 1), p)
+    separable = score(
+        torch.cat([onehot, torch.randn(len(p.labels), 8, generator=torch.Generator().manual_seed(0))], 1), p
+    )
     assert separable == {"accuracy": 1.0, "macro_f1": 1.0}
     noise = score(torch.randn(len(p.labels), 16, generator=torch.Generator().manual_seed(0)), p)
     majority = max(collections.Counter(p.labels).values()) / len(p.labels)
@@ -57,31 +61,48 @@ def test_scores_follow_the_embeddings(tmp_path):
     # An embedding that names the text (its genre follows) scores only if a text's rows were on
     # both sides of a fold: the folds by group leave it at chance.
     lines = BROWN.read_text(encoding="utf-8").splitlines()  # every 5th text, its 6 rows: 100 texts of 15 genres
-    (tmp_path / "b.tsv").write_text("\n".join(lines[:1] + [x for i, x in enumerate(lines[1:]) if i // 6 % 5 == 0]) + "\n")
+    (tmp_path / "b.tsv").write_text(
+        "\n".join(lines[:1] + [x for i, x in enumerate(lines[1:]) if i // 6 % 5 == 0]) + "\n"
+    )
     few = load_probe(tmp_path / "b.tsv", "passage", "genre", "text_id")
     texts = sorted(set(few.groups))
     names_the_text = torch.tensor([[float(g == t) for t in texts] for g in few.groups])
-    assert score(names_the_text, few)["accuracy"] <= max(collections.Counter(few.labels).values()) / len(few.labels) + 0.1
+    assert (
+        score(names_the_text, few)["accuracy"] <= max(collections.Counter(few.labels).values()) / len(few.labels) + 0.1
+    )
 
 
 def test_a_student_equal_to_its_teacher_retains_everything(teacher_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from distil.model_eval import load_model
+    from distil.eval.compare import load_model
 
     # two kinds of text a classifier tells apart from any embedding of their words; 12 documents
     table = tmp_path / "easy.tsv"
-    table.write_text("text\tlabel\tdoc\n" + "".join(f"{' '.join([w] * 5)} {r}\t{k}\td{i}\n" for i in range(12)
-                                                 for k, w in [("a", "the jury said"), ("b", "of the city")][i % 2:i % 2 + 1]
-                                                 for r in range(3)))
+    table.write_text(
+        "text\tlabel\tdoc\n"
+        + "".join(
+            f"{' '.join([w] * 5)} {r}\t{k}\td{i}\n"
+            for i in range(12)
+            for k, w in [("a", "the jury said"), ("b", "of the city")][i % 2 : i % 2 + 1]
+            for r in range(3)
+        )
+    )
     p = load_probe(table, group_column="doc")
     teacher, tokenizer = load_model(str(teacher_dir)), AutoTokenizer.from_pretrained(teacher_dir)
     same = evaluate_probe(p, teacher, load_model(str(teacher_dir)), tokenizer, max_len=32)
     assert same["teacher"] == same["student"] == {"accuracy": 1.0, "macro_f1": 1.0}
-    assert same["retention"] == {"accuracy": 1.0, "macro_f1": 1.0} and same["rows"] == len(p.texts) and same["name"] == "easy"
+    assert (
+        same["retention"] == {"accuracy": 1.0, "macro_f1": 1.0}
+        and same["rows"] == len(p.texts)
+        and same["name"] == "easy"
+    )
     # the teacher's scores, measured once, are reused as given
     given = evaluate_probe(p, None, teacher, tokenizer, max_len=32, teacher_scores={"accuracy": 0.5, "macro_f1": 0.25})
-    assert given["retention"] == {"accuracy": same["student"]["accuracy"] / 0.5, "macro_f1": same["student"]["macro_f1"] / 0.25}
+    assert given["retention"] == {
+        "accuracy": same["student"]["accuracy"] / 0.5,
+        "macro_f1": same["student"]["macro_f1"] / 0.25,
+    }
 
 
 def test_bad_tables_are_one_message(tmp_path):
@@ -116,8 +137,10 @@ def _table(tmp_path, name: str, rows: list[tuple[str, str]], sep: str) -> Path:
 def test_a_tsv_text_that_begins_with_a_quote_is_read_as_it_is(tmp_path):
     """Issue 27: the TSV reader took `"` as a quote and merged rows up to the next one (20 rows
     read as 12, silently). A .tsv has no quoting: every line is one row, texts unchanged."""
-    texts = [f'"Quoted" opening {i}' if i % 3 == 0 else f'"unbalanced {i}' if i % 5 == 1 else f'plain, {i} "inner" quotes'
-             for i in range(20)]
+    texts = [
+        f'"Quoted" opening {i}' if i % 3 == 0 else f'"unbalanced {i}' if i % 5 == 1 else f'plain, {i} "inner" quotes'
+        for i in range(20)
+    ]
     rows = [(t, "ab"[i % 2]) for i, t in enumerate(texts)]
     probe = load_probe(_table(tmp_path, "q.tsv", rows, "\t"))
     assert probe.texts == texts and probe.labels == [lab for _, lab in rows]

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from distil.config import DistilConfig
+from distil.config.schema import DistilConfig
 from tests.conftest import base_config
 
 
@@ -23,8 +23,11 @@ def test_storage_max_attempts_is_what_boto3_and_pyarrow_do(tmp_path, teacher_dir
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    cfg = DistilConfig.model_validate(base_config(teacher_dir, tmp_path, storage={
-        "uri": "s3://bucket/runs/", "endpoint_url": endpoint, "max_attempts": 3}))
+    cfg = DistilConfig.model_validate(
+        base_config(
+            teacher_dir, tmp_path, storage={"uri": "s3://bucket/runs/", "endpoint_url": endpoint, "max_attempts": 3}
+        )
+    )
     run = cfg.run_storage()
     assert (run.uri, run.bucket, run.prefix) == ("s3://bucket/runs/t", "bucket", "runs/t")
     sent = []
@@ -34,7 +37,11 @@ def test_storage_max_attempts_is_what_boto3_and_pyarrow_do(tmp_path, teacher_dir
         client.head_object(Bucket=run.bucket, Key=run.key("COMPLETE"))
     assert len(sent) == 3  # storage.max_attempts tries (it was always 10 for boto3)
     path, filesystem = run.arrow()
-    assert path == "bucket/runs/t" and filesystem.handler.options == {"endpoint_url": endpoint, "region": None, "max_attempts": 3}
+    assert path == "bucket/runs/t" and filesystem.handler.options == {
+        "endpoint_url": endpoint,
+        "region": None,
+        "max_attempts": 3,
+    }
     local = DistilConfig.model_validate(base_config(teacher_dir, tmp_path)).run_storage()
     assert not local.is_s3 and local.arrow() == (str((tmp_path / "runs" / "t").resolve()), None)
     assert run.child("step_00000003").elsewhere("s3://other/data").max_attempts == 3

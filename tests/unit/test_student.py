@@ -2,10 +2,16 @@
 
 import pytest
 import torch
-from transformers import (BertForMaskedLM, DistilBertForMaskedLM, ElectraConfig, ElectraForMaskedLM, RobertaConfig,
-                          RobertaForMaskedLM)
+from transformers import (
+    BertForMaskedLM,
+    DistilBertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
 
-from distil.model import MaskedLM, build_student
+from distil.model.student import MaskedLM, build_student
 from tests.conftest import tiny_bert_config
 
 
@@ -14,10 +20,28 @@ def tiny(kind):
     if kind == "bert":
         return BertForMaskedLM(tiny_bert_config(120)).eval()
     if kind == "roberta":
-        return RobertaForMaskedLM(RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                                intermediate_size=64, max_position_embeddings=66, pad_token_id=1)).eval()
-    return ElectraForMaskedLM(ElectraConfig(vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=4,
-                                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)).eval()
+        return RobertaForMaskedLM(
+            RobertaConfig(
+                vocab_size=120,
+                hidden_size=32,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=66,
+                pad_token_id=1,
+            )
+        ).eval()
+    return ElectraForMaskedLM(
+        ElectraConfig(
+            vocab_size=120,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
@@ -47,12 +71,14 @@ def test_distilbert_architecture_from_bert():
     student = build_student(teacher, [0, 2], "distilbert").eval()
     assert isinstance(student, DistilBertForMaskedLM)
     t, s = teacher.state_dict(), student.state_dict()
-    pairs = {"distilbert.transformer.layer.1.attention.q_lin.weight": "bert.encoder.layer.2.attention.self.query.weight",
-             "distilbert.transformer.layer.0.ffn.lin2.bias": "bert.encoder.layer.0.output.dense.bias",
-             "distilbert.transformer.layer.1.output_layer_norm.weight": "bert.encoder.layer.2.output.LayerNorm.weight",
-             "distilbert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
-             "vocab_transform.weight": "cls.predictions.transform.dense.weight",
-             "vocab_projector.bias": "cls.predictions.bias"}
+    pairs = {
+        "distilbert.transformer.layer.1.attention.q_lin.weight": "bert.encoder.layer.2.attention.self.query.weight",
+        "distilbert.transformer.layer.0.ffn.lin2.bias": "bert.encoder.layer.0.output.dense.bias",
+        "distilbert.transformer.layer.1.output_layer_norm.weight": "bert.encoder.layer.2.output.LayerNorm.weight",
+        "distilbert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+        "vocab_transform.weight": "cls.predictions.transform.dense.weight",
+        "vocab_projector.bias": "cls.predictions.bias",
+    }
     for new, old in pairs.items():
         assert torch.equal(s[new], t[old]), new
     folded = t["bert.embeddings.position_embeddings.weight"] + t["bert.embeddings.token_type_embeddings.weight"][0]
@@ -84,7 +110,7 @@ def test_head_at_positions_equals_model_logits(kind):
 def test_set_dropout_reaches_every_dropout_and_leaves_the_config(architecture):
     """With dropout 0 a student in train mode computes what it does in eval mode; the config (what
     export writes, for whoever fine-tunes the student) keeps the teacher's probabilities."""
-    from distil.model import set_dropout
+    from distil.model.student import set_dropout
 
     teacher = tiny("bert")
     teacher.config.hidden_dropout_prob = teacher.config.attention_probs_dropout_prob = 0.5

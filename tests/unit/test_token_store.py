@@ -1,4 +1,4 @@
-"""The prepared-data format (distil/token_store.py): what is written is what is read, by global
+"""The prepared-data format (distil/data/shards.py): what is written is what is read, by global
 index across shards; counts and lengths equal an independent computation; a half-written,
 truncated, altered or foreign folder is never read; the fingerprint follows its inputs."""
 
@@ -10,8 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from distil import token_store as ts
-from distil.config_sections import DataSection
+from distil.config.sections import DataSection
+from distil.data import shards as ts
+from distil.data import shards_s3
 from distil.errors import UserError
 from tests.conftest import EN_TEXT
 
@@ -27,7 +28,7 @@ def sequences(wordpiece):
 
 def _write(folder, seqs, vocab, shard_tokens=500, info=None):
     train, held_out = seqs
-    with ts.TokenStoreWriter(folder, vocab, shard_tokens=shard_tokens) as w:
+    with ts.ShardWriter(folder, vocab, shard_tokens=shard_tokens) as w:
         for s in train:
             w.add("train", s)
         for s in held_out:
@@ -38,7 +39,7 @@ def _write(folder, seqs, vocab, shard_tokens=500, info=None):
 def test_round_trip_across_shards(tmp_path, sequences, wordpiece):
     train, held_out = sequences
     folder = _write(tmp_path / "fp", sequences, len(wordpiece))
-    store = ts.TokenStore(folder, expect={"x": 1})
+    store = ts.PreparedData(folder, expect={"x": 1})
     assert len(store.manifest["splits"]["train"]["shards"]) > 3  # several shards at 500 tokens each
     assert store.dtype == np.dtype("<u2")
     assert len(store["train"]) == len(train) and len(store["eval"]) == len(held_out)
@@ -59,29 +60,29 @@ def test_round_trip_across_shards(tmp_path, sequences, wordpiece):
 
 def test_large_vocabularies_use_uint32(tmp_path):
     seqs = ([[0, 70000, 5], [100000]], [[3]])
-    store = ts.TokenStore(_write(tmp_path / "fp", seqs, 120000))
+    store = ts.PreparedData(_write(tmp_path / "fp", seqs, 120000))
     assert store.dtype == np.dtype("<u4") and store["train"].rows([0, 1]) == seqs[0]
-    with ts.TokenStoreWriter(tmp_path / "other", 10) as w, pytest.raises(ValueError, match="outside the vocabulary"):
+    with ts.ShardWriter(tmp_path / "other", 10) as w, pytest.raises(ValueError, match="outside the vocabulary"):
         w.add("train", [3, 10])
 
 
 def test_a_preparation_cut_short_leaves_nothing_that_is_read(tmp_path, sequences, wordpiece):
     folder = tmp_path / "fp"
     with pytest.raises(RuntimeError):
-        with ts.TokenStoreWriter(folder, len(wordpiece), shard_tokens=500) as w:
+        with ts.ShardWriter(folder, len(wordpiece), shard_tokens=500) as w:
             for s in sequences[0][:100]:
                 w.add("train", s)
             raise RuntimeError("killed")
     assert not folder.exists() and not list(tmp_path.iterdir())
-    w = ts.TokenStoreWriter(folder, len(wordpiece), shard_tokens=500)  # as if SIGKILLed: no close, no cleanup
+    w = ts.ShardWriter(folder, len(wordpiece), shard_tokens=500)  # as if SIGKILLed: no close, no cleanup
     for s in sequences[0][:100]:
         w.add("train", s)
     assert not folder.exists()
     with pytest.raises(UserError, match="no MANIFEST.json"):
-        ts.TokenStore(folder)
+        ts.PreparedData(folder)
     partial = next(tmp_path.glob("fp.partial-*"))
     with pytest.raises(UserError, match="no MANIFEST.json"):
-        ts.TokenStore(partial)
+        ts.PreparedData(partial)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "missing", "manifest not json", "foreign"])
@@ -99,12 +100,19 @@ def test_damaged_or_foreign_folders_are_refused(tmp_path, sequences, wordpiece, 
     elif damage == "manifest not json":
         (folder / ts.MANIFEST).write_text("{")
     with pytest.raises(UserError) as e:
-        ts.TokenStore(folder, expect={"x": 2} if damage == "foreign" else {"x": 1})
-    expected = {"truncated": "train_00001.tokens: ", "flipped": "train_00001.tokens: sha256", "missing": "train_00001.tokens: missing",
-                "manifest not json": "not valid JSON", "foreign": "prepared from other sources"}[damage]
+        ts.PreparedData(folder, expect={"x": 2} if damage == "foreign" else {"x": 1})
+    expected = {
+        "truncated": "train_00001.tokens: ",
+        "flipped": "train_00001.tokens: sha256",
+        "missing": "train_00001.tokens: missing",
+        "manifest not json": "not valid JSON",
+        "foreign": "prepared from other sources",
+    }[damage]
     assert expected in str(e.value)
     if damage == "flipped":
-        assert ts.TokenStore(folder, expect={"x": 1}, check="sizes")  # sizes only: what the record of a check lets a restart skip
+        assert ts.PreparedData(
+            folder, expect={"x": 1}, check="sizes"
+        )  # sizes only: what the record of a check lets a restart skip
 
 
 def test_fingerprint_follows_what_the_tokens_depend_on(tmp_path, wordpiece, bytebpe):
@@ -125,11 +133,11 @@ def test_fingerprint_follows_what_the_tokens_depend_on(tmp_path, wordpiece, byte
 
 
 def test_in_s3_published_manifest_last_and_read_shard_by_shard(tmp_path, sequences, wordpiece, s3_endpoint):
-    """publish uploads the manifest last; a rank's cache fetches the manifest, counts and offsets,
+    """upload puts the manifest last; a rank's cache fetches the manifest, counts and offsets,
     then only the token shards its samples are in; a damaged object is fetched again, then refused."""
     import boto3
 
-    from distil.storage import Storage
+    from distil.storage.location import Storage
 
     folder = _write(tmp_path / "fp", sequences, len(wordpiece), shard_tokens=4000)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -147,33 +155,33 @@ def test_in_s3_published_manifest_last_and_read_shard_by_shard(tmp_path, sequenc
             return self.client.upload_file(path, bucket, key, **kw)
 
     storage.client = lambda **kw: Recording(real_client(**kw))
-    ts.publish(folder, storage)
+    shards_s3.upload(folder, storage)
     storage.client = real_client
     assert uploads[-1] == "data/fp/MANIFEST.json" and len(uploads) == len(list(folder.iterdir()))
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="prep")["Contents"]}
     assert keys == {f"data/fp/{f.name}" for f in folder.iterdir()}
     cache = tmp_path / "cache"
-    store = ts.open_remote(storage, cache, expect={"x": 1})
+    store = shards_s3.open_remote(storage, cache, expect={"x": 1})
     local = cache / "prep" / "data" / "fp"
     assert not list(local.glob("*.tokens"))  # nothing read yet
     train = sequences[0]
     first = store.manifest["splits"]["train"]["shards"][0]["sequences"]
     assert store["train"].rows([0, first - 1]) == [train[0], train[first - 1]]
     assert sorted(p.name for p in local.glob("*.tokens")) == ["train_00000.tokens"]
-    assert np.array_equal(store.counts(), ts.TokenStore(folder).counts())
+    assert np.array_equal(store.counts(), ts.PreparedData(folder).counts())
     assert store["train"].rows(range(len(train))) == train
     # a shard altered in storage: a fresh cache fetches it twice, then refuses
     body = bytearray(s3.get_object(Bucket="prep", Key="data/fp/train_00002.tokens")["Body"].read())
     body[0] ^= 0xFF
     s3.put_object(Bucket="prep", Key="data/fp/train_00002.tokens", Body=bytes(body))
-    fresh = ts.open_remote(storage, tmp_path / "cache2", expect={"x": 1})
+    fresh = shards_s3.open_remote(storage, tmp_path / "cache2", expect={"x": 1})
     with pytest.raises(UserError, match="train_00002.tokens does not match its manifest"):
         fresh["train"].rows(range(len(train)))
     assert not (tmp_path / "cache2" / "prep" / "data" / "fp" / "train_00002.tokens").exists()
     # a prefix without a manifest (an upload cut short) is never read
     s3.delete_object(Bucket="prep", Key="data/fp/MANIFEST.json")
     with pytest.raises(UserError, match="no MANIFEST.json"):
-        ts.open_remote(storage, tmp_path / "cache3")
+        shards_s3.open_remote(storage, tmp_path / "cache3")
 
 
 def test_tokenizer_identity_ignores_call_time_settings(wordpiece):
@@ -196,17 +204,28 @@ def test_ranks_of_a_node_share_the_cache(tmp_path, sequences, wordpiece, s3_endp
 
     import boto3
 
-    from distil.storage import Storage
+    from distil.storage.location import Storage
     from tests.conftest import ROOT
 
     folder = _write(tmp_path / "fp", sequences, len(wordpiece), shard_tokens=2000)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="shared")
-    ts.publish(folder, Storage("s3://shared/data/fp", s3_endpoint))
-    code = ("import sys, json; from distil import token_store as ts; from distil.storage import Storage;"
-            f"s = ts.open_remote(Storage('s3://shared/data/fp', '{s3_endpoint}'), sys.argv[1]);"
-            "t = s['train']; print(json.dumps(t.rows(range(len(t)))))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(3)]
+    shards_s3.upload(folder, Storage("s3://shared/data/fp", s3_endpoint))
+    code = (
+        "import sys, json; from distil.data import shards_s3; from distil.storage.location import Storage;"
+        f"s = shards_s3.open_remote(Storage('s3://shared/data/fp', '{s3_endpoint}'), sys.argv[1]);"
+        "t = s['train']; print(json.dumps(t.rows(range(len(t)))))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "cache")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     assert all(json.loads(o) == sequences[0] for o, _ in outs)

@@ -13,11 +13,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distil import checkpoint as ckpt
-from distil import continuity
-from distil.config import DistilConfig, load_config
+from distil.config.schema import DistilConfig, load_config
 from distil.errors import UserError
-from distil.paths import check_relative, remove_tree, safe_join
+from distil.runs import continuity
+from distil.runs import layout as ckpt
+from distil.storage import integrity
+from distil.storage.paths import check_relative, remove_tree, safe_join
 from tests.conftest import ROOT, fake_checkpoint
 
 # -- one safe path rule ----------------------------------------------------------------------
@@ -64,30 +65,45 @@ def test_remove_tree_only_below_its_root(tmp_path):
 
 # -- checkpoints are verified before use -----------------------------------------------------
 
+
 def _checkpoint(root: Path, step: int, **extra: bytes) -> Path:
-    files = {"model.pt": os.urandom(4096), "optim.pt": os.urandom(8192),
-             ckpt.TRAINER_STATE: json.dumps({"step": step}).encode(), **extra}
+    files = {
+        "model.pt": os.urandom(4096),
+        "optim.pt": os.urandom(8192),
+        ckpt.TRAINER_STATE: json.dumps({"step": step}).encode(),
+        **extra,
+    }
     return fake_checkpoint(root, ckpt.tag_for(step), files)
 
 
 def _flip(path: Path, offset: int = 100, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
-    data[offset:offset + n] = bytes(b ^ 0xFF for b in data[offset:offset + n])
+    data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
     path.write_bytes(bytes(data))
 
 
 DAMAGES = {
     "64 flipped bytes": (lambda d: _flip(d / "optim.pt"), "optim.pt: sha256 differs"),
-    "truncated": (lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:100]), "model.pt: 100 bytes, expected 4096"),
+    "truncated": (
+        lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:100]),
+        "model.pt: 100 bytes, expected 4096",
+    ),
     "missing file": (lambda d: (d / "optim.pt").unlink(), "optim.pt: missing"),
     "COMPLETE not JSON": (lambda d: (d / ckpt.COMPLETE).write_text("{not json"), "COMPLETE is not valid JSON"),
     "COMPLETE binary": (lambda d: (d / ckpt.COMPLETE).write_bytes(b"\xff\xfe\x00"), "COMPLETE is not valid JSON"),
-    "COMPLETE of another step": (lambda d: (d / ckpt.COMPLETE).write_text(
-        (d / ckpt.COMPLETE).read_text().replace('"step": 6', '"step": 9')), "COMPLETE says step 9"),
-    "trainer_state step edited": (lambda d: (d / ckpt.TRAINER_STATE).write_text('{"step": 9}'), "trainer_state.json: sha256 differs"),
+    "COMPLETE of another step": (
+        lambda d: (d / ckpt.COMPLETE).write_text((d / ckpt.COMPLETE).read_text().replace('"step": 6', '"step": 9')),
+        "COMPLETE says step 9",
+    ),
+    "trainer_state step edited": (
+        lambda d: (d / ckpt.TRAINER_STATE).write_text('{"step": 9}'),
+        "trainer_state.json: sha256 differs",
+    ),
     "trainer_state empty": (lambda d: (d / ckpt.TRAINER_STATE).write_text(""), "trainer_state.json: 0 bytes"),
-    "file replaced by a link": (lambda d: ((d / "optim.pt").unlink(), (d / "optim.pt").symlink_to(d / "model.pt")),
-                                "optim.pt: is a symbolic link"),
+    "file replaced by a link": (
+        lambda d: ((d / "optim.pt").unlink(), (d / "optim.pt").symlink_to(d / "model.pt")),
+        "optim.pt: is a symbolic link",
+    ),
 }
 
 
@@ -128,8 +144,8 @@ def test_hashing_runs_in_parallel_and_agrees_with_hashlib(tmp_path, monkeypatch)
     manifest = ckpt.read_complete(d)["files"]
     assert all(v["sha256"] == hashlib.sha256((d / k).read_bytes()).hexdigest() for k, v in manifest.items())
     _flip(d / "shard_7.pt")
-    monkeypatch.setattr(ckpt, "HASH_THREADS", 4)
-    assert ckpt.verify(d, manifest) == {"shard_7.pt": "sha256 differs from the manifest"}
+    monkeypatch.setattr(integrity, "HASH_THREADS", 4)
+    assert integrity.verify(d, manifest) == {"shard_7.pt": "sha256 differs from the manifest"}
 
 
 def test_pruning_deletes_complete_first(tmp_path, monkeypatch):
@@ -172,6 +188,7 @@ def test_rank_state_is_loaded_as_data_only(tmp_path):
 
 # -- a run is one run --------------------------------------------------------------------------
 
+
 def _demo(*overrides: str) -> DistilConfig:
     """The demo's config with the values these tests name pinned (the demo's own are tuned)."""
     pinned = ["train.max_steps=120", "checkpoint.every_steps=60", "optim.lr=1e-3", "student.layers=[0, 2, 4]"]
@@ -180,10 +197,24 @@ def _demo(*overrides: str) -> DistilConfig:
 
 def test_resume_keys_pass_and_others_are_refused_with_the_diff():
     saved = _demo().to_yaml()
-    allowed = continuity.check_continuation(_demo("train.max_steps=500", "scaling.num_workers=2", "storage.max_attempts=3",
-                                                  "checkpoint.every_steps=7", "train.progress_bar=false"), saved, "ck")
-    assert allowed == ["checkpoint.every_steps: 60 -> 7", "scaling.num_workers: 1 -> 2", "storage.max_attempts: 10 -> 3",
-                       "train.max_steps: 120 -> 500", "train.progress_bar: True -> False"]
+    allowed = continuity.check_continuation(
+        _demo(
+            "train.max_steps=500",
+            "scaling.num_workers=2",
+            "storage.max_attempts=3",
+            "checkpoint.every_steps=7",
+            "train.progress_bar=false",
+        ),
+        saved,
+        "ck",
+    )
+    assert allowed == [
+        "checkpoint.every_steps: 60 -> 7",
+        "scaling.num_workers: 1 -> 2",
+        "storage.max_attempts: 10 -> 3",
+        "train.max_steps: 120 -> 500",
+        "train.progress_bar: True -> False",
+    ]
     with pytest.raises(UserError) as e:
         continuity.check_continuation(_demo("optim.lr=5e-4", "student.layers=[0, 1, 2]"), saved, "ck")
     msg = str(e.value)
@@ -200,8 +231,9 @@ def test_unnamed_runs_keep_their_name_when_only_resumable_keys_change():
 def test_finished_run_and_fresh_start_over_checkpoints(tmp_path):
     cfg = _demo()
     run_dir = tmp_path / "demo"
-    fake_checkpoint(run_dir, "step_00000120",
-                    {"config.yaml": cfg.to_yaml().encode(), ckpt.TRAINER_STATE: b'{"step": 120}'})
+    fake_checkpoint(
+        run_dir, "step_00000120", {"config.yaml": cfg.to_yaml().encode(), ckpt.TRAINER_STATE: b'{"step": 120}'}
+    )
     tag, finished = continuity.local_resume_point(cfg, run_dir, 0, print)
     assert tag == "step_00000120" and "already finished" in finished and "step 120" in finished
     tag, finished = continuity.local_resume_point(_demo("train.max_steps=200"), run_dir, 0, print)
@@ -214,14 +246,17 @@ def test_a_run_in_the_old_layout_is_moved_into_the_one_layout(tmp_path):
     """distil-run 0.1 kept a local run's checkpoints in RUN/checkpoints/; every run now keeps
     them as RUN/step_N (a Ray run's layout). Training such a run again moves them, whole, with
     `latest`, and resumes from the newest; `distil checkpoints list` then finds them."""
-    from distil.catalog import list_checkpoints
-    from distil.storage import Storage
+    from distil.runs.catalog import list_checkpoints
+    from distil.storage.location import Storage
 
     cfg = _demo("train.max_steps=200")
     run_dir = tmp_path / "demo"
     for step in (60, 120):
-        fake_checkpoint(run_dir / "checkpoints", f"step_{step:08d}",
-                        {"config.yaml": cfg.to_yaml().encode(), ckpt.TRAINER_STATE: f'{{"step": {step}}}'.encode()})
+        fake_checkpoint(
+            run_dir / "checkpoints",
+            f"step_{step:08d}",
+            {"config.yaml": cfg.to_yaml().encode(), ckpt.TRAINER_STATE: f'{{"step": {step}}}'.encode()},
+        )
     (run_dir / "checkpoints" / ckpt.LATEST).write_text("step_00000120")
     said: list[str] = []
     tag, finished = continuity.local_resume_point(cfg, run_dir, 0, said.append)
@@ -251,11 +286,19 @@ def test_start_over_moves_the_run_aside(tmp_path):
 
 # -- secrets and values ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("override", ["data.hub_kwargs={token: hf_SECRETVALUE}", "data.hub_kwargs={lang: pl, HF_TOKEN: hf_SECRETVALUE}",
-                                      "data.hub_kwargs={storage_options: {secret: hf_SECRETVALUE}}",
-                                      "data.hub_kwargs={api_key: hf_SECRETVALUE}", "data.hub_kwargs={password: hf_SECRETVALUE}",
-                                      "storage.endpoint_url=http://minio:hf_SECRETVALUE@minio:9000",
-                                      "storage.endpoint_url=https://user@minio"])
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.hub_kwargs={token: hf_SECRETVALUE}",
+        "data.hub_kwargs={lang: pl, HF_TOKEN: hf_SECRETVALUE}",
+        "data.hub_kwargs={storage_options: {secret: hf_SECRETVALUE}}",
+        "data.hub_kwargs={api_key: hf_SECRETVALUE}",
+        "data.hub_kwargs={password: hf_SECRETVALUE}",
+        "storage.endpoint_url=http://minio:hf_SECRETVALUE@minio:9000",
+        "storage.endpoint_url=https://user@minio",
+    ],
+)
 def test_credentials_in_the_config_are_refused_and_never_echoed(override):
     with pytest.raises(UserError) as e:
         _demo(override)
@@ -267,11 +310,19 @@ def test_hub_kwargs_without_credentials_pass():
     assert _demo("data.hub_kwargs={lang: pl, author_list: [a], split: train}").data.hub_kwargs["lang"] == "pl"
 
 
-@pytest.mark.parametrize("override,where", [
-    ("optim.betas=[0.9, 1.5]", "optim"), ("optim.betas=[-0.1, 0.9]", "optim"), ("optim.lr=.inf", "optim.lr"),
-    ("optim.lr=.nan", "optim.lr"), ("loss.temperature=.inf", "loss.temperature"), ("optim.eps=.nan", "optim.eps"),
-    ("loss.alpha_kl=.inf", "loss.alpha_kl"), ("storage.endpoint_url=notaurl", "storage"),
-])
+@pytest.mark.parametrize(
+    "override,where",
+    [
+        ("optim.betas=[0.9, 1.5]", "optim"),
+        ("optim.betas=[-0.1, 0.9]", "optim"),
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("loss.temperature=.inf", "loss.temperature"),
+        ("optim.eps=.nan", "optim.eps"),
+        ("loss.alpha_kl=.inf", "loss.alpha_kl"),
+        ("storage.endpoint_url=notaurl", "storage"),
+    ],
+)
 def test_values_the_run_cannot_use_are_refused(override, where):
     with pytest.raises(UserError) as e:
         _demo(override)
@@ -285,10 +336,29 @@ def test_config_that_is_not_utf8(tmp_path):
         load_config(p)
 
 
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=8))
-KEYS = st.sampled_from(["optim.lr", "optim.betas", "loss.temperature", "train.max_steps", "student.layers", "run.name",
-                        "data.hub_kwargs", "storage.endpoint_url", "masking.prob", "nope.key", "optim", "run.name.x"])
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+KEYS = st.sampled_from(
+    [
+        "optim.lr",
+        "optim.betas",
+        "loss.temperature",
+        "train.max_steps",
+        "student.layers",
+        "run.name",
+        "data.hub_kwargs",
+        "storage.endpoint_url",
+        "masking.prob",
+        "nope.key",
+        "optim",
+        "run.name.x",
+    ]
+)
 
 
 def test_any_override_gives_a_config_or_one_user_error():
@@ -298,7 +368,12 @@ def test_any_override_gives_a_config_or_one_user_error():
     outcomes = {"accepted": 0, "refused": 0}
 
     @settings(max_examples=200, deadline=None)
-    @given(key=KEYS, value=st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=6), SCALARS, max_size=2)))
+    @given(
+        key=KEYS,
+        value=st.one_of(
+            SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=6), SCALARS, max_size=2)
+        ),
+    )
     def check(key, value):
         try:
             cfg = _demo(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
@@ -314,19 +389,24 @@ def test_any_override_gives_a_config_or_one_user_error():
 
 def test_a_step_saved_again_sorts_after_the_first_save(tmp_path):
     """step_N.1: a Ray run that fell back from a damaged step N saves N again beside it."""
-    from distil.catalog import list_checkpoints, select
-    from distil.checkpoint_stores import RayCheckpointStore
-    from distil.storage import Storage
+    from distil.runs.catalog import list_checkpoints, select
+    from distil.runs.stores import RayCheckpointStore
+    from distil.storage.location import Storage
 
     root = tmp_path / "r"
     for tag in ("step_00000008", "step_00000012", "step_00000012.1", "step_00000012.2", "step_00000016"):
         fake_checkpoint(root, tag, {"a.pt": b"x"}, step=ckpt.tag_key(tag)[0])
     assert ckpt.complete_tags(root)[-3:] == ["step_00000012.1", "step_00000012.2", "step_00000016"]
     assert ckpt.damage(root / "step_00000012.1") is None
-    assert ckpt.tag_for(12, 2) == "step_00000012.2" and not ckpt.is_tag("step_00000012.0") and not ckpt.is_tag("step_12")
+    assert (
+        ckpt.tag_for(12, 2) == "step_00000012.2" and not ckpt.is_tag("step_00000012.0") and not ckpt.is_tag("step_12")
+    )
     infos = list_checkpoints(Storage(str(root)))
     assert [c.tag for c in infos][-2:] == ["step_00000012.2", "step_00000016"]
     assert select(infos, "u", 12).tag == "step_00000012.2"
     store = RayCheckpointStore(_demo())
     store.damaged = ["step_00000012", "step_00000012.1"]
-    assert store.checkpoint_name("step_00000012") == "step_00000012.2" and store.checkpoint_name("step_00000016") == "step_00000016"
+    assert (
+        store.checkpoint_name("step_00000012") == "step_00000012.2"
+        and store.checkpoint_name("step_00000016") == "step_00000016"
+    )

@@ -1,4 +1,4 @@
-"""distil.zero_foreach: ZeRO-2's overflow check and gradient norm as multi-tensor kernels give
+"""distil.train.zero_foreach: ZeRO-2's overflow check and gradient norm as multi-tensor kernels give
 DeepSpeed's own results (and the norm an independent plain-torch one), on a real engine."""
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ import torch
 
 @pytest.fixture(scope="module")
 def results():
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("zero_foreach_check.py"))], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("zero_foreach_check.py"))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -35,11 +40,16 @@ def test_invalid_norm_gives_deepspeeds_sentinel(results):
 
 
 def test_overflow_flag_equals_deepspeed(results):
-    assert results["overflow"] == {"finite": [False, False], "nan": [True, True], "inf": [True, True], "-inf": [True, True]}
+    assert results["overflow"] == {
+        "finite": [False, False],
+        "nan": [True, True],
+        "inf": [True, True],
+        "-inf": [True, True],
+    }
 
 
 def test_other_optimizers_are_left_alone():
-    from distil import zero_foreach
+    from distil.train import zero_foreach
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     assert zero_foreach.install(opt) is False and "get_grad_norm_direct" not in vars(opt)

@@ -127,7 +127,7 @@ with "-" for other characters (distil/k8s.py `k8s_name`, the same rule). */}}
   lifecycle:
     preStop:
       exec:
-        command: ["python", "-m", "distil.preempt", "--timeout", "{{ sub (int64 $root.Values.terminationGracePeriodSeconds) 15 }}"]
+        command: ["python", "-m", "distil.runs.preempt", "--timeout", "{{ sub (int64 $root.Values.terminationGracePeriodSeconds) 15 }}"]
   {{- end }}
   volumeMounts:
     - name: distil-config
@@ -203,73 +203,6 @@ labels:
 annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- end }}
-
-{{/* spec of a RayCluster (also RayJob.spec.rayClusterSpec). */}}
-{{- define "distil-run.rayClusterSpec" -}}
-rayVersion: "2.60.0"
-{{- if gt (int64 .Values.dataWorkers.replicas) 0 }}
-# The autoscaler only ever removes the idle data-preparation pods: the GPU groups have
-# minReplicas = maxReplicas.
-enableInTreeAutoscaling: true
-autoscalerOptions:
-  idleTimeoutSeconds: {{ int64 .Values.dataWorkers.idleTimeoutSeconds }}
-  upscalingMode: Conservative
-{{- end }}
-headGroupSpec:
-  rayStartParams:
-    num-gpus: "0"
-    {{- $params := deepCopy .Values.head.rayStartParams }}
-    {{- include "distil-run.intify" $params }}
-    {{- range $k, $v := $params }}
-    {{ $k }}: {{ $v | quote }}
-    {{- end }}
-  template:
-    metadata:
-      {{- include "distil-run.podMetadata" (dict "root" . "component" "ray-head" "group" "") | nindent 6 }}
-    spec:
-      {{- include "distil-run.podFields" (dict "root" . "shm" "1Gi" "sched" .Values.head) | nindent 6 }}
-      containers:
-        {{- include "distil-run.container" (dict "root" . "name" "ray-head" "resources" .Values.head.resources "gpus" 0) | nindent 8 }}
-          ports:
-            - {name: gcs, containerPort: 6379}
-            - {name: dashboard, containerPort: 8265}
-            - {name: client, containerPort: 10001}
-workerGroupSpecs:
-  {{- range .Values.workerGroups }}
-  - groupName: {{ .name }}
-    replicas: {{ int64 .replicas }}
-    minReplicas: {{ int64 .replicas }}
-    maxReplicas: {{ int64 .replicas }}
-    rayStartParams:
-      num-gpus: {{ int64 .gpusPerPod | quote }}
-    template:
-      metadata:
-        {{- include "distil-run.podMetadata" (dict "root" $ "component" "ray-worker" "group" .name) | nindent 8 }}
-      spec:
-        {{- include "distil-run.podFields" (dict "root" $ "shm" .shmSize "sched" .) | nindent 8 }}
-        containers:
-          {{- include "distil-run.container" (dict "root" $ "name" "ray-worker" "resources" .resources "gpus" .gpusPerPod) | nindent 10 }}
-  {{- end }}
-  {{- with .Values.dataWorkers }}
-  {{- if gt (int64 .replicas) 0 }}
-  # CPU pods for the data preparation's Ray Data tasks (training workers need a GPU, so they
-  # never land here); removed by the autoscaler once idle.
-  - groupName: data
-    replicas: {{ int64 .replicas }}
-    minReplicas: 0
-    maxReplicas: {{ int64 .replicas }}
-    rayStartParams:
-      num-gpus: "0"
-    template:
-      metadata:
-        {{- include "distil-run.podMetadata" (dict "root" $ "component" "ray-data-worker" "group" "data") | nindent 8 }}
-      spec:
-        {{- include "distil-run.podFields" (dict "root" $ "shm" "1Gi" "sched" .) | nindent 8 }}
-        containers:
-          {{- include "distil-run.container" (dict "root" $ "name" "ray-worker" "resources" .resources "gpus" 0) | nindent 10 }}
-  {{- end }}
-  {{- end }}
 {{- end }}
 
 {{/* A value as one shell word: single-quoted, each ' written as '\'' (KubeRay runs the entrypoint
