@@ -230,6 +230,8 @@ class RunLease:
         while True:
             version, body = self.backend.read()
             held = _parse(body)
+            if held and held.get("holder") == self.record["holder"]:  # our own write, whose answer was lost (a retry)
+                return self._hold(version)
             if held:
                 alive = _alive(held)
                 if alive is True:
@@ -274,7 +276,7 @@ class RunLease:
             except Exception as e:  # an outage: try again at the next tick (it expires only after ttl_s)
                 self.log(f"warning: could not renew the lease of run {self.run}: {type(e).__name__}")
                 continue
-            if written:
+            if written or (_parse(body) or {}).get("holder") == self.record["holder"]:  # (ours: a retried write landed)
                 self.version = version
                 continue
             self.lost = True

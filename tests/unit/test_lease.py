@@ -171,3 +171,30 @@ def test_a_holder_that_lost_its_lease_stops_without_writing(tmp_path):
     ]
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == lease_mod.EXIT_LEASE_LOST and "was taken over by host elsewhere" in err
+
+
+def test_a_write_that_landed_unacknowledged_is_still_this_holders(tmp_path):
+    """A renewal whose conditional PUT reached the store but whose answer was lost (boto3 retries
+    it, and the retry fails its precondition) finds the lease holding its own record: it goes on
+    holding it, rather than stop as if another process had taken the run."""
+    code = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from distil.runs.lease import RunLease, _parse
+from distil.storage.location import Storage
+lease = RunLease(Storage({str(tmp_path / "runs")!r}), "r", ttl_s=0.4, log=lambda m: None).acquire()
+real, lost = lease.backend.swap, []
+def answer_lost(expect, record):
+    written, version, body = real(expect, record)
+    if record is not None and not lost:
+        lost.append(1)
+        return (False, *lease.backend.read())
+    return written, version, body
+lease.backend.swap = answer_lost
+time.sleep(1.0)
+assert lost and not lease.lost and _parse(lease.backend.read()[1])["holder"] == lease.record["holder"]
+lease.release()
+print("held", lease.backend.read())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "held (None, None)", r.stdout + r.stderr
