@@ -309,12 +309,10 @@ def ensure_prepared(
         # of a torchrun wait for the first, then find its data (and its record of the check).
         folder = where.local()
         with _host_lock(folder):
-            _discard_if_damaged(folder, log)
-            if not (folder / ts.MANIFEST).is_file():
+            manifest = _intact(folder, log)
+            if manifest is None:
                 _prepare(cfg, tokenizer, fp, info, listing, per_step, log, use_ray, workers)
-            manifest = ts.PreparedData(
-                folder
-            ).manifest  # checked once on this host (a record makes the next opens cheap)
+                manifest = ts.read_checked(folder)  # (the writer recorded its check: a stat per file)
     if manifest.get("prepared") != info["prepared"]:
         raise UserError(
             f"{where.uri} was prepared from other inputs than its name says",
@@ -337,21 +335,22 @@ def _host_lock(folder: Path):
         yield
 
 
-def _discard_if_damaged(folder: Path, log) -> None:
-    """A local prepared folder that is incomplete or damaged is never trained on: it is deleted
-    (it holds nothing but what preparing again writes), with a line saying why."""
+def _intact(folder: Path, log) -> dict | None:
+    """The manifest of a local prepared folder that is whole (checked once on this host), or
+    None: none there, or one that is incomplete or damaged, which is never trained on -- it is
+    deleted (it holds nothing but what preparing again writes), with a line saying why."""
     if not folder.exists():
-        return
+        return None
     if not (folder / ts.MANIFEST).is_file():
         why = f"{folder} holds no {ts.MANIFEST} (a preparation cut short, or damaged)"
     else:
         try:
-            ts.PreparedData(folder)
-            return
+            return ts.read_checked(folder)
         except DamagedData as e:
             why = e.what
     log(f"warning: {why}; preparing it again")
     remove_tree(folder, folder.parent)
+    return None
 
 
 def _manifest(cfg: DistilConfig, fp: str) -> dict:

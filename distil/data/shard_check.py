@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from distil.storage.integrity import verify
 DTYPES = {"<u2": 1 << 16, "<u4": 1 << 32}
 _SHARD = re.compile(r"^(train|eval)_\d{5}$")
 _BLOCK = 1 << 24  # token ids read at a time when looking for the largest one
+RACY_NS = 2_000_000_000  # a file changed this close before its check was recorded is checked again
 
 
 class DamagedData(UserError):
@@ -152,12 +154,13 @@ def files_of(manifest: dict) -> dict[str, dict]:
     return out
 
 
-def check(folder: Path, manifest: dict, hashes: bool = True) -> dict[str, str]:
+def check(folder: Path, manifest: dict, hashes: bool = True, only: list[str] | None = None) -> dict[str, str]:
     """{file: what is wrong} for a folder and its (well-formed) manifest; {} when it is whole.
-    Without `hashes`: sizes only (no file is read)."""
-    problems = verify(folder, files_of(manifest), hashes=hashes)
+    Without `hashes`: sizes only (no file is read). `only`: these files of the manifest."""
+    files = {rel: meta for rel, meta in files_of(manifest).items() if only is None or rel in only}
+    problems = verify(folder, files, hashes=hashes)
     if hashes:
-        for rel in files_of(manifest):
+        for rel in files:
             if rel not in problems:
                 found = file_problem(folder / rel, rel, manifest)
                 if found:
@@ -177,21 +180,53 @@ def _stats(folder: Path, rels) -> dict[str, list[int]]:
     return out
 
 
+def _record_path(folder: Path) -> Path:
+    return folder / f".verified-{_host()}.json"
+
+
+def record_check(folder: Path, manifest_bytes: bytes, manifest: dict) -> None:
+    """Record that this host found `folder`'s files whole as they are now (each file's stat): the
+    writer of a preparation, which made and hashed them, and `check_once` after a clean check.
+    A folder this process cannot write gets no record (it is then checked at every open)."""
+    record = _record_path(folder)
+    tmp = record.with_name(f"{record.name}.tmp.{os.getpid()}")
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    try:
+        tmp.write_text(
+            json.dumps(
+                {
+                    "manifest_sha256": digest,
+                    "at_ns": time.time_ns(),
+                    "files": _stats(folder, sorted(files_of(manifest))),
+                }
+            )
+        )
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def check_once(folder: Path, manifest_bytes: bytes, manifest: dict) -> dict[str, str]:
     """`check` with hashes, unless this host checked these very files before (its record names
-    this manifest and every file's stat is unchanged); records a clean check."""
-    record = folder / f".verified-{_host()}.json"
+    this manifest and every file's stat is unchanged); records a clean check. A file changed
+    less than RACY_NS before the record was written is hashed again all the same: a change in
+    the same tick of a coarse file-system clock leaves its stat as it was (git's "racy" files)."""
+    record = _record_path(folder)
     digest = hashlib.sha256(manifest_bytes).hexdigest()
     rels = sorted(files_of(manifest))
 
-    def recorded() -> bool:
+    def unchecked() -> list[str] | None:
+        """The files the record does not vouch for; None when there is no record of these files."""
         try:
             seen = json.loads(record.read_text())
-            return seen.get("manifest_sha256") == digest and seen.get("files") == _stats(folder, rels)
-        except (OSError, ValueError, AttributeError):
-            return False
+            stats = _stats(folder, rels)
+            if seen.get("manifest_sha256") != digest or seen.get("files") != stats:
+                return None
+            return [rel for rel, st in stats.items() if st[2] > int(seen["at_ns"]) - RACY_NS]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return None
 
-    if recorded():
+    if unchecked() == []:
         return {}
     try:
         lock = open(folder / f".verify-{_host()}.lock", "a")
@@ -199,14 +234,10 @@ def check_once(folder: Path, manifest_bytes: bytes, manifest: dict) -> dict[str,
         return check(folder, manifest)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process of the host hashes; the others find its record
-        if recorded():
+        racy = unchecked()
+        if racy == []:
             return {}
-        problems = check(folder, manifest)
+        problems = check(folder, manifest, only=racy)  # (None: every file)
         if not problems:
-            tmp = record.with_name(f"{record.name}.tmp.{os.getpid()}")
-            try:
-                tmp.write_text(json.dumps({"manifest_sha256": digest, "files": _stats(folder, rels)}))
-                os.replace(tmp, record)
-            except OSError:
-                pass
+            record_check(folder, manifest_bytes, manifest)
         return problems

@@ -41,7 +41,7 @@ import numpy as np
 
 from distil.data import shard_check
 from distil.data.sequences import tokenizer_spec
-from distil.data.shard_check import DamagedData, check_once, files_of, manifest_problem
+from distil.data.shard_check import DamagedData, check_once, files_of, manifest_problem, record_check
 from distil.errors import UserError
 from distil.storage.integrity import sha256_file
 
@@ -225,6 +225,9 @@ class ShardWriter:
         tmp_manifest = self.tmp / f".{MANIFEST}.tmp"
         tmp_manifest.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp_manifest, self.tmp / MANIFEST)
+        # The files were made and hashed here, token ids checked as they were added: the next
+        # open on this host need not hash them again (renaming the folder keeps their stat).
+        record_check(self.tmp, (self.tmp / MANIFEST).read_bytes(), manifest)
         (self.tmp / WRITER).unlink()
         try:
             os.rename(self.tmp, self.final)
@@ -294,53 +297,60 @@ class TokenSplit:
         return [self.sequence(int(i)).tolist() for i in indices]
 
 
+def read_checked(folder: Path, expect: dict | None = None, check: str | None = "once") -> dict:
+    """The manifest of a prepared folder, checked (distil/data/shard_check.py): its fields, that it
+    was made from `expect` (the inputs a rank knows: all but the sources), and with `check` its
+    files -- "once" (sha256 and contents, once per host: a record of the check makes a later open
+    cost a stat per file), "full" (every time), "sizes" (sizes only) or None (not here: a remote
+    store's cache checks each file as it fetches it). Nothing else is read."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"{folder} holds no prepared data (no {MANIFEST}: never prepared, or cut short)",
+            fix="prepare it again (`distil prepare`)",
+        )
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DamagedData(str(folder), {MANIFEST: "not valid JSON"}, fix=_FIX) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UserError(
+            f"{folder} was prepared in format {found!r}, this distil-run reads {FORMAT!r}", fix="prepare it again"
+        )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DamagedData(str(folder), {MANIFEST: problem}, fix=_FIX)
+    made_from = manifest.get("prepared") or {}
+    if expect is not None and {k: made_from.get(k) for k in expect} != expect:
+        raise UserError(
+            f"{folder} was prepared from other sources, another tokenizer or another data section "
+            f"(differs in: {', '.join(_differing({k: made_from.get(k) for k in expect}, expect))})",
+            fix="prepare again for this config; a folder is only ever read for the inputs it was made from",
+        )
+    if check is not None:
+        problems = (
+            check_once(folder, raw, manifest)
+            if check == "once"
+            else shard_check.check(folder, manifest, hashes=check == "full")
+        )
+        if problems:
+            raise DamagedData(str(folder), problems, fix=_FIX)
+    return manifest
+
+
 class PreparedData:
-    """A prepared folder, its manifest and files checked (distil/data/shard_check.py). `check`:
-    "once" (sha256 and contents, once per host: a record of the check makes a restart cost a
-    stat per file), "full" (every time) or "sizes" (sizes only). With `fetch` (a cache of a
-    remote store) a file is checked when it is fetched instead."""
+    """A prepared folder, read by global index: its manifest and files checked first
+    (`read_checked`, with `check`). With `fetch` (a cache of a remote store) a file is checked
+    when it is fetched instead."""
 
     def __init__(self, folder: Path, expect: dict | None = None, check: str = "once", fetch=None):
-        folder = Path(folder)
-        path = folder / MANIFEST
-        if not path.is_file():
-            raise UserError(
-                f"{folder} holds no prepared data (no {MANIFEST}: never prepared, or cut short)",
-                fix="prepare it again (`distil prepare`)",
-            )
-        raw = path.read_bytes()
-        try:
-            self.manifest = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise DamagedData(str(folder), {MANIFEST: "not valid JSON"}, fix=_FIX) from None
-        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
-            found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
-            raise UserError(
-                f"{folder} was prepared in format {found!r}, this distil-run reads {FORMAT!r}", fix="prepare it again"
-            )
-        problem = manifest_problem(self.manifest)
-        if problem:
-            raise DamagedData(str(folder), {MANIFEST: problem}, fix=_FIX)
-        made_from = self.manifest.get("prepared") or {}
-        if (
-            expect is not None and {k: made_from.get(k) for k in expect} != expect
-        ):  # (a rank checks all but the sources)
-            raise UserError(
-                f"{folder} was prepared from other sources, another tokenizer or another data section "
-                f"(differs in: {', '.join(_differing({k: made_from.get(k) for k in expect}, expect))})",
-                fix="prepare again for this config; a folder is only ever read for the inputs it was made from",
-            )
-        self.folder, self.dtype = folder, np.dtype(self.manifest["dtype"])
-        if fetch is None:  # a local folder: its files are checked now
-            problems = (
-                check_once(folder, raw, self.manifest)
-                if check == "once"
-                else shard_check.check(folder, self.manifest, hashes=check == "full")
-            )
-            if problems:
-                raise DamagedData(str(folder), problems, fix=_FIX)
+        self.folder = Path(folder)
+        self.manifest = read_checked(self.folder, expect, check if fetch is None else None)
+        self.dtype = np.dtype(self.manifest["dtype"])
         self.splits = {
-            name: TokenSplit(folder, meta, self.dtype, fetch) for name, meta in self.manifest["splits"].items()
+            name: TokenSplit(self.folder, meta, self.dtype, fetch) for name, meta in self.manifest["splits"].items()
         }
 
     def files(self) -> dict[str, dict]:

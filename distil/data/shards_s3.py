@@ -26,7 +26,7 @@ def upload(folder: Path, storage) -> None:
     the manifest, then MANIFEST.json last, so a store is complete once its manifest is there."""
     from boto3.s3.transfer import TransferConfig
 
-    store = PreparedData(folder, check="full")  # (a new folder, published once: no record of the check)
+    store = PreparedData(folder)  # (its writer recorded its check: the files it made are not hashed again)
     with s3_errors(storage.uri, storage.endpoint_url):
         client = storage.client()
         for rel in [*sorted(store.files()), MANIFEST]:  # the manifest last

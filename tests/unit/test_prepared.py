@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -168,7 +169,9 @@ def test_a_check_is_recorded_once_per_host_and_a_changed_file_is_checked_again(s
 
     cfg, _, tok = setup
     store = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
-    assert list(store.folder.glob(".verified-*.json"))
+    assert list(store.folder.glob(".verified-*.json"))  # the writer's, or the first open's
+    time.sleep(shard_check.RACY_NS / 1e9 + 0.1)  # past the coarse-clock margin: no file is "racy" now
+    prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)  # (re-recorded after the files' age)
     real_check = shard_check.check
     monkeypatch.setattr(shard_check, "check", lambda *a, **k: pytest.fail("hashed again"))
     prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)  # trusted: nothing changed
@@ -184,6 +187,22 @@ def test_a_check_is_recorded_once_per_host_and_a_changed_file_is_checked_again(s
     with pytest.raises(UserError, match="eval_00000.tokens: sha256 differs"):
         ts.PreparedData(store.folder)
     assert hashed
+
+
+def test_a_file_changed_in_the_tick_its_check_was_recorded_is_checked_again(setup):
+    """On a file system with a coarse clock (1 s on ext3, a jiffy on older kernels), a change in
+    the same tick as the record of a check leaves the file's stat as recorded. As git does with
+    its "racy" files, a file changed within RACY_NS of its record is hashed all the same."""
+    from distil.data import shard_check
+
+    cfg, _, tok = setup
+    store = prepared.open_prepared(cfg, tok, per_step=8, log=lambda _: None)
+    shard = store.folder / "train_00000.tokens"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    raw = (store.folder / ts.MANIFEST).read_bytes()
+    shard_check.record_check(store.folder, raw, store.manifest)  # as if recorded in the tick of the change
+    with pytest.raises(UserError, match="train_00000.tokens: sha256 differs"):
+        ts.PreparedData(store.folder)
 
 
 def test_too_small_a_corpus_writes_nothing(setup, tmp_path):
