@@ -119,14 +119,70 @@ class StorageSection(_Strict):
     )
 
 
+MAX_WORKERS = 65_536  # a bound on what a config may ask (every count of a range is checked)
+
+
 class ScalingSection(_Strict):
-    num_workers: int = Field(1, ge=1, description="Training workers (one DeepSpeed rank each).")
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description=(
+            "Training workers (one DeepSpeed rank each): a number, or [min, max] for an elastic Ray run -- it starts "
+            "with as many as can be placed (at least min), goes on with fewer when a node is lost, and grows back to "
+            "max when capacity returns, each resize a restart from the latest checkpoint re-partitioned for the new "
+            "count (the global batch, the samples and their order stay those of an uninterrupted run)."
+        ),
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description=(
+            "An elastic run looks for capacity to grow into this often (Ray Train's "
+            "elastic_resize_monitor_interval_s); each growth is a restart from the latest checkpoint, so not much "
+            "more often than checkpoints are written. A lost worker shrinks the group at once."
+        ),
+    )
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per worker when use_gpu is set.")
     max_failures: int = Field(
         3, ge=-1, description="Worker-group restarts from the latest checkpoint before giving up (-1: unlimited)."
     )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _range(cls, v):
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ValueError(f"{list(v)} is not a number of workers or a [min, max] range of them, e.g. [2, 8]")
+            low, high = v
+            if high > MAX_WORKERS:
+                raise ValueError(f"[{low}, {high}]: at most {MAX_WORKERS:,} workers")
+            if low < 1:
+                raise ValueError(f"[{low}, {high}]: an elastic run needs at least 1 worker (min >= 1)")
+            if low > high:
+                raise ValueError(f"[{low}, {high}]: min is more than max; write [{high}, {low}]")
+            return low if low == high else (low, high)  # [n, n] is n workers, fixed
+        if isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= MAX_WORKERS:
+            raise ValueError(f"{v}: a run needs at least 1 worker, and at most {MAX_WORKERS:,}")
+        return v
+
+    @property
+    def elastic(self) -> bool:
+        """A [min, max] range: the worker group resizes with the capacity there is."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    def worker_counts(self) -> range:
+        """Every worker count the run may train with."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 class ProbeSection(_Strict):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -119,10 +121,11 @@ class DistilConfig(_Strict):
             raise ValueError("masking.prob is 0 but the MLM term or the 'masked' recipe needs masked positions")
         return self
 
-    def check_before_loading(self, world_size: int) -> None:
-        """What is wrong with this config for `world_size` workers that shows without the teacher,
-        the data or torch: checked first, before seconds of imports (raises UserError)."""
-        self.check_batch_split(world_size)
+    def check_before_loading(self, world_sizes: int | Iterable[int]) -> None:
+        """What is wrong with this config for `world_sizes` workers (an elastic run: every count it
+        may have) that shows without the teacher, the data or torch: checked first, before seconds of
+        imports (raises UserError)."""
+        self.check_batch_split(world_sizes)
         self.check_teacher_folder()
         self.check_data_sources()
         for source in self.eval.sources:
@@ -147,16 +150,40 @@ class DistilConfig(_Strict):
                 fix="pip install 'distil-run[eval]' (or unset eval.probe.path)",
             )
 
-    def check_batch_split(self, world_size: int) -> None:
-        """The global batch must be whole micro-batches on every one of `world_size` workers."""
-        per_step = self.train.micro_batch_size * world_size
-        if self.train.global_batch_size % per_step:
+    def check_batch_split(self, world_sizes: int | Iterable[int]) -> None:
+        """The global batch must be whole micro-batches on every one of `world_size` workers, for
+        every worker count the run may have (an elastic run: each count of its range)."""
+        t = self.train
+        counts = [world_sizes] if isinstance(world_sizes, int) else list(world_sizes)
+        # (a count above global / micro can never split it: no need to try each one)
+        failing = [
+            n
+            for n in counts
+            if n > t.global_batch_size // t.micro_batch_size or t.global_batch_size % (t.micro_batch_size * n)
+        ]
+        if not failing:
+            return
+        if len(counts) == 1:
+            per_step = t.micro_batch_size * counts[0]
             raise UserError(
-                f"global_batch_size {self.train.global_batch_size} is not a multiple of micro_batch_size x "
-                f"workers = {per_step}",
+                f"global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size x workers = {per_step}",
                 where="train.global_batch_size",
                 fix=f"use a multiple of {per_step}",
             )
+        every = math.lcm(*(t.micro_batch_size * n for n in counts))
+        works = -(-t.global_batch_size // every) * every  # the smallest multiple of all of them, at least as large
+        splitting = [n for n in counts if n not in failing]
+
+        def listed(ns: list[int]) -> str:
+            return ", ".join(str(n) for n in ns[:12]) + (", ..." if len(ns) > 12 else "")
+
+        raise UserError(
+            f"global_batch_size {t.global_batch_size} does not split into micro-batches of {t.micro_batch_size} for "
+            f"{len(failing)} of the worker counts {counts[0]}..{counts[-1]} an elastic run may have: {listed(failing)}",
+            where="train.global_batch_size",
+            fix=(f"use a global_batch_size that every count divides, e.g. {works:,}, or " if works < 2**31 else "")
+            + f"narrow scaling.num_workers to counts that split it ({listed(splitting) or 'none of these'})",
+        )
 
     def check_teacher_folder(self) -> None:
         """A teacher named as a folder must exist (a hub id is checked when it is loaded)."""

@@ -32,8 +32,8 @@ def collate(rows: list[list[int]], pad_id: int, max_len: int, multiple: int = 8)
 
 
 class ResumableSampler:
-    """Global sample order: a seeded permutation per epoch, the tail smaller than a global
-    micro-batch dropped. Position = (epoch, samples consumed in it), independent of workers.
+    """Global sample order: a seeded permutation per epoch, the tail smaller than a global batch
+    (a step) dropped. Position = (epoch, samples consumed in it), independent of workers.
 
     With `lengths`, the permutation is cut into groups of `group` samples, each sorted by
     length, so that consecutive batches hold sequences of similar length and little padding
@@ -41,8 +41,13 @@ class ResumableSampler:
     so the order stays the same whatever the number of workers.
     """
 
-    def __init__(self, n: int, seed: int, lengths: np.ndarray | None = None, group: int = 1024):
-        self.n, self.seed, self.lengths, self.group = n, seed, lengths, group
+    def __init__(
+        self, n: int, seed: int, lengths: np.ndarray | None = None, group: int = 1024, step_size: int | None = None
+    ):
+        # step_size: the global batch. An epoch ends where the next whole *step* no longer fits, not
+        # the next micro-batch: then every worker count (an elastic run's group resizes) trains the
+        # same samples in each step, also across an epoch's end.
+        self.n, self.seed, self.lengths, self.group, self.step_size = n, seed, lengths, group, step_size
         self.epoch, self.consumed = 0, 0
         self._perm: np.ndarray | None = None
 
@@ -57,7 +62,8 @@ class ResumableSampler:
 
     def next_indices(self, global_size: int, rank: int, local_size: int) -> np.ndarray:
         """This rank's slice of the next global micro-batch of `global_size` samples."""
-        if self.consumed + global_size > self.n:
+        starts_step = self.step_size is not None and self.consumed % self.step_size == 0
+        if self.consumed + (self.step_size if starts_step else global_size) > self.n:
             self.epoch, self.consumed, self._perm = self.epoch + 1, 0, None
         start = self.consumed + rank * local_size
         out = self._permutation()[start : start + local_size]

@@ -118,7 +118,7 @@ def _build(
     progress = _Progress(log)
     with ts.ShardWriter(folder, len(tokenizer)) as writer:
         docs_left = d.max_documents
-        for flat, lens in documents(segments, spec, reading, workers):
+        for flat, lens in documents(segments, spec, reading, workers, log):
             if docs_left is not None:  # the first max_documents documents of the corpus
                 lens = lens[:docs_left]
                 flat, docs_left = flat[: int(lens.sum())], docs_left - len(lens)
@@ -141,7 +141,7 @@ def _build(
     return out
 
 
-def local_documents(segments, spec: str, reading, workers=None):
+def local_documents(segments, spec: str, reading, workers=None, log=None):
     """Each range or hub batch read and tokenized in this process, in order: (flat ids, lens)."""
 
     for segment in segments:
@@ -275,7 +275,7 @@ def open_prepared(
     fingerprint: str | None = None,
 ) -> ts.PreparedData:
     """The run's prepared data, prepared now if storage has none for this fingerprint; at least
-    `per_step` training sequences (one global micro-batch) or a UserError. `use_ray`: prepare with
+    `per_step` training sequences (one global batch: a step) or a UserError. `use_ray`: prepare with
     Ray Data (unset: when Ray is running here or RAY_ADDRESS names a cluster, or the sources hold
     more than RAY_ABOVE_BYTES). With `fingerprint` (a Ray worker: the driver prepared it) the
     sources are not listed again -- another node may not even see a local source -- and the

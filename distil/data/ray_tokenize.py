@@ -11,8 +11,10 @@ Why tasks and not an actor pool: an actor claims its CPU for the whole run, and 
 claims every CPU starves Ray Data's read tasks (on 2 CPUs the pipeline hung); here reading
 and tokenizing are one task, so there is nothing to starve.
 
-Local source files exist only on this node: their tasks are pinned to it. Put a corpus that
-should be read by the whole cluster in S3.
+Local source files exist only on this node: their tasks are pinned to it. A node that offers Ray
+no CPU (a KubeRay head started with `num-cpus: 0`, so that no task lands there) can run no task:
+there local files are read and tokenized in this process instead, as `distil train` does. Put a
+corpus that should be read by the whole cluster in S3.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _tokenize_texts(batch: pa.Table, spec: str, field: str) -> pa.Table:
     return _table(*token_ids(spec, texts))
 
 
-def documents(segments, spec: str, reading: Reading, workers: int | None = None):
+def documents(segments, spec: str, reading: Reading, workers: int | None = None, log=print):
     """(flat int32 ids, each document's length) per range or hub block, in corpus order."""
     import ray
 
@@ -71,22 +73,40 @@ def documents(segments, spec: str, reading: Reading, workers: int | None = None)
     if started:  # (`distil prepare`, or `distil train` on a large corpus): ours, shut down when done
         ray.init(include_dashboard=False, log_to_driver=True)
     try:
-        yield from _blocks(segments, spec, reading, workers)
+        yield from _blocks(segments, spec, reading, workers, log)
     finally:
         if started:
             ray.shutdown()
 
 
-def _blocks(segments, spec: str, reading: Reading, workers: int | None):
+def _offers_cpu(node_id: str) -> bool:
+    """Whether this Ray node has CPUs for tasks (a head started with `--num-cpus 0` has none)."""
+    import ray
+
+    return any(n["NodeID"] == node_id and n.get("Resources", {}).get("CPU", 0) > 0 for n in ray.nodes())
+
+
+def _blocks(segments, spec: str, reading: Reading, workers: int | None, log=print):
 
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the driver packs the stream in corpus order
     ctx.enable_progress_bars = False  # pods have no terminal; distil/data/prepared.py logs progress
-    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    node = ray.get_runtime_context().get_node_id()
+    here, said = {"ray.io/node-id": node}, False
     compute = ray.data.TaskPoolStrategy(size=workers)
     for segment in segments:
+        if not isinstance(segment, HubSet) and not all(r.s3 for r in segment) and not _offers_cpu(node):
+            if not said:
+                log(
+                    "the local source files are tokenized in this process: this Ray node offers no CPU for tasks "
+                    "(put the corpus in S3 to have it read by the whole cluster)"
+                )
+                said = True
+            for r in segment:  # (the files are on this node only)
+                yield token_ids(spec, read(r, reading))
+            continue
         if isinstance(segment, HubSet):
             ds = ray.data.from_huggingface(segment.dataset).map_batches(
                 _tokenize_texts,

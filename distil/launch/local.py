@@ -13,7 +13,6 @@ from distil.config.schema import DistilConfig, load_config
 from distil.errors import UserError
 from distil.launch import sequence
 from distil.quiet import quiet_libraries
-from distil.runs import continuity
 from distil.runs.metrics_log import summary_lines
 
 
@@ -37,6 +36,16 @@ class LocalPath:
     def announce(self, message: str) -> None:
         print(message, flush=True)
 
+    def worker_counts(self, cfg: DistilConfig) -> list[int]:
+        if cfg.scaling.elastic:
+            low, high = cfg.scaling.num_workers
+            raise UserError(
+                f"scaling.num_workers is the range [{low}, {high}]: an elastic run resizes a Ray Train worker group",
+                where="scaling.num_workers",
+                fix="run it on Ray (`distil train --ray`, python jobs/distill.py), or give a number of workers",
+            )
+        return [self.world_size]
+
     def check_storage(self, cfg: DistilConfig) -> None:
         if cfg.storage_root().is_s3:
             raise UserError(
@@ -46,12 +55,6 @@ class LocalPath:
             )
         cfg.storage_root().check_writable()
         self.run_dir = cfg.run_storage().local()
-
-    def resume_point(self, cfg: DistilConfig, log):
-        """The newest intact checkpoint of the run folder (every file hashed), and whether the
-        run is finished (distil/runs/continuity.py)."""
-
-        return continuity.local_resume_point(cfg, self.run_dir, self.rank, log if self.leads else (lambda _m: None))
 
     def load(self, cfg: DistilConfig):
 
@@ -70,11 +73,11 @@ class LocalPath:
 
         dist.barrier()
 
-    def train(self, cfg: DistilConfig, inputs, resume: str | None) -> dict:
+    def train(self, cfg: DistilConfig, inputs) -> dict:
         from distil.runs.stores import LocalCheckpointStore
         from distil.train.trainer import Trainer
 
-        trainer = Trainer(inputs, self.run_dir, store=LocalCheckpointStore(resume, found=True))
+        trainer = Trainer(inputs, self.run_dir, store=LocalCheckpointStore())
         if self.leads:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -22,7 +22,6 @@ from distil.data.prepared import ensure_prepared
 from distil.errors import UserError
 from distil.launch import sequence
 from distil.quiet import quiet_libraries
-from distil.runs import continuity
 from distil.runs.metrics_log import summary_lines
 from distil.runs.stores import RayCheckpointStore
 
@@ -59,7 +58,6 @@ class RayPath:
     leads = True
 
     def __init__(self, cfg: DistilConfig):
-        self.world_size = cfg.scaling.num_workers
         # Where relative paths in the config point, taken before Ray runs anything: a job's
         # `--working-dir` copy, the driver's cwd, can be cleaned up by Ray while the job runs.
         self.cwd = os.getcwd()
@@ -69,14 +67,11 @@ class RayPath:
 
     announce = log
 
+    def worker_counts(self, cfg: DistilConfig) -> list[int]:
+        return list(cfg.scaling.worker_counts())  # (an elastic run: every count of its range)
+
     def check_storage(self, cfg: DistilConfig) -> None:
         cfg.storage_root().check_writable()  # an S3 marker written, read and deleted: before any worker starts
-
-    def resume_point(self, cfg: DistilConfig, log):
-        """Whether the run in storage (a folder or S3) continues with this config, or is finished;
-        Ray resumes from its own registry (the workers verify each file as they load it)."""
-
-        return None, continuity.stored_resume_point(cfg, log)
 
     def load(self, cfg: DistilConfig) -> str:
         """The teacher, the precision for the workers' device and the data, prepared once by Ray
@@ -91,14 +86,11 @@ class RayPath:
 
         validate_against_teacher(cfg, load_teacher_config(cfg))
         check_precision(cfg, gpu=cfg.scaling.use_gpu)
-        cfg.check_batch_split(self.world_size)
         if not ray.is_initialized():
             # With its dashboard (~1 s more): Ray Train's placement-group cleaner asks the State API,
             # which the dashboard serves; without it the job's log gets a warning every second.
             ray.init(log_to_driver=True)
-        data = ensure_prepared(
-            cfg, load_tokenizer(cfg), cfg.train.micro_batch_size * self.world_size, log=self.log, use_ray=True
-        )
+        data = ensure_prepared(cfg, load_tokenizer(cfg), cfg.train.global_batch_size, log=self.log, use_ray=True)
         return data["fingerprint"]
 
     def join(self, inputs) -> None:  # the workers join Ray Train's process group when they start
@@ -107,7 +99,7 @@ class RayPath:
     def barrier(self) -> None:
         pass
 
-    def train(self, cfg: DistilConfig, fingerprint: str, resume) -> dict:
+    def train(self, cfg: DistilConfig, fingerprint: str) -> dict:
         """The Ray Train run itself; Ray resumes the latest registered checkpoint of the run name."""
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -121,7 +113,12 @@ class RayPath:
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": fingerprint, "cwd": self.cwd},
-            scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=s.num_workers,  # (min, max): elastic, Ray's ElasticScalingPolicy resizes the group
+                use_gpu=s.use_gpu,
+                resources_per_worker=resources,
+                elastic_resize_monitor_interval_s=s.elastic_resize_interval_s,
+            ),
             torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
             run_config=RunConfig(
                 name=cfg.run_name(),

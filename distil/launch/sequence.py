@@ -1,11 +1,13 @@
 """The one order in which a run is launched, locally or on Ray; each path supplies what differs.
 
     checks     the config against the worker count, the storage (writable, reachable)
-    continuity whether this config continues the run in storage, or the run is finished (read-only)
+    continuity whether this config continues the run in storage, or the run is finished (read-only:
+               distil/runs/continuity.py `check`, the same for both paths)
     inputs     the teacher, the precision for the device, the data (prepared once)
     lease      the run's lease (distil/runs/lease.py), by the process that leads the run
-    start      --start-over moves the old run aside; else the checkpoint to resume, found again
-    loop       the training (one process, torchrun ranks, or Ray Train workers)
+    start      --start-over moves the old run aside; else continuity again, under the lease
+    loop       the training (one process, torchrun ranks, or Ray Train workers), whose
+               Checkpointer chooses, verifies and loads the checkpoint to resume from
     finish     the summary, the exported model
     teardown   process group closed, lease released
 
@@ -26,30 +28,29 @@ from distil.runs.lease import RunLease
 class LaunchPath(Protocol):
     """What a way of running differs in (distil/launch/local.py, distil/launch/ray_job.py)."""
 
-    world_size: int  # training workers (torchrun ranks, Ray Train workers)
     leads: bool  # this process holds the lease and moves the run aside (a local run's rank 0, the Ray driver)
 
     def log(self, message: str) -> None: ...
     def announce(self, message: str) -> None: ...  # what a finished run says (stdout, the leader only)
+    def worker_counts(self, cfg: DistilConfig) -> list[int]: ...  # every count the run may train with
     def check_storage(self, cfg: DistilConfig) -> None: ...
-    def resume_point(self, cfg: DistilConfig, log) -> tuple[Any, str | None]: ...  # (what to resume, finished message)
     def load(self, cfg: DistilConfig) -> Any: ...  # the inputs the loop needs, checked
     def join(self, inputs: Any) -> None: ...  # every process of the run is here (after the lease)
     def barrier(self) -> None: ...
-    def train(self, cfg: DistilConfig, inputs: Any, resume: Any) -> dict: ...
+    def train(self, cfg: DistilConfig, inputs: Any) -> dict: ...
     def finish(self, cfg: DistilConfig, result: dict) -> dict: ...
     def teardown(self) -> None: ...
 
 
 def run(cfg: DistilConfig, path: LaunchPath, start_over: bool = False) -> dict:
     """Launch (or resume) `cfg`'s run on `path`; the result of its finish, or `finished: True`."""
-    cfg.check_before_loading(path.world_size)
+    cfg.check_before_loading(path.worker_counts(cfg))
     path.check_storage(cfg)
-    found = None
+    seen = None
     if not start_over:  # a refused or finished run says so before seconds of loading
-        found, finished = path.resume_point(cfg, path.log)
-        if finished:
-            return _finished(cfg, path, finished)
+        seen = continuity.check(cfg, path.log)
+        if seen.finished:
+            return _finished(cfg, path, seen.finished)
     inputs = path.load(cfg)
     lease = RunLease(cfg.storage_root(), cfg.run_name(), log=path.log).acquire() if path.leads else None
     try:
@@ -58,14 +59,13 @@ def run(cfg: DistilConfig, path: LaunchPath, start_over: bool = False) -> dict:
             if path.leads:
                 continuity.start_over(cfg, path.log)
             path.barrier()
-            resume = None
         else:  # again, now that no other process can change the run (it said what it found the first time)
-            resume, finished = path.resume_point(cfg, lambda _m: None)
-            if finished:
-                return _finished(cfg, path, finished)
-            if resume != found and path.leads:
-                path.log(f"resuming from {resume or 'step 0'}: the run changed while this start was loading")
-        return path.finish(cfg, path.train(cfg, inputs, resume))
+            now = continuity.check(cfg, lambda _m: None)
+            if now.finished:
+                return _finished(cfg, path, now.finished)
+            if now.newest != seen.newest and path.leads:
+                path.log(f"the run changed while this start was loading: its newest checkpoint is {now.newest}")
+        return path.finish(cfg, path.train(cfg, inputs))
     finally:
         path.teardown()
         if lease is not None:

@@ -3,7 +3,14 @@
 The loop (`Trainer.train()`, distil/train/trainer.py) asks it four things: which checkpoint to resume
 from (`resume_tag`, found before the DeepSpeed engine exists: one written by another worker
 count needs an engine that loads DeepSpeed's universal layout), `load()` before the first step,
-`save()` at a checkpoint step, and `preempted()` after every step. Behind it:
+`save()` at a checkpoint step, and `preempted()` after every step.
+
+Which checkpoint a run resumes from is decided here, once, for every store (`find_resume`): the
+store offers the run's checkpoints best first, each is fetched and fully verified (every file's
+size and sha256, distil/runs/layout.py `damage`), a damaged one is named and passed over, and the
+first intact one must agree with this config (distil/runs/continuity.py). Before any worker
+starts, the launch only previews the run in storage (`continuity.check`: refused, finished, or
+going on); that preview reads sizes, and hashes only a checkpoint it would call final. Behind it:
 
 - the layout, verification and pruning of checkpoint folders (distil/runs/layout.py: every run
   keeps RUN/step_N, with COMPLETE written last; a local run prunes to `checkpoint.keep_last`
@@ -29,11 +36,41 @@ import torch
 import torch.distributed as dist
 
 from distil.config.schema import DistilConfig
+from distil.errors import UserError
+from distil.runs import continuity, preempt, reshard
 from distil.runs import layout as ckpt
-from distil.runs import preempt, reshard
 from distil.runs.export import save_hf_skeleton
 from distil.runs.metrics_log import METRICS, MetricsLog
 from distil.runs.stores import CheckpointStore
+
+
+def find_resume(cfg: DistilConfig, store: CheckpointStore, root: Path, log=print) -> tuple[str | None, list[str]]:
+    """(The checkpoint to resume from, fetched into `root` and intact; the damaged ones passed
+    over): the first of the store's candidates whose files all match their manifest, each damaged
+    one named through `log`. Its config must continue this one (a UserError with the difference
+    if not). None: the run starts at step 0. Every candidate damaged: a UserError."""
+    damaged: dict[str, str] = {}
+    for tag, fetch in store.candidates(root):
+        folder = fetch()
+        problem = ckpt.damage(folder)
+        if problem is None:
+            if (folder / "config.yaml").is_file():  # (in the manifest of every checkpoint distil-run writes)
+                continuity.check_continuation(cfg, (folder / "config.yaml").read_text(), str(folder))
+            if damaged:
+                log(f"resuming from {tag}, the newest intact checkpoint")
+            return tag, list(damaged)
+        damaged[tag] = problem
+        store.discard(folder)
+        log(f"warning: run {cfg.run_name()}'s checkpoint {tag} is damaged ({problem}); not resuming from it")
+    if damaged:
+        each = "; ".join(f"{tag}: {damaged[tag]}" for tag in sorted(damaged, key=ckpt.tag_key))
+        raise UserError(
+            f"every checkpoint of the run {cfg.run_name()} in {cfg.storage.uri} is damaged ({each})",
+            where="checkpoint",
+            fix="restore them from a copy, or start the run over: pass --start-over (the damaged "
+            "checkpoints are moved aside) or set a new run.name",
+        )
+    return None, []
 
 
 class Checkpointer:
@@ -44,9 +81,9 @@ class Checkpointer:
         self.cfg, self.run_dir, self.store, self.device = cfg, Path(run_dir), store, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.log = log if self.rank == 0 else (lambda _m: None)
-        # The store decides: checkpoint.resume was settled before the workers started (continuity),
-        # and a Ray worker group restarted after a lost worker must resume from its own run.
-        self.resume_tag = store.restore(self.run_dir)
+        # checkpoint.resume was settled before the workers started (continuity.check); a Ray worker
+        # group restarted after a lost worker resumes from its own run whatever it says.
+        self.resume_tag, self.passed_over = find_resume(cfg, store, self.run_dir, self.log)
         self.saved_world = (
             ckpt.read_trainer_state(self.run_dir / self.resume_tag)["world_size"] if self.resume_tag else self.world
         )
@@ -61,9 +98,9 @@ class Checkpointer:
 
     # -- resume ------------------------------------------------------------------------
     def load(self, engine, state) -> dict | None:
-        """Load the checkpoint found at start (the store found it intact: every file's size and
-        sha256) into the engine, `state` (the trainer's step, tokens and sampler) and this
-        rank's RNG streams; returns its COMPLETE record, or None when the run starts at step 0."""
+        """Load the checkpoint found at start (`find_resume`: every file's size and sha256) into
+        the engine, `state` (the trainer's step, tokens and sampler) and this rank's RNG streams;
+        returns its COMPLETE record, or None when the run starts at step 0."""
         tag = self.resume_tag
         if tag is None:
             return None
@@ -112,7 +149,7 @@ class Checkpointer:
         self.store.wait_uploaded()
         held = time.perf_counter() - t0  # training held for the previous upload
         t0 = time.perf_counter()
-        tag = self.store.checkpoint_name(ckpt.tag_for(step))
+        tag = self.store.checkpoint_name(ckpt.tag_for(step), self.passed_over)
         folder = self.run_dir / tag
         if self.rank == 0:
             ckpt.clear_for_save(folder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 # Imports inside functions: the checkpoint layout and catalog (torch) only when checkpoints are
 # read, not when a config is checked.
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -113,51 +114,51 @@ def _run_exists(cfg: DistilConfig) -> bool:
     return run.local().exists() if not run.is_s3 else bool(run.list_keys())
 
 
-def local_resume_point(cfg: DistilConfig, run_dir, rank: int, log) -> tuple[str | None, str | None]:
-    """A local run's (checkpoint to resume from, message when the run is already finished).
+@dataclass
+class Preview:
+    """What storage says of a run before anything of it changes (`check`)."""
 
-    The newest *intact* checkpoint (sizes and sha256; damaged ones are named and passed over),
-    whose saved config must agree with this one (`check_continuation`)."""
-    from distil.runs import layout as ckpt
-
-    root = run_dir
-    say = log if rank == 0 else (lambda _m: None)
-    ckpt.adopt_old_layout(run_dir, say)  # a run written by distil-run 0.1
-    if not cfg.checkpoint.resume:
-        tags = ckpt.complete_tags(root)
-        if tags:
-            refuse_fresh_start(cfg, tags[-1], str(root))
-        return None, None
-    tag = ckpt.find_resumable(root, warn=say)
-    if tag is None:
-        return None, None
-    allowed = check_continuation(cfg, (root / tag / "config.yaml").read_text(), str(root / tag))
-    if allowed:
-        say("resuming with changed settings: " + "; ".join(allowed))
-    planned = ckpt.read_complete(root / tag).get("planned_steps")
-    return tag, finished_message(cfg, ckpt.step_of(tag), str(root / tag), planned)
+    newest: str | None  # its newest complete checkpoint (sizes checked); None: it starts at step 0
+    finished: str | None  # the message when it has nothing left to do; None: it trains
 
 
-def stored_resume_point(cfg: DistilConfig, log) -> str | None:
-    """For a Ray run, on the driver before Ray starts: the run's newest complete checkpoint in
-    storage (local folder or S3) must agree with this config; returns the message when the run
-    is already finished. (The workers check every file's sha256 when they load it.)"""
-    from distil.runs.catalog import list_checkpoints
+def check(cfg: DistilConfig, log) -> Preview:
+    """Whether this config continues the run in storage (a folder or S3), before any process
+    trains, for a local run and a Ray run alike: `checkpoint.resume: false` over checkpoints is
+    refused, so is a config that differs from the newest complete checkpoint's in a key that
+    defines the run (the allowed differences are logged), and a run at its last step is finished.
 
-    if not _run_exists(cfg):
-        return None
+    A preview from the catalog's listing (every file present at its size): which checkpoint is
+    resumed, verified file by file, is decided where it is loaded (distil/runs/checkpointer.py
+    `find_resume`). Only a checkpoint that would make the run "finished" is hashed here (read
+    through, on S3): a damaged last checkpoint means the run still has steps to train."""
+    from distil.runs.catalog import list_checkpoints, verify_checkpoint
+    from distil.runs.layout import adopt_old_layout
+
     run = cfg.run_storage()
+    if not run.is_s3:
+        adopt_old_layout(run.local(), log)  # a run written by distil-run 0.1
+    if not _run_exists(cfg):
+        return Preview(None, None)
     complete = [c for c in list_checkpoints(run) if c.complete]
     if not complete:
-        return None
+        return Preview(None, None)
     newest = complete[-1]
     where = f"{run.uri}/{newest.prefix}"
     if not cfg.checkpoint.resume:
         refuse_fresh_start(cfg, newest.tag, run.uri)
-    if "config.yaml" not in newest.objects:
-        return None
-    saved = run.read_bytes(newest.objects["config.yaml"]["key"]).decode("utf-8", "replace")
-    allowed = check_continuation(cfg, saved, where)
-    if allowed:
-        log("resuming with changed settings: " + "; ".join(allowed))
-    return finished_message(cfg, newest.step, where, (newest.meta or {}).get("planned_steps"))
+    if "config.yaml" in newest.objects:
+        saved = run.read_bytes(newest.objects["config.yaml"]["key"]).decode("utf-8", "replace")
+        try:
+            allowed = check_continuation(cfg, saved, where)
+        except yaml.YAMLError:  # damaged: the checkpoint that is loaded is hashed, its config compared, then
+            allowed = []
+        if allowed:
+            log("resuming with changed settings: " + "; ".join(allowed))
+    finished = finished_message(cfg, newest.step, where, (newest.meta or {}).get("planned_steps"))
+    if finished is not None:
+        problem = verify_checkpoint(run, newest)
+        if problem is not None:
+            log(f"warning: checkpoint {where} is damaged ({problem}); the run trains again from an older one")
+            finished = None
+    return Preview(newest.tag, finished)

@@ -27,7 +27,7 @@ simply look at the files; each rank hashes the files it wrote and rank 0 gathers
 Nothing is used before `damage()` finds it intact (resume, export, pull, re-sharding): every
 file of the manifest present, a regular file (no symbolic link), of its size and sha256, and
 trainer_state.json at COMPLETE's step. Resume takes the newest intact checkpoint and names
-each damaged one it passes over (`find_resumable`). Pruning deletes COMPLETE first, so a
+each damaged one it passes over (distil/runs/checkpointer.py `find_resume`). Pruning deletes COMPLETE first, so a
 checkpoint cut short while it is deleted is incomplete, never "complete but partial".
 
 Local runs of distil-run 0.1 kept their checkpoints in RUN/checkpoints/; `adopt_old_layout`
@@ -177,32 +177,6 @@ def damage(ckpt_dir: Path, hashes: bool = True) -> str | None:
             return f"{TRAINER_STATE} is not valid JSON"
         if not isinstance(state, dict) or state.get("step") != complete.get("step"):
             return f"{TRAINER_STATE} says step {state.get('step') if isinstance(state, dict) else None!r}, COMPLETE {complete.get('step')!r}"
-    return None
-
-
-def find_resumable(root: Path, warn: Callable[[str], None] = print) -> str | None:
-    """The newest intact checkpoint under root (the `latest` pointer's first), None when root
-    has no complete checkpoint. Each damaged one passed over is named through `warn`; when
-    every complete checkpoint is damaged, a UserError says what to do."""
-    tags = complete_tags(root)
-    pointed = latest_tag(root)
-    order = ([pointed] if pointed else []) + [t for t in reversed(tags) if t != pointed]
-    damaged = []
-    for tag in order:
-        problem = damage(root / tag)
-        if problem is None:
-            if damaged:
-                warn(f"resuming from {tag}, the newest intact checkpoint")
-            return tag
-        damaged.append(tag)
-        warn(f"warning: checkpoint {root / tag} is damaged ({problem}); not resuming from it")
-    if damaged:
-        raise UserError(
-            f"every checkpoint of the run in {root} is damaged ({', '.join(sorted(damaged))})",
-            where="checkpoint",
-            fix="restore them from a copy, or start the run over: pass --start-over (the damaged "
-            "checkpoints are moved aside) or set a new run.name",
-        )
     return None
 
 

@@ -115,6 +115,8 @@ def summary_lines(result: dict) -> list[str]:
         f"  this start: {result['steps_run']} steps in {int(wall // 3600)}:{int(wall % 3600 // 60):02d}:{wall % 60:04.1f} "
         f"(h:mm:ss), {result['tokens_per_s']:,.0f} tokens/s mean",
     ]
+    if result.get("resizes"):
+        lines.append("  resizes: " + resize_text(result["resizes"]))
     for key in sorted(end):
         group, _, metric = key.partition("/")  # eval/ (held-out), eval_<name>/ (eval.sources), probe/
         if metric.endswith("rows"):  # (a count: in the model card)
@@ -123,3 +125,10 @@ def summary_lines(result: dict) -> list[str]:
         arrow = "(higher is better)" if metric == "agreement" or group == "probe" else ""
         lines.append(f"  {name:27s} start {start.get(key, float('nan')):.4f} -> end {end[key]:.4f} {arrow}".rstrip())
     return lines
+
+
+def resize_text(resizes: list[dict]) -> str:
+    """'4 -> 2 workers at step 120, 2 -> 4 at step 300' (an elastic run's starts on another count)."""
+    return ", ".join(
+        f"{r['from']} -> {r['to']}{' workers' if i == 0 else ''} at step {r['step']}" for i, r in enumerate(resizes)
+    )

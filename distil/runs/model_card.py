@@ -12,7 +12,7 @@ import yaml
 
 from distil.config.schema import looks_local
 from distil.runs import layout as ckpt
-from distil.runs.metrics_log import METRICS, read_rows
+from distil.runs.metrics_log import METRICS, read_rows, resize_text
 
 # The loss terms as a reader knows them, by their weight in the config.
 TERMS = {
@@ -107,7 +107,8 @@ def model_card(ckpt_dir: Path, has_mlm_head: bool) -> str:
         (
             "trained",
             f"{_planned(state, train)}, {state['tokens']:,} tokens, "
-            f"{train.get('global_batch_size', '?')} sequences a step on {state.get('world_size', '?')} worker(s)",
+            f"{train.get('global_batch_size', '?')} sequences a step on {state.get('world_size', '?')} worker(s)"
+            + (f" (resized: {resize_text(state['resizes'])})" if state.get("resizes") else ""),
         ),
         (
             "checkpoint",

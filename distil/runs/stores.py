@@ -1,7 +1,8 @@
 """Where a run's checkpoints go and come back from: one interface, `CheckpointStore`, and its two
 implementations. `Trainer` (distil/train/trainer.py) writes a checkpoint folder and hands it to its
-store; the store makes it durable, restores the newest intact one on a start, names the folders,
-publishes the run's history, and says when the node is being reclaimed.
+store; the store makes it durable, offers the run's checkpoints to resume from (the Checkpointer
+verifies them and chooses), names the folders, publishes the run's history, and says when the
+node is being reclaimed.
 
 - `LocalCheckpointStore`: `distil train`, checkpoints in the run folder itself.
 - `RayCheckpointStore`: a Ray Train worker; checkpoints go through `ray.train.report` to Ray's
@@ -15,21 +16,25 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Iterator, Protocol
 
 from distil.config.schema import DistilConfig
-from distil.errors import UserError
 from distil.runs import layout as ckpt
 from distil.runs.metrics_log import METRICS, TENSORBOARD
 
 
 class CheckpointStore(Protocol):
-    def restore(self, root: Path) -> str | None:
-        """The tag of the checkpoint to resume from, its folder present under `root` (fetched
-        when it lives elsewhere), intact (sizes, sha256); None: start from step 0."""
+    def candidates(self, root: Path) -> Iterator[tuple[str, Callable[[], Path]]]:
+        """The run's checkpoints to resume from, best first, as (tag, fetch): `fetch()` puts that
+        checkpoint's folder under `root` (a download, for a store elsewhere) and returns it. Which
+        one is resumed is the Checkpointer's decision (distil/runs/checkpointer.py `find_resume`)."""
 
-    def checkpoint_name(self, tag: str) -> str:
-        """The folder name for a new checkpoint of `tag`'s step."""
+    def discard(self, folder: Path) -> None:
+        """A fetched checkpoint found damaged: remove the fetched copy (never the stored one)."""
+
+    def checkpoint_name(self, tag: str, passed_over: list[str]) -> str:
+        """The folder name for a new checkpoint of `tag`'s step (`passed_over`: the damaged
+        checkpoints this start did not resume from)."""
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
         """Make the checkpoint folder durable (it may return before it is, see wait_uploaded)."""
@@ -45,11 +50,19 @@ class CheckpointStore(Protocol):
 
 
 class LocalCheckpointStore:
-    """Checkpoints stay in the run folder; resume from its newest intact one (or the one the
-    caller found already: `resume_tag`, see continuity.local_resume_point)."""
+    """Checkpoints stay in the run folder, which is `root` itself."""
 
-    def __init__(self, resume_tag: str | None = None, found: bool = False):
-        self.resume_tag, self.found = resume_tag, found or resume_tag is not None
+    def candidates(self, root: Path) -> Iterator[tuple[str, Callable[[], Path]]]:
+        """The checkpoint `latest` names, then every other complete one, newest first."""
+        pointed = ckpt.latest_tag(root)
+        for tag in ([pointed] if pointed else []) + [t for t in reversed(ckpt.complete_tags(root)) if t != pointed]:
+            yield tag, lambda tag=tag: root / tag
+
+    def discard(self, folder: Path) -> None:
+        pass  # the stored checkpoint itself: left for the user to look at (a save of its step replaces it)
+
+    def checkpoint_name(self, tag: str, passed_over: list[str]) -> str:
+        return tag  # a step saved again replaces its folder (clear_for_save)
 
     def persist(self, ckpt_dir: Path, metrics: dict) -> None:
         pass  # the checkpoint was written where it is kept
@@ -60,34 +73,27 @@ class LocalCheckpointStore:
     def publish(self, run_dir: Path) -> None:
         pass  # metrics.jsonl and TensorBoard events are written in the run folder itself
 
-    def restore(self, root: Path) -> str | None:
-        return self.resume_tag if self.found else ckpt.find_resumable(root)
-
-    def checkpoint_name(self, tag: str) -> str:
-        return tag  # a step saved again replaces its folder (clear_for_save)
-
     def preemption_notice(self) -> bool:
         return False  # a local run learns of preemption through SIGTERM
 
 
 class RayCheckpointStore:
-    """Persists checkpoints through ray.train.report and restores the latest registered one;
+    """Persists checkpoints through ray.train.report and offers the latest registered one first;
     publishes metrics.jsonl and TensorBoard events to STORAGE/RUN/ (where `distil plot` and
     `tensorboard --logdir` look)."""
 
     def __init__(self, cfg: DistilConfig):
         self.cfg = cfg
         self._target = None  # (storage path, pyarrow filesystem), made on the first publish
-        self.damaged: list[str] = []  # registered checkpoints passed over on restore
         self._publisher = None  # one thread: the run's history is copied to storage in order
         self._published = None  # the latest copy's future
 
-    def checkpoint_name(self, tag: str) -> str:
+    def checkpoint_name(self, tag: str, passed_over: list[str]) -> str:
         """The folder for a checkpoint of `tag`'s step. A step trained again after a fall-back from
         a damaged checkpoint gets `.1` (`.2`, ...): Ray has that folder registered and deletes it by
         its path when it prunes the damaged one."""
         step, n = ckpt.tag_key(tag)
-        while tag in self.damaged:
+        while tag in passed_over:
             n += 1
             tag = ckpt.tag_for(step, n)
         return tag
@@ -126,44 +132,16 @@ class RayCheckpointStore:
         if self._published is not None:
             self._published.result()  # (raises what the copy raised)
 
-    def restore(self, root: Path) -> str | None:
-        """The newest intact checkpoint of the run, fetched into root: Ray's latest registered
-        one, or, when that one is damaged in storage (sizes, sha256), the newest intact older
-        one in the run's folder; each damaged one is named. None intact: UserError."""
-        import ray.train
-
-        registered = ray.train.get_checkpoint()
-        if registered is None:
-            return None
-        rank0 = ray.train.get_context().get_world_rank() == 0
-        damaged = self.damaged = []
-        for tag, checkpoint in self._candidates(registered):
-            shutil.rmtree(root / tag, ignore_errors=True)
-            checkpoint.to_directory(str(root / tag))
-            problem = ckpt.damage(root / tag)
-            if problem is None:
-                if damaged and rank0:
-                    print(f"resuming from {tag}, the newest intact checkpoint", flush=True)
-                return tag
-            damaged.append(tag)
-            shutil.rmtree(root / tag, ignore_errors=True)
-            if rank0:
-                print(f"warning: checkpoint {checkpoint.path} is damaged ({problem}); not resuming from it", flush=True)
-        raise UserError(
-            f"every checkpoint of run {self.cfg.run_name()} in {self.cfg.storage.uri} is damaged "
-            f"({', '.join(damaged)})",
-            where="checkpoint",
-            fix="restore them from a copy, or start over: --start-over moves the run aside",
-        )
-
-    @staticmethod
-    def _candidates(registered):
-        """Ray's registered checkpoint, then the older step_N folders beside it, newest first."""
+    def candidates(self, root: Path) -> Iterator[tuple[str, Callable[[], Path]]]:
+        """Ray's latest registered checkpoint of the run (none: a start at step 0), then the older
+        step_N folders beside it in storage, newest first (a fall-back when it is damaged)."""
         import ray.train
         from pyarrow import fs as pafs
 
+        registered = ray.train.get_checkpoint()
+        if registered is None:
+            return
         tag = Path(registered.path).name  # report() named it after the step
-        yield tag, registered
         parent = registered.path.rsplit("/", 1)[0]
         infos = registered.filesystem.get_file_info(pafs.FileSelector(parent))
         older = sorted(
@@ -177,8 +155,20 @@ class RayCheckpointStore:
             key=ckpt.tag_key,
             reverse=True,
         )
-        for name in older:
-            yield name, ray.train.Checkpoint(f"{parent}/{name}", filesystem=registered.filesystem)
+        stored = [(tag, registered)] + [
+            (name, ray.train.Checkpoint(f"{parent}/{name}", filesystem=registered.filesystem)) for name in older
+        ]
+        for name, checkpoint in stored:
+            yield name, lambda name=name, checkpoint=checkpoint: self._fetch(checkpoint, root / name)
+
+    @staticmethod
+    def _fetch(checkpoint, folder: Path) -> Path:
+        shutil.rmtree(folder, ignore_errors=True)
+        checkpoint.to_directory(str(folder))
+        return folder
+
+    def discard(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
 
     def publish(self, run_dir: Path) -> None:
         """Copy the run's history (metrics.jsonl, TensorBoard events) to STORAGE/RUN/ on a thread

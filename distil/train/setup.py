@@ -78,7 +78,7 @@ def build_data(
 ) -> PreparedData:
     """The run's prepared sequences (tokenized once, see distil/data/prepared.py); refuses a corpus
     too small for one batch."""
-    per_step = cfg.train.micro_batch_size * world_size
+    per_step = cfg.train.global_batch_size  # (the sequences one step trains: at least that many)
     cfg.check_batch_split(world_size)  # (checked on the driver too; this is the worker's actual world size)
     return open_prepared(cfg, tokenizer, per_step, log, use_ray=use_ray, fingerprint=fingerprint)
 

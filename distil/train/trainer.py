@@ -11,6 +11,7 @@ from __future__ import annotations
 
 # Imports inside functions: DeepSpeed (see distil/train/setup.py), and tqdm only for a progress bar
 # on a terminal.
+import calendar
 import os
 import sys
 import time
@@ -92,10 +93,11 @@ class Trainer:
             cfg.loss, cfg.student.layers, teacher.config.num_hidden_layers, (shape.heads, t_shape.heads)
         )
         lengths = prep.train.lengths() if cfg.data.packing == "lines" and cfg.data.group_by_length else None
-        self.sampler = ResumableSampler(len(prep.train), cfg.run.seed, lengths)
+        self.sampler = ResumableSampler(len(prep.train), cfg.run.seed, lengths, step_size=cfg.train.global_batch_size)
         self.batches = Lookahead(self._make_batch)
         self.gas = self.engine.gradient_accumulation_steps()
         self.step, self.tokens, self._pending_tokens = 0, 0, 0
+        self.resizes: list[dict] = []  # {"step", "from", "to"}: each start on another worker count
         self.measure = InLoopEval(
             cfg,
             prep,
@@ -121,6 +123,7 @@ class Trainer:
             "tokens": self.tokens,
             "sampler": self.sampler.state_dict(),
             "world_size": self.world,
+            "resizes": self.resizes,
             **self.budget.state_dict(),
         }
 
@@ -128,6 +131,9 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])
         self.budget.load_state_dict(state)
+        self.resizes = list(state.get("resizes", []))
+        if state["world_size"] != self.world:  # resumed by another number of workers: one more resize
+            self.resizes.append({"step": self.step, "from": state["world_size"], "to": self.world})
 
     def _sync_tokens(self) -> int:
         """Add every rank's tokens since the last sync to the global count; returns the increase."""
@@ -138,10 +144,9 @@ class Trainer:
         return int(delta)
 
     def save_checkpoint(self, wait: bool = False) -> None:
-        """This step's checkpoint (see Checkpointer.save; `wait`: until it is uploaded)."""
-        if self.checkpointer.saved_step == self.step:
-            return
-        self._sync_tokens()
+        """This step's checkpoint, unless it is saved already (see Checkpointer.save; `wait`: until
+        it is uploaded)."""
+        self._sync_tokens()  # (a collective: every rank is here, saving or not)
         self.checkpointer.save(
             self.step,
             self.engine,
@@ -158,6 +163,8 @@ class Trainer:
         if complete is not None:
             self.last_loss = complete.get("loss", float("nan"))
             self.metrics.resumed_at(self.step, self.checkpointer.metrics_of(self.checkpointer.resume_tag))
+            if self.checkpointer.resharding and self.rank == 0:
+                self.log(_resize_line(self.resizes[-1], complete.get("saved_at"), self.cfg.scaling.elastic))
 
     # -- one optimizer step ----------------------------------------------------------
     def _batch(self, micro: int):
@@ -258,6 +265,8 @@ class Trainer:
             "wall_s": wall,
             "steps_run": self.step - first_step,
             "tokens_per_s": (self.tokens - first_tokens) / wall,
+            "workers": self.world,
+            "resizes": self.resizes,
         }
 
     def _open_window(self) -> None:
@@ -279,6 +288,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             "tokens": self.tokens,
+            "workers": self.world,  # (an elastic run: the worker group's size at this step)
             "tokens_per_s": (self.tokens - self._window_tokens) / elapsed,
             "eta_s": (self.budget.end_step() - self.step) * elapsed / n,
         }
@@ -295,3 +305,20 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.budget.end_step(), initial=self.step, desc="distil", unit="step", dynamic_ncols=True)
+
+
+def _resize_line(resize: dict, saved_at: str | None, elastic: bool = True) -> str:
+    """One line for a start on another number of workers than the checkpoint's: from how many to
+    how many, why (an elastic run gets as many workers as Ray can place: fewer, a node was lost or
+    is being reclaimed; more, capacity came back), at which step, and how long after that checkpoint."""
+    if not elastic:
+        why = "started again with another scaling.num_workers"
+    elif resize["to"] < resize["from"]:
+        why = "fewer could be placed: a node was lost or is being reclaimed"
+    else:
+        why = "capacity came back"
+    since = ""
+    if saved_at:
+        saved = calendar.timegm(time.strptime(saved_at, "%Y-%m-%dT%H:%M:%SZ"))
+        since = f"; training again {max(0.0, time.time() - saved):.0f} s after that checkpoint was saved"
+    return f"resize: {resize['from']} -> {resize['to']} workers at step {resize['step']} ({why}){since}"

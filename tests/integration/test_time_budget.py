@@ -114,7 +114,7 @@ def test_a_ray_driver_reads_the_plan_from_storage_too(budgeted):
 
     tmp, path, _ = budgeted
     planned = _plan(tmp / "runs" / "t")
-    message = continuity.stored_resume_point(load_config(path), lambda m: None)
+    message = continuity.check(load_config(path), lambda m: None).finished
     assert message is not None and f"the {planned:,} steps its time budget" in message
     more = load_config(path, ["train.max_steps=100000"])  # max_steps may change on a resume; the plan stays
-    assert f"the {planned:,} steps its time budget" in continuity.stored_resume_point(more, lambda m: None)
+    assert f"the {planned:,} steps its time budget" in continuity.check(more, lambda m: None).finished

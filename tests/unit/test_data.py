@@ -244,3 +244,27 @@ def test_a_huge_single_line_is_tokenized_in_bounded_pieces(wordpiece, monkeypatc
     flat, lens = token_ids(spec, [line])
     assert seen and max(seen) <= sequences.PIECE_CHARS
     assert flat.tolist() == wordpiece(line, add_special_tokens=False)["input_ids"] and lens.tolist() == [len(flat)]
+
+
+def _steps(n: int, world: int, micro: int, global_batch: int, steps: int, step_size: int | None) -> list[list[int]]:
+    """The samples of each optimizer step as `world` workers train them, micro-batches of `micro`
+    accumulated to `global_batch` (each worker with its own copy of the sampler)."""
+    copies = [ResumableSampler(n, seed=7, step_size=step_size) for _ in range(world)]
+    gas = global_batch // (micro * world)
+    return [
+        sorted(i for _ in range(gas) for r, c in enumerate(copies) for i in c.next_indices(micro * world, r, micro))
+        for _ in range(steps)
+    ]
+
+
+def test_every_worker_count_trains_the_same_samples_in_each_step_across_epochs():
+    """An elastic run trains a step on 1, 2 or 4 workers (gradient accumulation 4, 2, 1). With 100
+    samples and a step of 16 the epoch's tail is 4: one worker's micro-batch of 4 still fits,
+    four workers' micro-batch of 16 does not. The epoch ends where a whole step no longer fits,
+    so every count trains the same samples in every step (without it, they part at the first
+    epoch's end, which is what the sampler did before)."""
+    one, two, four = (_steps(100, w, 4, 16, 20, step_size=16) for w in (1, 2, 4))
+    assert one == two == four
+    assert all(len(set(s)) == 16 for s in one)
+    old = [_steps(100, w, 4, 16, 20, step_size=None) for w in (1, 4)]
+    assert old[0][:6] == old[1][:6] and old[0][6] != old[1][6]  # step 7 crosses the epoch's end

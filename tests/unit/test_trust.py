@@ -76,6 +76,14 @@ def _checkpoint(root: Path, step: int, **extra: bytes) -> Path:
     return fake_checkpoint(root, ckpt.tag_for(step), files)
 
 
+def _resume(root: Path, log=print):
+    """The one resume decision (distil/runs/checkpointer.py) over a run folder."""
+    from distil.runs.checkpointer import find_resume
+    from distil.runs.stores import LocalCheckpointStore
+
+    return find_resume(_demo(), LocalCheckpointStore(), root, log)
+
+
 def _flip(path: Path, offset: int = 100, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
     data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
@@ -114,12 +122,12 @@ def test_damaged_newest_checkpoint_is_named_and_passed_over(tmp_path, case):
     _checkpoint(root, 3)
     newest = _checkpoint(root, 6)
     (root / ckpt.LATEST).write_text("step_00000006")
-    assert ckpt.damage(newest) is None and ckpt.find_resumable(root) == "step_00000006"
+    assert ckpt.damage(newest) is None and _resume(root) == ("step_00000006", [])
     damage(newest)
     assert expected in ckpt.damage(newest)
     warnings: list[str] = []
-    assert ckpt.find_resumable(root, warnings.append) == "step_00000003"
-    assert any("step_00000006 is damaged" in w and expected in w for w in warnings), warnings
+    assert _resume(root, warnings.append) == ("step_00000003", ["step_00000006"])
+    assert any("checkpoint step_00000006 is damaged" in w and expected in w for w in warnings), warnings
 
 
 def test_trainer_state_disagreeing_with_complete_is_damage(tmp_path):
@@ -133,8 +141,9 @@ def test_every_checkpoint_damaged_is_one_message(tmp_path):
     for step in (3, 6):
         _flip(_checkpoint(root, step) / "model.pt")
     with pytest.raises(UserError) as e:
-        ckpt.find_resumable(root, lambda _: None)
-    assert "step_00000003, step_00000006" in str(e.value) and "--start-over" in str(e.value)
+        _resume(root, lambda _: None)
+    assert "is damaged (step_00000003: model.pt: sha256 differs" in str(e.value) and "--start-over" in str(e.value)
+    assert "; step_00000006: model.pt: sha256 differs" in str(e.value)
 
 
 def test_hashing_runs_in_parallel_and_agrees_with_hashlib(tmp_path, monkeypatch):
@@ -229,17 +238,42 @@ def test_unnamed_runs_keep_their_name_when_only_resumable_keys_change():
 
 
 def test_finished_run_and_fresh_start_over_checkpoints(tmp_path):
-    cfg = _demo()
+    at = [f"storage.uri={tmp_path}", "run.name=demo"]
+    cfg = _demo(*at)
     run_dir = tmp_path / "demo"
     fake_checkpoint(
         run_dir, "step_00000120", {"config.yaml": cfg.to_yaml().encode(), ckpt.TRAINER_STATE: b'{"step": 120}'}
     )
-    tag, finished = continuity.local_resume_point(cfg, run_dir, 0, print)
-    assert tag == "step_00000120" and "already finished" in finished and "step 120" in finished
-    tag, finished = continuity.local_resume_point(_demo("train.max_steps=200"), run_dir, 0, print)
-    assert tag == "step_00000120" and finished is None
+    seen = continuity.check(cfg, print)
+    assert seen.newest == "step_00000120" and "already finished" in seen.finished and "step 120" in seen.finished
+    seen = continuity.check(_demo(*at, "train.max_steps=200"), print)
+    assert seen.newest == "step_00000120" and seen.finished is None
     with pytest.raises(UserError, match=r"checkpoint.resume is false .*\(newest: step_00000120\)"):
-        continuity.local_resume_point(_demo("checkpoint.resume=false"), run_dir, 0, print)
+        continuity.check(_demo(*at, "checkpoint.resume=false"), print)
+
+
+def test_a_damaged_last_checkpoint_does_not_finish_the_run(tmp_path):
+    """The preview hashes the checkpoint it would call final: damaged, the run has steps to train
+    again, from the checkpoint before it, which the one resume decision then picks."""
+    at = [f"storage.uri={tmp_path}", "run.name=demo"]
+    cfg = _demo(*at)
+    _checkpoint(tmp_path / "demo", 60, **{"config.yaml": cfg.to_yaml().encode()})
+    _flip(_checkpoint(tmp_path / "demo", 120, **{"config.yaml": cfg.to_yaml().encode()}) / "model.pt")
+    said: list[str] = []
+    seen = continuity.check(cfg, said.append)
+    assert seen.newest == "step_00000120" and seen.finished is None
+    assert any("step_00000120 is damaged (model.pt: sha256 differs" in m for m in said), said
+    assert _resume(tmp_path / "demo", lambda _: None) == ("step_00000060", ["step_00000120"])
+
+
+def test_the_resumed_checkpoint_must_continue_this_config(tmp_path):
+    """The checkpoint the run resumes from is compared with the config, whichever store offers it."""
+    other = _demo("optim.lr=5e-4").to_yaml().encode()
+    _checkpoint(tmp_path, 6, **{"config.yaml": other})
+    with pytest.raises(UserError, match=r"optim.lr: 0.0005 -> 0.001"):
+        _resume(tmp_path)
+    _checkpoint(tmp_path, 9, **{"config.yaml": _demo("train.max_steps=500").to_yaml().encode()})
+    assert _resume(tmp_path) == ("step_00000009", [])  # max_steps may change on a resume
 
 
 def test_a_run_in_the_old_layout_is_moved_into_the_one_layout(tmp_path):
@@ -259,8 +293,8 @@ def test_a_run_in_the_old_layout_is_moved_into_the_one_layout(tmp_path):
         )
     (run_dir / "checkpoints" / ckpt.LATEST).write_text("step_00000120")
     said: list[str] = []
-    tag, finished = continuity.local_resume_point(cfg, run_dir, 0, said.append)
-    assert tag == "step_00000120" and finished is None
+    seen = continuity.check(_demo("train.max_steps=200", f"storage.uri={tmp_path}", "run.name=demo"), said.append)
+    assert seen.newest == "step_00000120" and seen.finished is None
     assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step_00000060", "step_00000120"]
     assert ckpt.damage(run_dir / "step_00000120") is None and (run_dir / ckpt.LATEST).read_text() == "step_00000120"
     assert any("2 checkpoint(s) moved from checkpoints/" in m for m in said), said
@@ -405,8 +439,8 @@ def test_a_step_saved_again_sorts_after_the_first_save(tmp_path):
     assert [c.tag for c in infos][-2:] == ["step_00000012.2", "step_00000016"]
     assert select(infos, "u", 12).tag == "step_00000012.2"
     store = RayCheckpointStore(_demo())
-    store.damaged = ["step_00000012", "step_00000012.1"]
+    passed_over = ["step_00000012", "step_00000012.1"]
     assert (
-        store.checkpoint_name("step_00000012") == "step_00000012.2"
-        and store.checkpoint_name("step_00000016") == "step_00000016"
+        store.checkpoint_name("step_00000012", passed_over) == "step_00000012.2"
+        and store.checkpoint_name("step_00000016", passed_over) == "step_00000016"
     )
