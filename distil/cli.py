@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             _prepare(args)
         elif args.command == "check":
             cfg = load_config(args.config, args.overrides)
-            cfg.check_before_loading(cfg.scaling.num_workers)
+            cfg.check_before_loading(cfg.scaling.worker_counts())
             cfg.storage_root().check_writable()
             print(f"run {cfg.run_name()}: the config is valid and {cfg.storage.uri} can be written", flush=True)
         elif args.command == "config":
@@ -155,7 +155,7 @@ def _prepare(args) -> None:
     from distil.model.teacher import load_teacher_config, load_tokenizer, validate_against_teacher
 
     validate_against_teacher(cfg, load_teacher_config(cfg))
-    per_step = cfg.train.micro_batch_size * max(1, cfg.scaling.num_workers)
+    per_step = cfg.train.global_batch_size  # (what one step trains)
     manifest = ensure_prepared(
         cfg,
         load_tokenizer(cfg),
@@ -249,7 +249,19 @@ def _add_k8s_commands(sub) -> None:
     )
     _config_args(p, "train.max_steps=1000", required=True, help_="the run's YAML config (storage.uri must be s3://)")
     p.add_argument("--image", required=True, help="image with distil-run installed (see Dockerfile)")
-    p.add_argument("--workers", type=int, default=1, help="worker pods")
+    p.add_argument("--workers", type=int, default=1, help="worker pods (an elastic run: the most)")
+    p.add_argument(
+        "--min-workers",
+        type=int,
+        help="an elastic run: the fewest worker pods it goes on with when spot nodes vanish (default: --workers)",
+    )
+    p.add_argument("--queue", default="", help="Kueue LocalQueue of the RayJob (label kueue.x-k8s.io/queue-name)")
+    p.add_argument("--priority-class", default="", help="Kueue WorkloadPriorityClass of the run")
+    p.add_argument(
+        "--disruption-budget",
+        action="store_true",
+        help="a PodDisruptionBudget: voluntary drains take one training pod at a time",
+    )
     p.add_argument("--gpus-per-pod", type=int, default=1, help="GPUs per worker pod (one training worker each)")
     p.add_argument("--cpu", default="8", help="CPU per worker pod")
     p.add_argument("--memory", default="48Gi", help="memory per worker pod")
@@ -295,6 +307,10 @@ def _run_k8s_command(args) -> None:
             args.backoff_limit,
             args.grace_period,
             args.service_account,
+            min_workers=args.min_workers,
+            queue=args.queue,
+            priority_class=args.priority_class,
+            disruption_budget=args.disruption_budget,
         )
         objs = chart.render_chart(values, args.namespace, args.chart and Path(args.chart))
         if args.dry_run:

@@ -20,7 +20,16 @@ from pathlib import Path
 import yaml
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "distil-run"
-SECTIONS = {"image", "serviceAccount", "storage", "job", "head", "dataWorkers"}  # maps whose keys are the values
+SECTIONS = {
+    "image",
+    "serviceAccount",
+    "storage",
+    "job",
+    "head",
+    "dataWorkers",
+    "kueue",
+    "podDisruptionBudget",
+}  # maps whose keys are the values
 KEY = re.compile(r"^(?P<indent> *)(?P<dash>- +)?(?P<name>[A-Za-z][A-Za-z0-9]*):")
 
 

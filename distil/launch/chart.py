@@ -103,9 +103,16 @@ def submit_values(
     backoff_limit: int,
     grace_period: int,
     service_account: str | None = None,
+    min_workers: int | None = None,
+    queue: str = "",
+    priority_class: str = "",
+    disruption_budget: bool = False,
 ) -> dict:
     """The chart's values for `distil k8s submit`'s flags: what a user would write in
-    my-values.yaml for `helm install`. Objects are named after the run (fullnameOverride)."""
+    my-values.yaml for `helm install`. Objects are named after the run (fullnameOverride).
+    `min_workers`: fewest worker pods an elastic run goes on with (None: `workers`, fixed);
+    `queue`/`priority_class`: a Kueue LocalQueue and WorkloadPriorityClass; `disruption_budget`:
+    a PodDisruptionBudget of one training pod at a time."""
     if not cfg.storage_root().is_s3:
         raise UserError(
             f"storage.uri is {cfg.storage.uri!r}: pods lose their disks on preemption",
@@ -113,12 +120,20 @@ def submit_values(
             fix="use object storage: s3://bucket/prefix (with storage.endpoint_url for MinIO/Ceph/R2)",
         )
     check_submit_flags(workers, gpus_per_pod, cpu, memory, shm_size, backoff_limit, grace_period)
-    cfg.check_batch_split(workers * gpus_per_pod)
+    least = workers if min_workers is None else min_workers
+    if not 1 <= least <= workers:
+        raise UserError(
+            f"--min-workers {least}: an elastic run goes on with at least 1 worker pod and at most --workers {workers}",
+            where="--min-workers",
+            fix=f"give --min-workers between 1 and {workers}",
+        )
+    cfg.check_batch_split(range(least * gpus_per_pod, workers * gpus_per_pod + 1))
     run = cfg.run_name()
     # run.name written out (the chart labels every object with it); `scaling` as the chart sets it.
     config = cfg.model_dump(mode="json")
     config["run"]["name"] = run
-    config["scaling"].update(num_workers=workers * gpus_per_pod, use_gpu=True, gpus_per_worker=1)
+    ranks = [least * gpus_per_pod, workers * gpus_per_pod] if least < workers else workers * gpus_per_pod
+    config["scaling"].update(num_workers=ranks, use_gpu=True, gpus_per_worker=1)
     repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
     return {
         "mode": "job",
@@ -129,10 +144,13 @@ def submit_values(
         "storage": {"credentialsSecret": credentials_secret or ""},
         "job": {"backoffLimit": backoff_limit},
         "terminationGracePeriodSeconds": grace_period,
+        "kueue": {"queueName": queue, "priorityClass": priority_class},
+        "podDisruptionBudget": {"enabled": disruption_budget, "maxUnavailable": 1},
         "workerGroups": [
             {
                 "name": "gpu",
                 "replicas": workers,
+                "minReplicas": least,
                 "gpusPerPod": gpus_per_pod,
                 "shmSize": shm_size,
                 "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},

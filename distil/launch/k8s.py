@@ -86,16 +86,22 @@ def require_kuberay(ext) -> None:
 
 
 def submit(api, objects: list[dict]) -> str:
-    """Create the rendered objects (ConfigMap, RayJob; a ServiceAccount if the values make one);
-    a RayJob of that name must not exist yet. Returns its name."""
+    """Create the rendered objects (ConfigMap, RayJob; a ServiceAccount and a PodDisruptionBudget
+    if the values make them); a RayJob of that name must not exist yet. Returns its name."""
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     core, custom, ext = api
     job = next(o for o in objects if o["kind"] == "RayJob")
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    policy = client.PolicyV1Api(core.api_client)
     create = {
         "ConfigMap": (core.create_namespaced_config_map, core.replace_namespaced_config_map),
         "ServiceAccount": (core.create_namespaced_service_account, core.replace_namespaced_service_account),
+        "PodDisruptionBudget": (
+            policy.create_namespaced_pod_disruption_budget,
+            policy.replace_namespaced_pod_disruption_budget,
+        ),
     }
     with _api_errors(f"submitting {name}"):
         require_kuberay(ext)
@@ -183,8 +189,26 @@ def status(api, namespace: str, run: str) -> dict:
         },
     }
     cfg = DistilConfig.model_validate(yaml.safe_load(cm.data["config.yaml"]))
+    out["workers"] = {"configured": _configured(cfg), "up": _gpu_workers_up(pods)}
     out["checkpoint"] = _latest_checkpoint(cfg)
     return out
+
+
+def _configured(cfg: DistilConfig) -> str:
+    s = cfg.scaling
+    return f"{s.min_workers} to {s.max_workers} (elastic)" if s.elastic else str(s.num_workers)
+
+
+def _gpu_workers_up(pods) -> int:
+    """Training workers whose pods are Running: one per GPU of each running worker pod. An elastic
+    run trains on these (a pod that came back joins at the run's next resize check)."""
+    up = 0
+    for p in pods:
+        if (p.metadata.labels or {}).get("app.kubernetes.io/component") != "ray-worker" or p.status.phase != "Running":
+            continue
+        limits = (p.spec.containers[0].resources.limits or {}) if p.spec.containers[0].resources else {}
+        up += int(limits.get("nvidia.com/gpu", 1))
+    return up
 
 
 def _latest_checkpoint(cfg: DistilConfig) -> dict | None:

@@ -155,8 +155,15 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
         "5",
         "--set",
         "train.global_batch_size=32",
+        "--disruption-budget",
     )
     assert r.returncode == 0, r.stderr
+    from kubernetes import client
+
+    pdb = client.PolicyV1Api(core.api_client).read_namespaced_pod_disruption_budget("distil-run-1-workers", NS)
+    assert (
+        pdb.spec.max_unavailable == 1 and pdb.spec.selector.match_labels["app.kubernetes.io/component"] == "ray-worker"
+    )
     job = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "distil-run-1")
     assert not list(crd_validator("RayJob").iter_errors(job))  # the real ray.io/v1 schema, unknown fields as errors
     spec = job["spec"]
@@ -205,8 +212,15 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "distil-run-1-abcde-gpu-worker-0", "labels": {"ray.io/cluster": "distil-run-1-abcde"}},
-            "spec": {"containers": [{"name": "ray-worker", "image": "img:1"}]},
+            "metadata": {
+                "name": "distil-run-1-abcde-gpu-worker-0",
+                "labels": {"ray.io/cluster": "distil-run-1-abcde", "app.kubernetes.io/component": "ray-worker"},
+            },
+            "spec": {
+                "containers": [
+                    {"name": "ray-worker", "image": "img:1", "resources": {"limits": {"nvidia.com/gpu": "4"}}}
+                ]
+            },
             "status": {"phase": "Running"},
         },
     )
@@ -219,6 +233,7 @@ def test_submit_status_resume(tmp_path, cluster, run_config):
     assert report["job_status"] == "RUNNING" and report["cluster_state"] == "ready"
     assert report["pods"] == {"distil-run-1-abcde-gpu-worker-0": "Running"}
     assert report["checkpoint"]["step"] == 40 and report["checkpoint"]["tokens"] == 10
+    assert report["workers"] == {"configured": "8", "up": 4}  # one of the two 4-GPU pods is running
 
     busy = k8s(kubeconfig, "resume", "Distil_Run.1", "-n", NS)
     assert busy.returncode == 2 and "not ended" in busy.stderr

@@ -58,6 +58,10 @@ def submit(tmp_path, *args: str, name: str = "run-1", env: dict | None = None) -
         (["--backoff-limit", "-2"], "run-1", "--backoff-limit"),
         (["--memory", "lots"], "run-1", "--memory"),
         (["--workers", "3"], "run-1", "train.global_batch_size"),  # 3 x 8 does not divide 64
+        (["--workers", "4", "--min-workers", "5"], "run-1", "--min-workers"),
+        (["--workers", "4", "--min-workers", "0"], "run-1", "--min-workers"),
+        (["--workers", "4", "--min-workers", "2"], "run-1", "worker counts 2..4 an elastic run may have: 3"),
+        (["--queue", "Bad_Queue"], "run-1", "/kueue/queueName"),
         ([], "r" * 48, "run.name"),
         ([], "1st-run", "run.name"),
     ],
@@ -199,3 +203,35 @@ def test_the_wheel_carries_the_chart(tmp_path):
     expected = {f"distil/chart/{p.relative_to(chart).as_posix()}" for p in chart.rglob("*") if p.is_file()}
     assert expected <= names and "distil/chart/templates/_helpers.tpl" in names
     assert not any(n.startswith("bench/") for n in names)  # benchmarks stay in the source tree
+
+
+def test_an_elastic_submit_on_kueue_renders_the_chart_s_range_queue_and_budget(tmp_path):
+    """`distil k8s submit` gets issue 28's chart values from its flags: 2 to 4 pods of 2 GPUs are
+    scaling.num_workers [4, 8] (64 splits into micro-batches of 8 for 4..8 workers? 5, 6 and 7 do
+    not: 2 GPUs a pod means 4, 6 or 8, but every count is checked, so the batch here is 840 x 8)."""
+    r = submit(
+        tmp_path,
+        "--workers",
+        "4",
+        "--gpus-per-pod",
+        "2",
+        "--min-workers",
+        "2",
+        "--queue",
+        "team-a",
+        "--priority-class",
+        "high",
+        "--disruption-budget",
+        "--set",
+        "train.global_batch_size=6720",
+    )
+    assert r.returncode == 0, r.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(r.stdout)}
+    assert yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["scaling"]["num_workers"] == [4, 8]
+    job = docs["RayJob"]
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (4, 2, 4)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert job["metadata"]["annotations"]["kueue.x-k8s.io/elastic-job"] == "true"
+    assert docs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1

@@ -55,7 +55,7 @@ with "-" for other characters (distil/k8s.py `k8s_name`, the same rule). */}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Training workers: one per GPU over all worker groups. */}}
+{{/* Training workers: one per GPU over all worker groups (an elastic run's most). */}}
 {{- define "distil-run.numWorkers" -}}
 {{- $n := 0 }}
 {{- range .Values.workerGroups }}
@@ -64,11 +64,27 @@ with "-" for other characters (distil/k8s.py `k8s_name`, the same rule). */}}
 {{- $n }}
 {{- end }}
 
+{{/* The fewest training workers the run goes on with: each group's minReplicas (default: its replicas). */}}
+{{- define "distil-run.minWorkers" -}}
+{{- $n := 0 }}
+{{- range .Values.workerGroups }}
+{{- $n = add $n (mul (include "distil-run.groupMin" .) .gpusPerPod) }}
+{{- end }}
+{{- $n }}
+{{- end }}
+
+{{- define "distil-run.groupMin" -}}
+{{- if kindIs "invalid" .minReplicas }}{{ int64 .replicas }}{{ else }}{{ int64 .minReplicas }}{{ end }}
+{{- end }}
+
 {{/* The run config: the user's config with `scaling` filled in from the worker groups. */}}
 {{- define "distil-run.config" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $scaling := default dict $config.scaling }}
-{{- $_ := set $scaling "num_workers" (int (include "distil-run.numWorkers" .)) }}
+{{- $min := int (include "distil-run.minWorkers" .) }}
+{{- $max := int (include "distil-run.numWorkers" .) }}
+{{- /* a number, or [min, max] for an elastic run (minReplicas below replicas) */}}
+{{- $_ := set $scaling "num_workers" (ternary (list $min $max) $max (lt $min $max)) }}
 {{- $_ := set $scaling "use_gpu" true }}
 {{- $_ := set $scaling "gpus_per_worker" 1 }}
 {{- $_ := set $config "scaling" $scaling }}

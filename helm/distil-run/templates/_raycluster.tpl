@@ -7,8 +7,8 @@ labels, container, pod fields); the checks are in _validate.tpl.
 {{- define "distil-run.rayClusterSpec" -}}
 rayVersion: "2.60.0"
 {{- if gt (int64 .Values.dataWorkers.replicas) 0 }}
-# The autoscaler only ever removes the idle data-preparation pods: the GPU groups have
-# minReplicas = maxReplicas.
+# The autoscaler only ever removes the idle data-preparation pods: the GPU groups are busy
+# training (an elastic group's pods are recreated by KubeRay up to its replicas).
 enableInTreeAutoscaling: true
 autoscalerOptions:
   idleTimeoutSeconds: {{ int64 .Values.dataWorkers.idleTimeoutSeconds }}
@@ -36,8 +36,11 @@ headGroupSpec:
 workerGroupSpecs:
   {{- range .Values.workerGroups }}
   - groupName: {{ .name }}
+    # An elastic group (minReplicas below replicas) is kept at replicas by KubeRay's plain replica
+    # recreation: a pod lost with its spot node is created again at once, waits Pending for
+    # capacity, and joins the run at Ray Train's next resize check. The autoscaler never shrinks it.
     replicas: {{ int64 .replicas }}
-    minReplicas: {{ int64 .replicas }}
+    minReplicas: {{ include "distil-run.groupMin" . }}
     maxReplicas: {{ int64 .replicas }}
     rayStartParams:
       num-gpus: {{ int64 .gpusPerPod | quote }}

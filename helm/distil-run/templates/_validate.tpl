@@ -98,13 +98,36 @@ rule; a test compares them). */}}
 {{- end }}
 {{- $groups = append $groups .name }}
 {{- include "distil-run.checkResources" (dict "where" (printf "workerGroups[%s].resources" .name) "resources" .resources) }}
+{{- if and (not (kindIs "invalid" .minReplicas)) (gt (int64 .minReplicas) (int64 .replicas)) }}
+{{- fail (printf "workerGroups[%s]: minReplicas %v is more than replicas %v: replicas is the most the run trains on, minReplicas the fewest it goes on with" .name .minReplicas .replicas) }}
+{{- end }}
+{{- end }}
+{{- $least := int (include "distil-run.minWorkers" .) }}
+{{- if lt $least 1 }}
+{{- fail "workerGroups: every group's minReplicas is 0: an elastic run needs at least one GPU worker to go on with; raise a minReplicas" }}
+{{- end }}
+{{- /* Kueue (kueue.x-k8s.io): what it requires of a RayJob it admits. */}}
+{{- if .Values.kueue.queueName }}
+{{- if ne .Values.mode "job" }}
+{{- fail "kueue.queueName is set but mode is cluster: the chart puts a RayJob on a Kueue queue; use mode: job, or unset kueue.queueName" }}
+{{- end }}
+{{- if not .Values.job.shutdownAfterJobFinishes }}
+{{- fail "kueue.queueName is set but job.shutdownAfterJobFinishes is false: Kueue requires a RayJob to delete its cluster when it ends (its quota is released then); set it true" }}
+{{- end }}
+{{- if and (gt (int64 .Values.dataWorkers.replicas) 0) (not (lt $least $workers)) }}
+{{- fail "kueue.queueName is set with dataWorkers.replicas > 0: Kueue reserves a fixed-size cluster and requires KubeRay's autoscaler off unless the job is elastic; set dataWorkers.replicas 0 (the head and GPU pods prepare the data), or make the run elastic (a minReplicas below replicas)" }}
+{{- end }}
+{{- if gt (len (concat .Values.workerGroups (ternary (list 1) (list) (gt (int64 .Values.dataWorkers.replicas) 0)))) 7 }}
+{{- fail "kueue.queueName is set with more than 7 worker groups (data workers included): a Kueue workload has at most 8 pod sets, the head's among them" }}
+{{- end }}
 {{- end }}
 {{- include "distil-run.checkResources" (dict "where" "head.resources" "resources" .Values.head.resources) }}
 {{- include "distil-run.checkResources" (dict "where" "job.submitterResources" "resources" .Values.job.submitterResources) }}
 {{- /* The run config against the cluster's shape. */}}
 {{- $scaling := default dict .Values.config.scaling }}
-{{- if and (hasKey $scaling "num_workers") (ne (int $scaling.num_workers) $workers) }}
-{{- fail (printf "config.scaling.num_workers is %v but the worker groups give %d GPUs (one worker each): remove config.scaling.num_workers (the chart sets it) or change workerGroups" $scaling.num_workers $workers) }}
+{{- $expected := ternary (printf "[%d %d]" $least $workers) (toString $workers) (lt $least $workers) }}
+{{- if and (hasKey $scaling "num_workers") (ne (toString $scaling.num_workers) $expected) }}
+{{- fail (printf "config.scaling.num_workers is %v but the worker groups give %s GPU workers (one per GPU; [min max] when a minReplicas is below replicas): remove config.scaling.num_workers (the chart sets it) or change workerGroups" (toString $scaling.num_workers) $expected) }}
 {{- end }}
 {{- if and (hasKey $scaling "use_gpu") (not $scaling.use_gpu) }}
 {{- fail "config.scaling.use_gpu is false but the chart runs GPU workers: remove config.scaling.use_gpu" }}
@@ -112,8 +135,10 @@ rule; a test compares them). */}}
 {{- $train := default dict .Values.config.train }}
 {{- $micro := int (default 8 $train.micro_batch_size) }}
 {{- $global := int (default 8 $train.global_batch_size) }}
-{{- if mod $global (mul $micro $workers) }}
-{{- fail (printf "config.train.global_batch_size %d is not a multiple of micro_batch_size %d x %d GPU workers = %d: change the batch sizes or the worker groups" $global $micro $workers (mul $micro $workers)) }}
+{{- range $n := untilStep $least (int (add $workers 1)) 1 }}
+{{- if mod $global (mul $micro $n) }}
+{{- fail (printf "config.train.global_batch_size %d is not a multiple of micro_batch_size %d x %d GPU workers = %d%s: change the batch sizes or the worker groups" $global $micro $n (mul $micro $n) (ternary (printf " (an elastic run trains on any count from %d to %d)" $least $workers) "" (lt $least $workers))) }}
+{{- end }}
 {{- end }}
 {{- $storage := default dict .Values.config.storage }}
 {{- $uri := default "" $storage.uri }}
