@@ -29,7 +29,7 @@ def free_port() -> int:
 class LocalCluster:
     """`ray start --head --num-cpus 0` and worker nodes named by a custom resource, on loopback."""
 
-    def __init__(self, start_timeout_s: float = 60.0):
+    def __init__(self, start_timeout_s: float = 60.0, env: dict | None = None):
         self.port, self.dash = free_port(), free_port()
         # A temp dir per node, as separate machines have: nodes that share one also share their
         # runtime-env folders, and one node's agent replaced the job's working dir under another's
@@ -42,7 +42,7 @@ class LocalCluster:
         # Ray's autoscaling coordinator refreshes its view of the nodes every 20 s: a restart right
         # after the loss may still ask for the old size and wait for it until this timeout (Ray's
         # default: 60 s), then asks again for what is there.
-        self.env.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(start_timeout_s))
+        self.env.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(start_timeout_s), **(env or {}))
 
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         r = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)

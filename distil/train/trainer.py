@@ -231,11 +231,11 @@ class Trainer:
                     bar.total = self.budget.end_step()
                     bar.refresh()
             # A pod drain or Ray's notice: a checkpoint now, uploaded. SIGTERM: stop after this step.
-            stop = self.checkpointer.preempted(self.step, save=lambda: self.save_checkpoint(wait=True))
+            stop = self.checkpointer.preempted(self.step, save=self._save_now)
             if bar is not None:
                 bar.update(1)
             last = self.step == self.budget.end_step()
-            if self.step % t.log_every == 0 or last or stop:
+            if (self.step % t.log_every == 0 or last or stop) and self._window_steps:
                 row = self._log_window()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -268,6 +268,13 @@ class Trainer:
             "workers": self.world,
             "resizes": self.resizes,
         }
+
+    def _save_now(self) -> None:
+        """The checkpoint a pod drain or Ray's notice asks for, uploaded before this returns, with
+        this step's metrics row in it (the history resumed from it must not miss the step)."""
+        if self._window_steps:
+            self._log_window()
+        self.save_checkpoint(wait=True)
 
     def _open_window(self) -> None:
         """Start the steps that the next metrics line averages over."""
