@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from distil.config.schema import load_config
 from distil.errors import UserError
 from tests.conftest import ROOT, fake_checkpoint
+from tests.integration.test_trust_cli import distil
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -74,17 +72,6 @@ def test_a_global_batch_must_split_for_every_count_of_the_range():
     assert "e.g." not in str(e.value)  # (the least batch for every count up to 65,536 has thousands of digits)
 
 
-def _cli(*args: str, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "distil.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
-    )
-
-
 def test_bad_elastic_input_exits_2_with_one_message_and_writes_nothing(tmp_path):
     """A range on a local run, a range whose batch does not split, min > max: exit 2, one message."""
     runs = tmp_path / "runs"
@@ -97,7 +84,7 @@ def test_bad_elastic_input_exits_2_with_one_message_and_writes_nothing(tmp_path)
         (["train", "--ray", *base, "--set", "scaling.num_workers=[2, 5]"], "an elastic run may have: 3, 5"),
     ]
     for args, says in cases:
-        r = _cli(*args)
+        r = distil(*args)
         out = r.stdout + r.stderr
         assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
         assert [x for x in r.stderr.splitlines() if x.startswith("distil: error:")].__len__() == 1, r.stderr

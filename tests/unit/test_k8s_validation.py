@@ -207,8 +207,8 @@ def test_the_wheel_carries_the_chart(tmp_path):
 
 def test_an_elastic_submit_on_kueue_renders_the_chart_s_range_queue_and_budget(tmp_path):
     """`distil k8s submit` gets issue 28's chart values from its flags: 2 to 4 pods of 2 GPUs are
-    scaling.num_workers [4, 8] (64 splits into micro-batches of 8 for 4..8 workers? 5, 6 and 7 do
-    not: 2 GPUs a pod means 4, 6 or 8, but every count is checked, so the batch here is 840 x 8)."""
+    scaling.num_workers [4, 8]. Every count from 4 to 8 is checked (not only the even ones whole
+    pods give), so the global batch is 6720 = 8 x lcm(4..8) instead of 64."""
     r = submit(
         tmp_path,
         "--workers",
