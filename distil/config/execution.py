@@ -18,7 +18,12 @@ class OptimSection(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-6, gt=0.0, description="AdamW epsilon.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Fraction of max_steps with linear warmup from 0.")
+    warmup_ratio: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of max_steps (with time_budget_minutes: of the planned steps) with linear warmup from 0.",
+    )
     schedule: Literal["linear", "constant"] = Field(
         "linear", description="After warmup: linear decay to 0, or constant."
     )

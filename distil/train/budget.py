@@ -3,8 +3,9 @@ slower machine ends in about the same wall time, having trained what that time a
 
 The budget is turned into a number of steps once, early, and kept: the run times its steps up to
 `PLAN_AT`, plans `budget / (seconds per step)` steps (never more than train.max_steps) and from
-then on the learning rate decays linearly to that planned end -- a schedule that ends with the
-budget, rather than one cut off half-way (Li, Yumer & Ramanan 2020, "Budgeted training"). The
+then on the learning rate follows the schedule of a run of that many steps (its warmup and its
+linear decay to 0 at the planned end, distil/train/setup.py `lr_lambda`) -- a schedule that ends
+with the budget, rather than one cut off half-way (Li, Yumer & Ramanan 2020, "Budgeted training"). The
 plan is saved in every checkpoint, so a resumed run, on whatever machine, ends at the same step
 with the same weights as one that was never interrupted. The steps before `PLAN_AT` do not
 depend on the plan: their learning rate is the warmup's, or the decay towards train.max_steps.
@@ -53,9 +54,15 @@ class TimeBudget:
             )
         return None
 
+    def planned_end(self) -> int | None:
+        """The step the plan ends at (max_steps if a resume lowered it below the plan), None until
+        the plan is made."""
+        return None if self.planned is None else min(self.planned, self.max_steps)
+
     def end_step(self) -> int:
-        """The step the run ends at: the plan, or max_steps (lowered on a resume: the smaller)."""
-        return min(self.planned, self.max_steps) if self.planned is not None else self.max_steps
+        """The step the run ends at: the plan, or max_steps."""
+        end = self.planned_end()
+        return self.max_steps if end is None else end
 
     def begin(self, step: int) -> None:
         """Before this process's first step (fresh or resumed at `step`)."""

@@ -27,6 +27,7 @@ from distil.data.prepared import open_prepared, sequences_of
 from distil.data.shards import PreparedData, TokenSplit
 from distil.errors import UserError
 from distil.model.teacher import load_teacher_config, load_tokenizer, validate_against_teacher
+from distil.train.budget import PLAN_AT
 
 
 def check_precision(cfg: DistilConfig, gpu: bool) -> str:
@@ -144,17 +145,29 @@ def deepspeed_config(cfg: DistilConfig, dtype: str, world_size: int, load_univer
     }
 
 
-def lr_lambda(cfg: DistilConfig, end_step: Callable[[], int] | None = None):
-    """Linear warmup over warmup_ratio x max_steps, then constant or linear decay to `end_step()`
-    (a time budget's plan once it is made, distil/train/budget.py; max_steps without one)."""
-    warmup = int(cfg.optim.warmup_ratio * cfg.train.max_steps)
-    end = end_step or (lambda: cfg.train.max_steps)
+def lr_lambda(cfg: DistilConfig, planned_end: Callable[[], int | None] = lambda: None):
+    """Linear warmup over warmup_ratio x max_steps, then constant or linear decay to max_steps.
+
+    With a time budget's plan (`planned_end()`: the step the plan ends at, None until it is made at
+    step PLAN_AT, distil/train/budget.py) the steps after PLAN_AT follow the schedule of a run of
+    the planned steps -- warmup_ratio x plan of warmup, decay to 0 at the plan -- so a plan shorter
+    than the warmup towards max_steps still ends at 0 (not part-way up the warmup). A warmup still
+    going at the plan is re-sloped to reach the peak at the planned warmup's end; one that should
+    already be over is."""
+    ratio, decay = cfg.optim.warmup_ratio, cfg.optim.schedule != "constant"
+    warmup = int(ratio * cfg.train.max_steps)
 
     def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        total = end()
-        return 1.0 if cfg.optim.schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))
+        end = planned_end() if step > PLAN_AT else None
+        end_warmup = warmup if end is None else int(ratio * end)
+        if end_warmup == warmup:  # no plan, or one that keeps the warmup: the schedule towards `end`
+            if step < warmup:
+                return (step + 1) / warmup
+        elif step < end_warmup:  # (then end_warmup - 1 > step > PLAN_AT, and PLAN_AT < warmup)
+            at_plan = (PLAN_AT + 1) / warmup  # the warmup's rate at the plan, joined to the peak
+            return at_plan + (1 - at_plan) * (step - PLAN_AT) / (end_warmup - 1 - PLAN_AT)
+        total = end or cfg.train.max_steps
+        return max(0.0, (total - step) / max(1, total - end_warmup)) if decay else 1.0
 
     return f
 

@@ -79,7 +79,7 @@ class Trainer:
             foreach=True,
         )
         self.budget = TimeBudget(cfg.train.time_budget_minutes, cfg.train.max_steps, self.device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.budget.end_step))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.budget.planned_end))
         # Before the engine exists: a checkpoint from another worker count needs an engine that
         # loads DeepSpeed's universal layout.
         self.checkpointer = Checkpointer(cfg, self.run_dir, store or LocalCheckpointStore(), self.device, log)

@@ -53,14 +53,22 @@ def test_the_run_ends_at_its_plan_with_the_learning_rate_decayed_to_it(budgeted)
     assert (run / "latest").read_text() == f"step_{planned:08d}"
     rows = [r for r in metrics(run) if "lr" in r]
     assert rows[-1]["step"] == planned and rows[-1]["lr"] == 0.0  # decayed to the plan, not to max_steps
-    # Up to the plan, the schedule is the one towards max_steps (warmup 10% of 400 = 40 steps);
-    # after it, the linear decay from the end of the warmup to the planned step.
-    base, warmup = 1e-3, int(0.1 * MAX_STEPS)
+    # Up to the plan, the schedule is the one towards max_steps (warmup 10% of 4,000 = 400 steps);
+    # after it, the one of a run of the planned steps: warmup 10% of the plan (a warmup still going
+    # at the plan is joined to its peak), then the linear decay to the planned step.
+    base, warmup, short = 1e-3, int(0.1 * MAX_STEPS), int(0.1 * planned)
+    at_plan = (PLAN_AT + 1) / warmup
     for r in rows:  # the lr logged after step s: the scheduler's for step s
         s = r["step"]
-        end = MAX_STEPS if s <= PLAN_AT else planned  # the plan is made after step PLAN_AT's scheduler step
-        want = base * (s + 1) / warmup if s < warmup else base * max(0.0, (end - s) / (end - warmup))
-        assert r["lr"] == pytest.approx(want, rel=1e-9, abs=1e-15), s
+        if s <= PLAN_AT:  # the plan is made after step PLAN_AT's scheduler step
+            want = (s + 1) / warmup
+        elif s < short:
+            want = at_plan + (1 - at_plan) * (s - PLAN_AT) / (short - 1 - PLAN_AT)
+        else:
+            want = (planned - s) / (planned - short)
+        assert r["lr"] == pytest.approx(base * want, rel=1e-9, abs=1e-15), s
+    if short > PLAN_AT + 1:  # the warmup, re-sloped, still reaches the configured rate
+        assert max(r["lr"] for r in rows) == pytest.approx(base)
     state = json.loads((run / f"step_{planned:08d}" / "trainer_state.json").read_text())
     assert state["planned_steps"] == planned and state["seconds_per_step"] > 0
     card = (run / "model" / "README.md").read_text()

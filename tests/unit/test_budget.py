@@ -102,11 +102,43 @@ def test_the_learning_rate_decays_to_the_plan_once_it_is_made(clock):
 
     cfg = load_config("configs/demo.yaml", ["train.max_steps=1000", "optim.warmup_ratio=0.02"])  # warmup: 20 steps
     b = TimeBudget(2.0, 1000, torch.device("cpu"))
-    f = lr_lambda(cfg, b.end_step)
+    f = lr_lambda(cfg, b.planned_end)
     before = [f(s) for s in range(0, 300)]
     assert before[:20] == [(s + 1) / 20 for s in range(20)]
     assert before[100] == pytest.approx((1000 - 100) / 980)
     _run(b, clock, 0, PLAN_AT, {})
     assert b.planned == 240
-    assert [f(s) for s in range(0, 20)] == before[:20]  # the warmup does not move
-    assert f(100) == pytest.approx((240 - 100) / 220) and f(240) == 0.0 and f(260) == 0.0
+    assert [f(s) for s in range(0, PLAN_AT + 1)] == before[: PLAN_AT + 1]  # the steps done before the plan
+    # after it, the decay of a 240-step run: its warmup, 2% of 240 = 4 steps, is long over
+    assert f(100) == pytest.approx((240 - 100) / (240 - 4)) and f(240) == 0.0 and f(260) == 0.0
+
+
+def _plan_at(b: TimeBudget, clock, seconds_per_step: float) -> None:
+    _run(b, clock, 0, PLAN_AT, {s: seconds_per_step for s in range(1, PLAN_AT + 1)})
+
+
+def test_a_plan_shorter_than_the_warmup_still_ends_at_zero(clock):
+    """The CI machine once planned 372 of 4,000 steps with a 400-step warmup: the run ended
+    part-way up the warmup at 93% of the peak rate. The warmup is the plan's now."""
+    from distil.config.schema import load_config
+    from distil.train.setup import lr_lambda
+
+    cfg = load_config("configs/demo.yaml", ["train.max_steps=1000", "optim.warmup_ratio=0.5"])  # warmup: 500 steps
+    b = TimeBudget(1.0, 1000, torch.device("cpu"))
+    f = lr_lambda(cfg, b.planned_end)
+    _plan_at(b, clock, 0.25)
+    assert b.planned == 240  # the plan's warmup: 120 steps, going on at the plan
+    lr = [f(s) for s in range(0, 241)]
+    assert lr[: PLAN_AT + 1] == [(s + 1) / 500 for s in range(PLAN_AT + 1)]  # towards max_steps' warmup
+    at_plan = (PLAN_AT + 1) / 500
+    for s in range(PLAN_AT + 1, 120):  # joined to the peak at the plan's warmup's last step
+        assert lr[s] == pytest.approx(at_plan + (1 - at_plan) * (s - PLAN_AT) / (119 - PLAN_AT)), s
+    assert lr[119] == pytest.approx(1.0) and max(lr) == pytest.approx(1.0)
+    assert all(lr[s] == pytest.approx((240 - s) / 120) for s in range(120, 241)) and lr[240] == 0.0
+
+    short = TimeBudget(1.0, 1000, torch.device("cpu"))
+    g = lr_lambda(cfg, short.planned_end)
+    _plan_at(short, clock, 1.25)  # 48 steps fit: the plan's warmup (24 steps) is already over
+    assert short.planned == 48
+    assert [g(s) for s in range(PLAN_AT + 1, 49)] == pytest.approx([(48 - s) / 24 for s in range(PLAN_AT + 1, 49)])
+    assert g(48) == 0.0
