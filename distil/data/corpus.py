@@ -27,6 +27,9 @@ from distil.storage.paths import S3, is_s3
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 RANGE_BYTES = 32 << 20  # text per read task: its tokens take ~1x the text's size in the task
+# Records of a hub data set tokenized together, in this process or in a Ray task alike: the
+# batches are what the packer is fed, so the prepared data is the same only with the same batches.
+HUB_BATCH_ROWS = 4096
 _CHUNK = 1 << 20
 
 
@@ -205,7 +208,8 @@ def read(r: Range, reading: Reading) -> list[str]:
 
 @dataclass
 class HubSet:
-    """A hub data set, loaded (downloaded, not tokenized) on the driver: a `datasets.Dataset`."""
+    """A hub data set, loaded (downloaded, not tokenized) on the driver: a `datasets.Dataset`,
+    tokenized `HUB_BATCH_ROWS` records at a time."""
 
     name: str
     dataset: object

@@ -28,8 +28,8 @@ import numpy as np
 
 from distil.config.schema import DistilConfig
 from distil.config.sections import is_hub_name
+from distil.data import corpus, shards_s3
 from distil.data import shards as ts
-from distil.data import shards_s3
 from distil.data.corpus import FORMATS, HubSet, Reading, hub_version, local_files, plan, read
 from distil.data.sequences import HeldOut, Packer, token_ids, tokenizer_spec
 from distil.data.shard_check import DamagedData, manifest_problem
@@ -146,7 +146,7 @@ def local_documents(segments, spec: str, reading, workers=None, log=None):
 
     for segment in segments:
         if isinstance(segment, HubSet):
-            for batch in segment.dataset.iter(batch_size=4096):
+            for batch in segment.dataset.iter(batch_size=corpus.HUB_BATCH_ROWS):
                 yield token_ids(spec, [t for t in batch[reading.text_field] if t and t.strip()])
         else:
             for r in segment:

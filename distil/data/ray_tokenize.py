@@ -5,7 +5,13 @@ decodes, tokenizes with the teacher's tokenizer rebuilt from its serialization, 
 the documents' token ids as an Arrow list column. Ray Data runs the tasks on any node with a
 free CPU and hands the results back *in order* (`preserve_order`), so the driver -- which only
 packs, splits and writes (distil/data/prepared.py) -- sees the same stream as one process would.
-A hub data set goes in with `from_huggingface` and is tokenized by the same function.
+A hub data set, already loaded on the driver (into data.cache_dir), goes in as Arrow tables, a
+window at a time (`HUB_WINDOW_BATCHES`: the object store never holds the whole set), each
+window cut into the batches of the in-process path (corpus.HUB_BATCH_ROWS), tokenized as tasks
+on any node. Not `ray.data.from_huggingface`: to look for the hub's own Parquet files it
+calls `load_dataset` again with only the set's name, without data.cache_dir or data.hub_kwargs --
+a second download into the default cache for a hub set, and for a local "json" or "text" set a
+minute spent globbing the working directory as data.
 
 Why tasks and not an actor pool: an actor claims its CPU for the whole run, and a pool that
 claims every CPU starves Ray Data's read tasks (on 2 CPUs the pipeline hung); here reading
@@ -26,6 +32,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from distil.data import corpus
 from distil.data.corpus import HubSet, Range, Reading, read
 from distil.data.sequences import token_ids
 from distil.errors import UserError
@@ -33,6 +40,8 @@ from distil.errors import UserError
 # A task that meets bad input (a file that is not UTF-8, a record without the text field) says so
 # in its result: an exception raised in a task reaches the driver as text wrapped in Ray's own
 # exceptions, and the driver owes the user one message, not a traceback.
+HUB_WINDOW_BATCHES = 64  # batches of a hub set (corpus.HUB_BATCH_ROWS records each) in the object store at a time
+
 _IDS = pa.schema([("ids", pa.list_(pa.int32())), ("error", pa.string())])
 
 
@@ -108,28 +117,38 @@ def _blocks(segments, spec: str, reading: Reading, workers: int | None, log=prin
                 yield token_ids(spec, read(r, reading))
             continue
         if isinstance(segment, HubSet):
-            ds = ray.data.from_huggingface(segment.dataset).map_batches(
-                _tokenize_texts,
-                fn_kwargs={"spec": spec, "field": reading.text_field},
-                batch_size=4096,
-                batch_format="pyarrow",
-                compute=compute,
-            )
-        else:
-            items = [{"range": dataclasses.asdict(r)} for r in segment]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _read_and_tokenize,
-                fn_kwargs={"spec": spec, "reading": reading},
-                batch_size=1,
-                batch_format="pyarrow",
-                compute=compute,
-                label_selector=None if all(r.s3 for r in segment) else here,
-            )
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            errors = block.column("error").drop_null()
-            if len(errors):
-                raise UserError(**json.loads(errors[0].as_py()))
-            ids = block.column("ids").combine_chunks()
-            offsets = ids.offsets.to_numpy()
-            flat = ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
-            yield flat.astype(np.int32, copy=False), np.diff(offsets).astype(np.int64)
+            # (the set's Arrow files are memory-mapped: a window is read when it is put)
+            rows = corpus.HUB_BATCH_ROWS  # (read at each call: a test makes it small)
+            for window in segment.dataset.with_format("arrow").iter(batch_size=HUB_WINDOW_BATCHES * rows):
+                blocks = [window.slice(i, rows) for i in range(0, len(window), rows)]
+                ds = ray.data.from_arrow(blocks).map_batches(
+                    _tokenize_texts,
+                    fn_kwargs={"spec": spec, "field": reading.text_field},
+                    batch_size=None,  # one task per block
+                    batch_format="pyarrow",
+                    compute=compute,
+                )
+                yield from _token_blocks(ds)
+            continue
+        items = [{"range": dataclasses.asdict(r)} for r in segment]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _read_and_tokenize,
+            fn_kwargs={"spec": spec, "reading": reading},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=compute,
+            label_selector=None if all(r.s3 for r in segment) else here,
+        )
+        yield from _token_blocks(ds)
+
+
+def _token_blocks(ds):
+    """The (flat ids, lengths) of each block of `ds`, in order; a task's refusal raised here."""
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        errors = block.column("error").drop_null()
+        if len(errors):
+            raise UserError(**json.loads(errors[0].as_py()))
+        ids = block.column("ids").combine_chunks()
+        offsets = ids.offsets.to_numpy()
+        flat = ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+        yield flat.astype(np.int32, copy=False), np.diff(offsets).astype(np.int64)

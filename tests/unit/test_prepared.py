@@ -224,10 +224,12 @@ def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_
     """Ray Data tasks on a local Ray instance (the corpus cut into many ranges, read and
     tokenized in parallel, two kinds of files, and a `datasets` data set) write the same shards,
     byte for byte, as this process does alone."""
+    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from distil.data import corpus as corpus_mod
+    from distil.data import ray_tokenize
     from tests.conftest import PL_TEXT
 
     cfg, corpus, tok = setup
@@ -240,6 +242,14 @@ def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_
     )  # a data set through `datasets.load_dataset` ("json", offline): Ray's from_huggingface
     hub.write_text("".join(json.dumps({"text": x}) + "\n" for x in EN_TEXT.read_text().splitlines()[:300]))
     monkeypatch.setattr(corpus_mod, "RANGE_BYTES", 4096)  # ~25 ranges of the text file, 6 row groups
+    monkeypatch.setattr(corpus_mod, "HUB_BATCH_ROWS", 64)  # the 300 records: 5 batches in 3 windows
+    monkeypatch.setattr(ray_tokenize, "HUB_WINDOW_BATCHES", 2)
+    # Nothing may go to the default `datasets` cache: data.cache_dir is where a run's data goes.
+    # (Ray's from_huggingface called load_dataset("json") again without our data_files or
+    # cache_dir: it globbed the working directory as JSON for a minute and cached there.)
+    default_cache = tmp_path / "default-hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", default_cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(default_cache))
     made = {}
     for use_ray in (False, True):
         data = cfg.data.model_copy(update={"sources": [str(folder), "json"], "hub_kwargs": {"data_files": str(hub)}})
@@ -249,6 +259,7 @@ def test_ray_data_prepares_exactly_what_one_process_does(setup, tmp_path, local_
         store = prepared.open_prepared(run, tok, per_step=8, log=lambda _: None, use_ray=use_ray, workers=2)
         made[use_ray] = (store.folder.name, store.files())
     assert made[True] == made[False]
+    assert not default_cache.exists(), sorted(default_cache.rglob("*"))[:5]
     (folder / "c.txt").write_bytes(b"fine\ncaf\xe9\n")  # raised in a Ray task: the same one message
     with pytest.raises(UserError, match=r"c.txt is not UTF-8 text \(byte 8 "):
         prepared.open_prepared(run, tok, per_step=8, log=lambda _: None, use_ray=True)
