@@ -25,6 +25,7 @@ going on); that preview reads sizes, and hashes only a checkpoint it would call 
 
 from __future__ import annotations
 
+import calendar
 import shutil
 import signal
 import threading
@@ -40,6 +41,7 @@ from distil.errors import UserError
 from distil.runs import continuity, preempt, reshard
 from distil.runs import layout as ckpt
 from distil.runs.export import save_hf_skeleton
+from distil.runs.heartbeat import Gap, Heartbeat, gap
 from distil.runs.metrics_log import METRICS, MetricsLog
 from distil.runs.stores import CheckpointStore
 
@@ -88,6 +90,8 @@ class Checkpointer:
             ckpt.read_trainer_state(self.run_dir / self.resume_tag)["world_size"] if self.resume_tag else self.world
         )
         self.saved_step = -1  # the step of the newest checkpoint this rank saved or loaded
+        self.heartbeat = Heartbeat(cfg.run_storage(), enabled=self.rank == 0)
+        self.gap: Gap | None = None  # (rank 0, after load) since the run last trained
         self.stop_requested = False  # SIGTERM: checkpoint and return
         self._preemption_saved = False  # the checkpoint for a drain or Ray's notice is written
 
@@ -125,11 +129,18 @@ class Checkpointer:
             if self.resharding
             else ""
         )
+        saved_at = complete.get("saved_at")
+        saved = calendar.timegm(time.strptime(saved_at, "%Y-%m-%dT%H:%M:%SZ")) if saved_at else None
+        self.gap = gap(self.heartbeat.last(), complete["step"], saved, time.time())  # (before this start's beat)
         self.log(
             f"resumed from {tag} (step {complete['step']}, {complete['tokens']:,} tokens){how}"
-            f"{'' if exact else '; RNG streams re-seeded (new rank)'}"
+            f"{'' if exact else '; RNG streams re-seeded (new rank)'}{f'; {self.gap.text()}' if self.gap else ''}"
         )
         return complete
+
+    def beat(self, step: int) -> None:
+        """After every optimizer step: the run's sign of life in its storage (distil/runs/heartbeat.py)."""
+        self.heartbeat.beat(step, self.world)
 
     def metrics_of(self, tag: str) -> Path:
         """The run's history as a checkpoint keeps it."""

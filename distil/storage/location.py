@@ -238,6 +238,20 @@ class Storage:
         with s3_errors(self.uri, self.endpoint_url):
             return self.client().get_object(Bucket=self.bucket, Key=self.key(relative))["Body"].read()
 
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """One small object or file, whole or not at all: S3's PUT is atomic; a local file is
+        written beside and renamed over."""
+        check_relative(relative, "file")
+        if not self.is_s3:
+            target = safe_join(self.local(), relative, "file")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            return
+        with s3_errors(self.uri, self.endpoint_url):
+            self.client().put_object(Bucket=self.bucket, Key=self.key(relative), Body=data)
+
     def download_tree(self, cache_root: Path) -> Path:
         """Mirror the prefix into cache_root/bucket/prefix; objects already there with the same size are kept."""
         dest = Path(cache_root) / self.bucket / self.prefix

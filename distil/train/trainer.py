@@ -11,7 +11,6 @@ from __future__ import annotations
 
 # Imports inside functions: DeepSpeed (see distil/train/setup.py), and tqdm only for a progress bar
 # on a terminal.
-import calendar
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from distil.model.student_shape import StudentShape
 from distil.model.teacher import load_teacher
 from distil.objectives.losses import DistillationLoss, distillation_forward
 from distil.runs.checkpointer import Checkpointer
+from distil.runs.heartbeat import Gap
 from distil.runs.metrics_log import MetricsLog
 from distil.runs.stores import CheckpointStore, LocalCheckpointStore
 from distil.train import zero_foreach
@@ -164,7 +164,7 @@ class Trainer:
             self.last_loss = complete.get("loss", float("nan"))
             self.metrics.resumed_at(self.step, self.checkpointer.metrics_of(self.checkpointer.resume_tag))
             if self.checkpointer.resharding and self.rank == 0:
-                self.log(_resize_line(self.resizes[-1], complete.get("saved_at"), self.cfg.scaling.elastic))
+                self.log(_resize_line(self.resizes[-1], self.checkpointer.gap, self.cfg.scaling.elastic))
 
     # -- one optimizer step ----------------------------------------------------------
     def _batch(self, micro: int):
@@ -230,6 +230,7 @@ class Trainer:
                 if bar is not None:
                     bar.total = self.budget.end_step()
                     bar.refresh()
+            self.checkpointer.beat(self.step)
             # A pod drain or Ray's notice: a checkpoint now, uploaded. SIGTERM: stop after this step.
             stop = self.checkpointer.preempted(self.step, save=self._save_now)
             if bar is not None:
@@ -314,18 +315,16 @@ class Trainer:
         return tqdm(total=self.budget.end_step(), initial=self.step, desc="distil", unit="step", dynamic_ncols=True)
 
 
-def _resize_line(resize: dict, saved_at: str | None, elastic: bool = True) -> str:
+def _resize_line(resize: dict, gap: Gap | None, elastic: bool = True) -> str:
     """One line for a start on another number of workers than the checkpoint's: from how many to
     how many, why (an elastic run gets as many workers as Ray can place: fewer, a node was lost or
-    is being reclaimed; more, capacity came back), at which step, and how long after that checkpoint."""
+    is being reclaimed; more, capacity came back), at which step, and how long the run trained
+    nothing before it (`gap`: distil/runs/heartbeat.py)."""
     if not elastic:
         why = "started again with another scaling.num_workers"
     elif resize["to"] < resize["from"]:
         why = "fewer could be placed: a node was lost or is being reclaimed"
     else:
         why = "capacity came back"
-    since = ""
-    if saved_at:
-        saved = calendar.timegm(time.strptime(saved_at, "%Y-%m-%dT%H:%M:%SZ"))
-        since = f"; training again {max(0.0, time.time() - saved):.0f} s after that checkpoint was saved"
+    since = f"; down about {gap.seconds:.0f} s (the run's last sign of life: step {gap.last_step})" if gap else ""
     return f"resize: {resize['from']} -> {resize['to']} workers at step {resize['step']} ({why}){since}"

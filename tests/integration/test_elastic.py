@@ -94,6 +94,16 @@ def test_an_elastic_run_loses_a_node_goes_on_with_one_worker_and_grows_back(tmp_
     # whose upload was cut off is never resumed from, and step 8 is saved again over what it left.
     shrunk, grew = int(shrink.group(1)), int(grow.group(1))
     assert shrunk in (4, 8) and shrunk < grew < step_drained < 70 and grew % 4 == 0, (shrunk, grew, step_drained)
+    # Each resize says how long the run trained nothing, from its last sign of life (a heartbeat
+    # in storage at most every 2 s, or the checkpoint): a group that lost a node or was stopped to
+    # grow may have trained past its checkpoint; a drained group stopped at its drain's checkpoint.
+    signs = re.findall(
+        r"resize: (\d) -> (\d) workers at step (\d+) .*?; down about \d+ s \(the run's last sign of life: step (\d+)\)",
+        out,
+    )
+    signs = [(int(a), int(b), int(at), int(last)) for a, b, at, last in signs]
+    assert [s[:3] for s in signs] == [(2, 1, shrunk), (1, 2, grew), (2, 1, step_drained)], out[-5000:]
+    assert signs[0][3] >= shrunk and signs[1][3] >= grew and signs[2][3] == step_drained, signs
 
     def read(name: str, step: int = 70):
         return json.loads(s3.get_object(Bucket=bucket, Key=f"runs/t/step_{step:08d}/{name}")["Body"].read())

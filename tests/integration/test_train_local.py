@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,8 +128,19 @@ def _interrupted_then_resumed(tmp_path, cfg, sig, expect_rc):
     stopped_at = (run / "latest").read_text()
     assert stopped_at < "step_00000024", "the run must be interrupted before it ends"
     last_logged = max(r["step"] for r in metrics(run) if "train/loss" in r)
+    beat = json.loads((run / "heartbeat.json").read_text())  # the killed run's last sign of life
     resumed = cli(path).stdout
     assert f"resumed from {stopped_at}" in resumed
+    # The run's heartbeat (a beat at most every 2 s, then the checkpoint, whichever is later) says
+    # how long the run trained nothing and which steps are trained again.
+    m = re.search(r"the run's last sign of life: step (\d+), (\d+) s ago \((.*?)\)", resumed)
+    assert m, resumed[-3000:]
+    stopped = int(stopped_at[5:])
+    last = max(stopped, beat["step"])
+    assert int(m.group(1)) == last, (beat, stopped_at)
+    assert m.group(3) == ("the checkpoint's" if last == stopped else f"steps {stopped + 1}-{last} are trained again")
+    if sig == signal.SIGTERM:  # its checkpoint is of the step in flight: no step after it to train again
+        assert last == stopped, (beat, stopped_at)
     # Held out at step 0 and at the end, as an uninterrupted run: a resumed run does not evaluate
     # again before its first step (it only delayed that step), and its summary starts from step 0.
     assert [r["step"] for r in metrics(run) if "eval/loss" in r] == [0, 24]

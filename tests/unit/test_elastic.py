@@ -113,17 +113,3 @@ def test_resizes_are_in_the_summary_and_the_model_card(tmp_path):
     d = fake_checkpoint(tmp_path, "step_00000400", {"trainer_state.json": json.dumps(state).encode()}, step=400)
     card = model_card(d, has_mlm_head=True)
     assert "on 4 worker(s) (resized: 4 -> 2 workers at step 120, 2 -> 4 at step 300)" in card
-
-
-def test_a_resize_line_says_from_to_why_and_when(monkeypatch):
-    from distil.train import trainer
-
-    monkeypatch.setattr(trainer.time, "time", lambda: 1_000_000_030.0)
-    saved = "2001-09-09T01:46:40Z"  # 1_000_000_000 s after the epoch
-    assert trainer._resize_line({"step": 40, "from": 2, "to": 1}, saved) == (
-        "resize: 2 -> 1 workers at step 40 (fewer could be placed: a node was lost or is being reclaimed); "
-        "training again 30 s after that checkpoint was saved"
-    )
-    assert "(capacity came back)" in trainer._resize_line({"step": 80, "from": 1, "to": 2}, None)
-    manual = trainer._resize_line({"step": 80, "from": 2, "to": 1}, None, elastic=False)
-    assert manual == "resize: 2 -> 1 workers at step 80 (started again with another scaling.num_workers)"
