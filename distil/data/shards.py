@@ -43,6 +43,7 @@ from distil.data import shard_check
 from distil.data.sequences import tokenizer_spec
 from distil.data.shard_check import DamagedData, check_once, files_of, manifest_problem, record_check
 from distil.errors import UserError
+from distil.processes import gone
 from distil.storage.integrity import sha256_file
 
 FORMAT = "distil-tokens/2"  # 2: packing carries across batches; bottom-k held-out split
@@ -134,11 +135,11 @@ def _remove_abandoned(final: Path) -> None:
         if writer.get("host") != socket.gethostname():
             continue
         try:
-            os.kill(int(writer["pid"]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(partial, ignore_errors=True)
-        except (PermissionError, KeyError, ValueError, TypeError):
+            pid = int(writer["pid"])
+        except (KeyError, ValueError, TypeError):
             continue
+        if gone(pid):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 class ShardWriter:

@@ -14,6 +14,8 @@ from __future__ import annotations
 # Imports inside functions: Ray and the training stack only once the input has passed the checks
 # that need none of it: a refused run answers in a second.
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from distil.config.schema import DistilConfig
 from distil.data.prepared import ensure_prepared
 from distil.errors import UserError
 from distil.launch import sequence
+from distil.processes import gone
 from distil.quiet import quiet_libraries
 from distil.runs.metrics_log import summary_lines
 from distil.runs.stores import RayCheckpointStore
@@ -43,12 +46,33 @@ def _worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     prep = load_inputs(cfg, world_size=ctx.get_world_size(), fingerprint=loop_config.get("prepared"))
     init_distributed(prep.device)
-    local = Path(tempfile.mkdtemp(prefix=f"distil-{cfg.run_name()}-rank{ctx.get_world_rank()}-"))
-    trainer = Trainer(prep, local, store=RayCheckpointStore(cfg))
-    trainer.checkpointer.install_signal_handler()
-    result = trainer.train()
+    local = staging_folder(cfg.run_name(), ctx.get_world_rank())
+    try:
+        trainer = Trainer(prep, local, store=RayCheckpointStore(cfg))
+        trainer.checkpointer.install_signal_handler()
+        result = trainer.train()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
     if ctx.get_world_rank() == 0 and not result["stopped"]:
         print("\n".join(summary_lines(result)), flush=True)
+
+
+_STAGING = re.compile(r"distil-.+-rank\d+-pid(\d+)-[^/]+")
+
+
+def staging_folder(run_name: str, rank: int, tmp: Path | None = None) -> Path:
+    """A worker's local folder: its checkpoints on their way to storage, the checkpoint it resumed
+    from (fetched whole: gigabytes for a large student) and its history. A worker that ends
+    removes its own; one that is killed (a lost worker, every resize of an elastic run: Ray stops a
+    group by killing its actors) cannot, so the folders of workers of this node that are gone are
+    removed here first, before this one fetches anything -- else each restart would leave a
+    checkpoint's worth of disk behind, until the pod's ephemeral storage ran out."""
+    tmp = Path(tmp or tempfile.gettempdir())
+    for old in tmp.glob("distil-*-rank*-pid*-*"):
+        m = _STAGING.fullmatch(old.name)
+        if m and old.is_dir() and gone(int(m.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"distil-{run_name}-rank{rank}-pid{os.getpid()}-", dir=tmp))
 
 
 class RayPath:

@@ -39,6 +39,7 @@ import uuid
 from pathlib import Path
 
 from distil.errors import UserError
+from distil.processes import gone
 from distil.storage.location import s3_errors
 
 TTL_S = 60.0
@@ -70,12 +71,8 @@ def _alive(record: dict) -> bool | None:
     pid = record.get("pid")
     if not isinstance(pid, int):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if gone(pid):
         return False
-    except PermissionError:
-        pass
     return record.get("pid_started") in (None, _started(pid))
 
 

@@ -175,7 +175,8 @@ class RayCheckpointStore:
         of its own, like the checkpoint uploads: a snapshot is taken here (local, instant), the
         copy to storage goes on while training does; `wait_uploaded` waits for it."""
 
-        snapshot = Path(tempfile.mkdtemp(prefix="distil-history-"))
+        # (in the worker's folder: a worker killed with a copy queued leaves it to that folder's cleanup)
+        snapshot = Path(tempfile.mkdtemp(prefix=".history-", dir=run_dir))
         if (run_dir / METRICS).is_file():
             shutil.copy(run_dir / METRICS, snapshot / METRICS)
         if (run_dir / TENSORBOARD).is_dir():

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def test_an_elastic_run_loses_a_node_goes_on_with_one_worker_and_grows_back(tmp_
         cluster.lose("node_b")
         drained.append(int(m.group(1)))
 
+    staging = set(Path(tempfile.gettempdir()).glob("distil-t-rank*"))  # (workers' local folders)
     try:
         cluster.start("node_a", "node_b")
         proc = cluster.submit(write_config(tmp_path / "c.yaml", cfg))
@@ -84,6 +86,9 @@ def test_an_elastic_run_loses_a_node_goes_on_with_one_worker_and_grows_back(tmp_
         cluster.stop()
     assert proc.returncode == 0, out[-5000:]
     assert "the local source files are tokenized in this process" in out, out[-5000:]
+    # Four groups ran; the killed workers' folders (each with the checkpoint it had fetched) were
+    # removed by the next worker on the node, the last group's by themselves.
+    assert set(Path(tempfile.gettempdir()).glob("distil-t-rank*")) <= staging
     shrink = re.search(r"resize: 2 -> 1 workers at step (\d+) \(fewer could be placed", out)
     grow = re.search(r"resize: 1 -> 2 workers at step (\d+) \(capacity came back\)", out)
     assert shrink and grow and drained, out[-5000:]

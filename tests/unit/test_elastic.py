@@ -113,3 +113,27 @@ def test_resizes_are_in_the_summary_and_the_model_card(tmp_path):
     d = fake_checkpoint(tmp_path, "step_00000400", {"trainer_state.json": json.dumps(state).encode()}, step=400)
     card = model_card(d, has_mlm_head=True)
     assert "on 4 worker(s) (resized: 4 -> 2 workers at step 120, 2 -> 4 at step 300)" in card
+
+
+def test_a_worker_removes_what_killed_workers_of_its_node_left(tmp_path):
+    """Ray stops a worker group by killing its actors (every resize of an elastic run, every lost
+    worker), so their local folders -- each holding the checkpoint they resumed from -- stay. The
+    next worker on the node removes those whose process is gone, and only those."""
+    import os
+    import subprocess
+    import sys
+
+    from distil.launch.ray_job import staging_folder
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    left = tmp_path / f"distil-t-rank1-pid{ended.pid}-k2j4x9_a"
+    (left / "step_00000008").mkdir(parents=True)
+    (left / "step_00000008" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 4096)
+    alive = tmp_path / f"distil-t-rank0-pid{os.getpid()}-q8w7e6r5"  # a worker still running here
+    alive.mkdir()
+    other = tmp_path / f"distil-t-rank1-{ended.pid}"  # not a worker's folder: not ours to remove
+    other.mkdir()
+    new = staging_folder("t", 2, tmp_path)
+    assert not left.exists() and alive.is_dir() and other.is_dir()
+    assert new.is_dir() and new.parent == tmp_path and new.name.startswith(f"distil-t-rank2-pid{os.getpid()}-")
