@@ -30,6 +30,7 @@ SECTIONS = {
     "kueue",
     "podDisruptionBudget",
 }  # maps whose keys are the values
+TYPED = re.compile(r"^\((?P<type>[a-z]+)\) ")
 KEY = re.compile(r"^(?P<indent> *)(?P<dash>- +)?(?P<name>[A-Za-z][A-Za-z0-9]*):")
 
 
@@ -85,8 +86,10 @@ def render() -> str:
         v = _at(values, path)
         key = ".".join(f"[{p}]" if isinstance(p, int) else p for p in path).replace(".[", "[")
         default = "see values.yaml" if path == ["config"] else f"`{json.dumps(v)}`"
+        typed = TYPED.match(desc)  # helm-docs' `# -- (int) ...`: the type of a value whose default is null
+        kind, desc = (typed["type"], desc[typed.end() :]) if typed else (_type(v), desc)
         cell = desc.replace("|", "\\|")  # a pipe would end the table cell
-        rows.append(f"| {key} | {_type(v)} | {default} | {cell} |")
+        rows.append(f"| {key} | {kind} | {default} | {cell} |")
     return "\n".join(
         [
             f"# {chart['name']}",
