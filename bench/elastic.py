@@ -44,7 +44,7 @@ MARKS = {  # what a line of the log says, first seen after the loss
 }
 
 
-def _config(work: Path, url: str, workers, steps: int) -> Path:
+def _config(work: Path, url: str, workers, steps: int, start_timeout: float) -> Path:
     """A small run whose log has a line per step (with its worker count), checkpoints every 4."""
     cfg = {
         "run": {"name": "elastic", "seed": 0},
@@ -60,7 +60,13 @@ def _config(work: Path, url: str, workers, steps: int) -> Path:
         },
         "checkpoint": {"every_steps": 4, "keep_last": 2},
         "storage": {"uri": f"s3://elastic-{work.name.lower()}/runs", "endpoint_url": url},
-        "scaling": {"num_workers": workers, "cpus_per_worker": 1, "max_failures": 5, "elastic_resize_interval_s": 5},
+        "scaling": {
+            "num_workers": workers,
+            "cpus_per_worker": 1,
+            "max_failures": 5,
+            "elastic_resize_interval_s": 5,
+            "worker_group_start_timeout_s": start_timeout,
+        },
     }
     path = work / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -88,7 +94,7 @@ def one_run(work: Path, url: str, workers, return_after: float, window: float, s
     import boto3
 
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket=f"elastic-{work.name.lower()}")
-    cluster = LocalCluster(start_timeout_s=start_timeout)
+    cluster = LocalCluster()
     lines: list[tuple[float, str]] = []
     lost, lost_step, back = None, None, []
     comeback = None
@@ -99,7 +105,7 @@ def one_run(work: Path, url: str, workers, return_after: float, window: float, s
 
     try:
         cluster.start("node_a", "node_b")
-        proc = cluster.submit(_config(work, url, workers, steps=100_000))
+        proc = cluster.submit(_config(work, url, workers, steps=100_000, start_timeout=start_timeout))
         for line in proc.stdout:
             now = time.monotonic()
             lines.append((now, line))
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--return-after", type=float, default=120.0, help="seconds until node b comes back")
     p.add_argument("--window", type=float, default=60.0, help="seconds observed after the node's return")
-    p.add_argument("--start-timeout", type=float, default=60.0, help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    p.add_argument("--start-timeout", type=float, default=60.0, help="scaling.worker_group_start_timeout_s")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     import ray

@@ -29,7 +29,7 @@ def free_port() -> int:
 class LocalCluster:
     """`ray start --head --num-cpus 0` and worker nodes named by a custom resource, on loopback."""
 
-    def __init__(self, start_timeout_s: float = 60.0, env: dict | None = None):
+    def __init__(self, env: dict | None = None):
         self.port, self.dash = free_port(), free_port()
         # A temp dir per node, as separate machines have: nodes that share one also share their
         # runtime-env folders, and one node's agent replaced the job's working dir under another's
@@ -39,10 +39,10 @@ class LocalCluster:
         self.env.pop("RAY_ADDRESS", None)
         # A node whose raylet is gone is declared dead after 3 missed 1-s health checks (default 5 x 3 s).
         self.env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
-        # Ray's autoscaling coordinator refreshes its view of the nodes every 20 s: a restart right
-        # after the loss may still ask for the old size and wait for it until this timeout (Ray's
-        # default: 60 s), then asks again for what is there.
-        self.env.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(start_timeout_s), **(env or {}))
+        # (How long a restart waits for a size it cannot place is the run's own setting:
+        # scaling.worker_group_start_timeout_s.)
+        self.env.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)
+        self.env.update(env or {})
 
     def ray(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         r = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)

@@ -147,6 +147,17 @@ class ScalingSection(_Strict):
             "more often than checkpoints are written. A lost worker shrinks the group at once."
         ),
     )
+    worker_group_start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description=(
+            "How long Ray Train waits for a worker group's resources to be placed before it tries another size "
+            "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; null: that variable if it is set, else Ray's 60 s). After a node "
+            "is lost an elastic run first asks for its old size, which cannot be placed: most of the time it trains "
+            "nothing is this wait. Lower it (e.g. 20) when workers' pods are up before Ray places workers on them."
+        ),
+    )
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per worker when use_gpu is set.")

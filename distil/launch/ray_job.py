@@ -133,6 +133,8 @@ class RayPath:
         # Ray Train sends a worker's print() both to its logger (stderr) and to stdout: every line
         # of the job's log would come twice. Our lines are plain prints; Ray passes this to the workers.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        if s.worker_group_start_timeout_s is not None:  # (read by Ray's controller, which gets the driver's value)
+            os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.worker_group_start_timeout_s)
         resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
         trainer = TorchTrainer(
             _worker,

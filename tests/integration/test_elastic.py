@@ -36,12 +36,14 @@ def test_an_elastic_run_loses_a_node_goes_on_with_one_worker_and_grows_back(tmp_
     from distil.storage.location import Storage
 
     s3, bucket, cfg = _run_config(tmp_path, teacher_dir, s3_endpoint)
-    cfg["scaling"].update(num_workers=[1, 2], elastic_resize_interval_s=5, max_failures=3)
+    # (a shorter wait for a group that cannot be placed than Ray's 60 s)
+    cfg["scaling"].update(
+        num_workers=[1, 2], elastic_resize_interval_s=5, max_failures=3, worker_group_start_timeout_s=20
+    )
     cfg["train"].update(max_steps=70, log_every=1)
     cfg["checkpoint"].update(every_steps=4, keep_last=30)  # every checkpoint kept, to verify each
     drain = {"DISTIL_PREEMPT_FILE": str(tmp_path / "distil-preempt"), "DISTIL_PREEMPT_WAIT": "600"}
-    # (a shorter wait for a group that cannot be placed: Ray's is 60 s)
-    cluster = LocalCluster(start_timeout_s=20, env=drain)
+    cluster = LocalCluster(env={**drain, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"})  # (the config's wins)
     drained: list[int] = []
 
     def drain_node_b(proc) -> None:
@@ -86,6 +88,11 @@ def test_an_elastic_run_loses_a_node_goes_on_with_one_worker_and_grows_back(tmp_
         cluster.stop()
     assert proc.returncode == 0, out[-5000:]
     assert "the local source files are tokenized in this process" in out, out[-5000:]
+    # A restart right after a loss still asks for the old size (Ray's view of the nodes lags) and
+    # waits scaling.worker_group_start_timeout_s for it -- the config's 20 s, not the 60 s of the
+    # cluster's environment.
+    waits = set(re.findall(r"worker group startup timed out after ([\d.]+) seconds waiting for 2 workers", out))
+    assert waits == {"20.0"}, waits
     # Four groups ran; the killed workers' folders (each with the checkpoint it had fetched) were
     # removed by the next worker on the node, the last group's by themselves.
     assert set(Path(tempfile.gettempdir()).glob("distil-t-rank*")) <= staging
