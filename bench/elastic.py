@@ -36,6 +36,7 @@ from bench.local_cluster import LocalCluster  # noqa: E402
 from bench.verify_hash import _cpu_model  # noqa: E402
 
 STEP = re.compile(r"\bstep=(\d+) .*\bworkers=(\d+)")
+DOWN = re.compile(r"resize: 2 -> 1 workers .*; down about (\d+) s \(the run's last sign of life: step (\d+)\)")
 MARKS = {  # what a line of the log says, first seen after the loss
     "failure_seen": "Training failed due to worker errors",
     "group_start_tried": "Attempting to start training worker group",
@@ -141,12 +142,16 @@ def _timeline(lines: list[tuple[float, str]], lost: float, lost_step: int, back:
     first = steps[0] if steps else None
     regrown = next(((t, s) for t, s, w in steps if t > back and w == 2), None)
     reached = [s for t, s, _ in steps if t <= back]
+    # What the run itself says of the gap (its heartbeat, distil/runs/heartbeat.py), to compare
+    # with the seconds measured here from the loss.
+    said = next((m for _, line in after if (m := DOWN.search(line))), None)
     return {
         "step_at_loss": lost_step,
         "marks_s_after_loss": marks,
         "loss_to_next_step_s": None if first is None else round(first[0] - lost, 1),
         "next_step": None if first is None else {"step": first[1], "workers": first[2]},
         "node_back_s_after_loss": round(back - lost, 1),
+        "resize_line": None if said is None else {"down_s": int(said.group(1)), "last_sign_step": int(said.group(2))},
         "step_reached_at_return": max(reached, default=None),
         "return_to_two_worker_step_s": None if regrown is None else round(regrown[0] - back, 1),
         "step_reached_at_window_end": max((s for _, s, _ in steps), default=None),
