@@ -37,11 +37,11 @@ from distil.data.corpus import HubSet, Range, Reading, read
 from distil.data.sequences import token_ids
 from distil.errors import UserError
 
+HUB_WINDOW_BATCHES = 64  # batches of a hub set (corpus.HUB_BATCH_ROWS records each) in the object store at a time
+
 # A task that meets bad input (a file that is not UTF-8, a record without the text field) says so
 # in its result: an exception raised in a task reaches the driver as text wrapped in Ray's own
 # exceptions, and the driver owes the user one message, not a traceback.
-HUB_WINDOW_BATCHES = 64  # batches of a hub set (corpus.HUB_BATCH_ROWS records each) in the object store at a time
-
 _IDS = pa.schema([("ids", pa.list_(pa.int32())), ("error", pa.string())])
 
 
