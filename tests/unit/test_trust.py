@@ -401,7 +401,9 @@ def test_any_override_gives_a_config_or_one_user_error():
     search must reach both outcomes, or it proved nothing about one of them."""
     outcomes = {"accepted": 0, "refused": 0}
 
-    @settings(max_examples=200, deadline=None)
+    # derandomize: the same 200 examples every run. Drawn afresh, about one run in twelve met fewer
+    # than 10 acceptable values (seed 1: 8 of 200) and failed CI on the search, not on the code.
+    @settings(max_examples=200, deadline=None, derandomize=True)
     @given(
         key=KEYS,
         value=st.one_of(
